@@ -1,0 +1,3 @@
+from cptkit.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""Stage outputs on disk: atomic writes and manifests.
+
+A stage removes its old manifest first, writes every output to a temporary file renamed into place,
+and writes its manifest last. So "manifest present and matching" means "done", and a run killed at any
+moment leaves nothing a rerun mistakes for complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cptkit import __version__
+
+MANIFEST = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it into place only when the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; outputs should be as readable as any file
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_outputs(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"bytes": (directory / n).stat().st_size} for n in names}
+
+
+def new_manifest(stage: str, config_fingerprint: str, input_fingerprint: str | None) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "cptkit_version": __version__,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "config_fingerprint": config_fingerprint,
+        "input_fingerprint": input_fingerprint,
+    }
+
+
+def up_to_date(
+    directory: Path, config_fingerprint: str, input_fingerprint: str | None
+) -> dict[str, Any] | None:
+    """The existing manifest when the stage's outputs are complete for these fingerprints, else None."""
+    manifest = read_json(directory / MANIFEST)
+    if manifest is None or input_fingerprint is None:
+        return None
+    if (manifest.get("config_fingerprint"), manifest.get("input_fingerprint")) != (
+        config_fingerprint,
+        input_fingerprint,
+    ):
+        return None
+    for name, info in (manifest.get("outputs") or {}).items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != info.get("bytes"):
+            return None
+    return manifest
+
+
+def invalidate(directory: Path) -> None:
+    """Remove a stage's manifest before it starts rewriting its outputs."""
+    (directory / MANIFEST).unlink(missing_ok=True)

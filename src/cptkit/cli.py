@@ -1,0 +1,183 @@
+"""The `cptkit` command. Each subcommand loads the config once, runs one stage, and turns the project's
+errors into one clear line and a non-zero exit (tracebacks only with --debug)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.table import Table
+
+from cptkit import __version__
+from cptkit.config import Config, load_config, masked_dict
+from cptkit.errors import ConfigError, CptkitError
+from cptkit.extract import StageResult
+from cptkit.progress import console
+
+DEFAULT_CONFIG = Path("configs/cpt_config.yaml")
+
+app = typer.Typer(
+    help="Continual pretraining of small language models on your own domain documents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help=f"YAML config file (default: {DEFAULT_CONFIG} when present)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a key: --set training.learning_rate=1e-4 (repeatable)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even when the outputs are up to date.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> Config:
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    return load_config(config, overrides or [])
+
+
+def _run(debug: bool, fn: Any, *args: Any) -> Any:
+    """Call fn, translating errors into a message and an exit code."""
+    try:
+        return fn(*args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            console.print(line, style="red", markup=False, highlight=False)
+        if debug:
+            raise
+        raise typer.Exit(exc.exit_code) from None
+    except CptkitError as exc:
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        if debug:
+            raise
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("interrupted; no partial output was kept", style="yellow")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        console.print(
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            style="red",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def extract(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
+    """Copy the configured source into a raw Parquet snapshot with a manifest."""
+    from cptkit.extract import extract as run_extract
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        print_extract(run_extract(cfg, force=force))
+
+    _run(debug, go)
+
+
+@app.command()
+def prepare(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
+    """Normalize, filter, deduplicate, redact, split and tokenize the raw snapshot."""
+    from cptkit.prepare import prepare as run_prepare
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        print_prepare(run_prepare(cfg, force=force))
+
+    _run(debug, go)
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Demo config.")] = Path("configs/demo.yaml"),
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Build the demo Delta table from the Python standard library's docstrings, then extract and prepare it."""
+    from cptkit.demo import run_demo
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        run_demo(cfg, force=force, report_extract=print_extract, report_prepare=print_prepare)
+
+    _run(debug, go)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Print the resolved config (defaults, file, --set and .env merged) with secrets masked."""
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        sys.stdout.write(yaml.safe_dump(masked_dict(cfg), sort_keys=False))
+
+    _run(debug, go)
+
+
+def print_extract(result: StageResult) -> None:
+    m = result.manifest
+    if result.skipped:
+        console.print(f"extract: up to date, skipped ({result.directory}/manifest.json matches)")
+        return
+    malformed = sum(m.get("malformed_rows", {}).values())
+    version = f", Delta version {m['delta_version']}" if m.get("delta_version") is not None else ""
+    console.print(
+        f"extract: {m['rows']:,} rows, {m['bytes'] / 1e6:.1f} MB of text{version}, {malformed:,} malformed "
+        f"-> {result.directory} ({m['seconds']:.1f}s)"
+    )
+
+
+def print_prepare(result: StageResult) -> None:
+    m = result.manifest
+    if result.skipped:
+        console.print(f"prepare: up to date, skipped ({result.directory}/manifest.json matches)")
+        return
+    table = Table(title=f"prepare -> {result.directory}", show_header=True)
+    table.add_column("documents")
+    table.add_column("count", justify="right")
+    table.add_row("in", f"{m['documents_in']:,}")
+    table.add_row("kept", f"{m['documents_kept']:,}")
+    for reason, n in m["dropped"].items():
+        table.add_row(f"  dropped: {reason}", f"{n:,}")
+    for reason, n in m["quarantined_by_reason"].items():
+        table.add_row(f"  quarantined: {reason}", f"{n:,}")
+    table.add_row("train / val", f"{m['train_documents']:,} / {m['val_documents']:,}")
+    if m.get("train_tokens") is not None:
+        table.add_row("train / val tokens", f"{m['train_tokens']:,} / {m['val_tokens']:,}")
+    for kind, n in m.get("redactions", {}).items():
+        table.add_row(f"redacted {kind}", f"{n:,}")
+    table.add_row("time", f"{m['seconds']:.1f}s ({m['input_megabytes_per_second']:.2f} MB/s)")
+    console.print(table)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cptkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Continual pretraining of small language models on your own domain documents."""
+
+
+def main() -> None:
+    app()

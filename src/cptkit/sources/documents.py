@@ -1,0 +1,47 @@
+"""Text from one document file: plain text and Markdown as-is, HTML without its tags, PDF through pypdf."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def read_document(path: Path) -> tuple[str | None, str | None]:
+    """Return (text, None), or (None, reason) when the file cannot be turned into text."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".pdf":
+            return _pdf_text(path)
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, f"unreadable_file ({exc.strerror or type(exc).__name__})"
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None, "undecodable_bytes"
+    if suffix in (".html", ".htm"):
+        return html_text(text), None
+    return text, None
+
+
+def html_text(html: str) -> str:
+    """Visible text of an HTML page: scripts, styles and tags removed, block elements on their own lines."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(html, "html.parser")
+    for tag in soup(["script", "style", "noscript", "template"]):
+        tag.decompose()
+    return soup.get_text("\n")
+
+
+def _pdf_text(path: Path) -> tuple[str | None, str | None]:
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            return None, "encrypted_pdf"
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except (PyPdfError, ValueError, KeyError, TypeError) as exc:
+        return None, f"unreadable_pdf ({type(exc).__name__})"
+    return "\n\n".join(p.strip() for p in pages if p.strip()), None
