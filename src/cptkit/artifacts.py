@@ -74,9 +74,7 @@ def new_manifest(stage: str, config_fingerprint: str, input_fingerprint: str | N
     }
 
 
-def up_to_date(
-    directory: Path, config_fingerprint: str, input_fingerprint: str | None
-) -> dict[str, Any] | None:
+def up_to_date(directory: Path, config_fingerprint: str, input_fingerprint: str | None) -> dict[str, Any] | None:
     """The existing manifest when the stage's outputs are complete for these fingerprints, else None."""
     manifest = read_json(directory / MANIFEST)
     if manifest is None or input_fingerprint is None:

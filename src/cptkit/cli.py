@@ -128,6 +128,14 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt =
     _run(debug, go)
 
 
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print the reference of every config key (Markdown), generated from the schema."""
+    from cptkit.config import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+
+
 def print_extract(result: StageResult) -> None:
     m = result.manifest
     if result.skipped:

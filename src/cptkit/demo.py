@@ -24,7 +24,17 @@ from cptkit.prepare import prepare
 from cptkit.progress import console
 
 # Packages that are tests, GUI demos or vendored tooling rather than library documentation.
-_SKIP = {"test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "site-packages", "__pycache__", "__phello__"}
+_SKIP = {
+    "test",
+    "tests",
+    "idlelib",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "site-packages",
+    "__pycache__",
+    "__phello__",
+}
 
 
 def stdlib_documents(stdlib: Path | None = None) -> pa.Table:
@@ -49,7 +59,12 @@ def stdlib_documents(stdlib: Path | None = None) -> pa.Table:
         mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).replace(microsecond=0)
         rows.append({"id": module, "title": module, "text": text, "updated_at": mtime})
     schema = pa.schema(
-        [("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("updated_at", pa.timestamp("us", "UTC"))]
+        [
+            ("id", pa.string()),
+            ("title", pa.string()),
+            ("text", pa.string()),
+            ("updated_at", pa.timestamp("us", "UTC")),
+        ]
     )
     return pa.Table.from_pylist(rows, schema=schema)
 
@@ -58,13 +73,13 @@ def _module_text(module: str, tree: ast.Module) -> str | None:
     parts: list[str] = []
     doc = ast.get_docstring(tree)
     if doc:
-        parts.append(f"# {module}\n\n{doc}")
+        parts.append(f"Module {module}\n\n{doc}")
     for node in tree.body:
         parts.extend(_definition_texts(node, prefix=""))
     if not doc and not parts:
         return None
     if not doc:
-        parts.insert(0, f"# {module}")
+        parts.insert(0, f"Module {module}")
     return "\n\n".join(parts)
 
 
@@ -78,11 +93,11 @@ def _definition_texts(node: ast.stmt, prefix: str) -> list[str]:
     name = f"{prefix}{node.name}"
     if isinstance(node, ast.ClassDef):
         if doc:
-            out.append(f"## class {name}\n\n{doc}")
+            out.append(f"class {name}\n\n{doc}")
         for child in node.body:
             out.extend(_definition_texts(child, prefix=f"{name}."))
     elif doc:
-        out.append(f"### {name}({ast.unparse(node.args)})\n\n{doc}")
+        out.append(f"{name}({ast.unparse(node.args)})\n\n{doc}")
     return out
 
 
@@ -127,6 +142,4 @@ def run_demo(
     )
     report_extract(extract(config, force=force))
     report_prepare(prepare(config, force=force))
-    console.print(
-        f"demo: training data in {config.data.output_dir} (train.jsonl, val.jsonl, tokens, manifest.json)"
-    )
+    console.print(f"demo: training data in {config.data.output_dir} (train.jsonl, val.jsonl, tokens, manifest.json)")

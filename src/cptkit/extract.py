@@ -16,8 +16,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cptkit.artifacts import MANIFEST, describe_outputs, invalidate, new_manifest, up_to_date, write_json_atomic
-from cptkit.artifacts import atomic_path
+from cptkit.artifacts import (
+    MANIFEST,
+    atomic_path,
+    describe_outputs,
+    invalidate,
+    new_manifest,
+    up_to_date,
+    write_json_atomic,
+)
 from cptkit.config import Config, section_fingerprint
 from cptkit.errors import ConfigError
 from cptkit.progress import progress_bar
@@ -96,7 +103,10 @@ def extract(config: Config, force: bool = False) -> StageResult:
 
 def _update_digest(digest: Any, batch: pa.RecordBatch) -> None:
     for doc_id, text, err in zip(
-        batch.column(ID).to_pylist(), batch.column(TEXT).to_pylist(), batch.column(ERROR).to_pylist(), strict=True
+        batch.column(ID).to_pylist(),
+        batch.column(TEXT).to_pylist(),
+        batch.column(ERROR).to_pylist(),
+        strict=True,
     ):
         digest.update(doc_id.encode())
         digest.update(b"\0")

@@ -109,9 +109,7 @@ class DocResult:
 class ChunkWorker:
     def __init__(self, config: PrepareConfig, tokenizer_path: str | None) -> None:
         self.config = config
-        self.minhasher = (
-            MinHasher(config.dedup.num_perm, config.dedup.shingle_words) if config.dedup.near else None
-        )
+        self.minhasher = MinHasher(config.dedup.num_perm, config.dedup.shingle_words) if config.dedup.near else None
         self.tokenizer = None
         if tokenizer_path is not None:
             from tokenizers import Tokenizer
@@ -351,7 +349,9 @@ def _process(
             yield batch, worker.process(batch.column(TEXT).to_pylist(), batch.column(ERROR).to_pylist())
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(config, tok_path)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(config, tok_path)
+    ) as pool:
         window: deque[tuple[pa.RecordBatch, Future[list[DocResult]]]] = deque()
         for batch in batches:
             future = pool.submit(_run_chunk, batch.column(TEXT).to_pylist(), batch.column(ERROR).to_pylist())

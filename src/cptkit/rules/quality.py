@@ -127,7 +127,7 @@ def _repetition_issue(text: str, words: list[str], c: QualityConfig) -> str | No
         if len(words) < n:
             continue
         grams = _ngram_hashes(word_hash, n)
-        uniq, first, counts = np.unique(grams, return_index=True, return_counts=True)
+        _, first, counts = np.unique(grams, return_index=True, return_counts=True)
         best = counts.max()
         if best < 2:
             continue

@@ -14,9 +14,7 @@ from cptkit.sources.local import CsvSource, DeltaSource, FilesSource, JsonlSourc
 
 __all__ = ["ERROR", "ID", "TEXT", "Source", "open_source"]
 
-SourceConfigType = (
-    JsonlSourceConfig | ParquetSourceConfig | CsvSourceConfig | DeltaSourceConfig | FilesSourceConfig
-)
+SourceConfigType = JsonlSourceConfig | ParquetSourceConfig | CsvSourceConfig | DeltaSourceConfig | FilesSourceConfig
 
 
 def open_source(config: SourceConfigType) -> Source:

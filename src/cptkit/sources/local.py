@@ -120,9 +120,7 @@ class JsonlSource(_FileBased):
 
     def _batch(self, rows: list[tuple[Any, Any, dict[str, Any], str | None]], offset: int) -> pa.RecordBatch:
         meta = {m: strings_column([r[2].get(m) for r in rows]) for m in self.config.metadata_columns}
-        return canonical_batch(
-            [r[0] for r in rows], [r[1] for r in rows], meta, offset, errors=[r[3] for r in rows]
-        )
+        return canonical_batch([r[0] for r in rows], [r[1] for r in rows], meta, offset, errors=[r[3] for r in rows])
 
 
 class CsvSource(_FileBased):
@@ -165,9 +163,7 @@ class CsvSource(_FileBased):
         return canonical_batch([r.get(c.text_column) for r in rows], ids, meta, offset)
 
 
-def _arrow_batches(
-    batches: Iterator[pa.RecordBatch], config: SourceBase, where: str
-) -> Iterator[pa.RecordBatch]:
+def _arrow_batches(batches: Iterator[pa.RecordBatch], config: SourceBase, where: str) -> Iterator[pa.RecordBatch]:
     """Canonical batches from typed Arrow batches (Parquet, Delta)."""
     offset = 0
     for batch in batches:
@@ -182,9 +178,7 @@ def _arrow_batches(
         offset += batch.num_rows
 
 
-def _fast_string_batch(
-    texts: pa.Array, ids: pa.Array | None, meta: dict[str, pa.Array], offset: int
-) -> pa.RecordBatch:
+def _fast_string_batch(texts: pa.Array, ids: pa.Array | None, meta: dict[str, pa.Array], offset: int) -> pa.RecordBatch:
     """The common case, a string text column, mostly stays in Arrow; only ids need Python."""
     texts = texts.cast(pa.large_string())
     errors = pc.if_else(pc.is_null(texts), pa.scalar("null_text"), pa.scalar(None, pa.string()))
@@ -198,9 +192,7 @@ def _fast_string_batch(
             out_ids.append(content_id(text_values[i]))
         else:
             out_ids.append(f"row-{offset + i}")
-    return pa.RecordBatch.from_pydict(
-        {ID: pa.array(out_ids, pa.string()), TEXT: texts, ERROR: errors, **meta}
-    )
+    return pa.RecordBatch.from_pydict({ID: pa.array(out_ids, pa.string()), TEXT: texts, ERROR: errors, **meta})
 
 
 def _check_columns(schema: pa.Schema, config: SourceBase, where: str) -> list[str]:
@@ -243,9 +235,7 @@ class DeltaSource:
 
             options = {k: v.get_secret_value() for k, v in self.config.storage_options.items()}
             try:
-                self._table = DeltaTable(
-                    self.config.path, version=self.config.version, storage_options=options or None
-                )
+                self._table = DeltaTable(self.config.path, version=self.config.version, storage_options=options or None)
             except TableNotFoundError:
                 raise SourceError(f"{self.config.path}: no Delta table there") from None
             except (DeltaError, OSError, ValueError) as exc:
@@ -331,6 +321,4 @@ class FilesSource(_FileBased):
     @staticmethod
     def _batch(rows: list[tuple[str, Any, str | None]], offset: int) -> pa.RecordBatch:
         meta = {"path": pa.array([r[0] for r in rows], pa.string())}
-        return canonical_batch(
-            [r[1] for r in rows], [r[0] for r in rows], meta, offset, errors=[r[2] for r in rows]
-        )
+        return canonical_batch([r[1] for r in rows], [r[0] for r in rows], meta, offset, errors=[r[2] for r in rows])

