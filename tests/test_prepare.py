@@ -302,3 +302,40 @@ def test_config_fingerprint_ignores_secrets_text() -> None:
             ["source.type=delta", "source.path=/t", "source.storage_options={AWS_SECRET_ACCESS_KEY: other}"],
         ).source
     )
+
+
+def test_a_prepare_killed_with_sigkill_is_redone_by_the_next_run(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = [{"id": f"d{i}", "text": make_doc(i)} for i in range(2500)]
+    write_jsonl(tmp_path / "docs.jsonl", rows)
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        {
+            "model": {"name": str(tiny_tokenizer_dir)},
+            "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
+            "data": {"output_dir": "out"},
+            "prepare": {"workers": 1, "chunk_size": 64},
+        },
+    )
+    cptkit = [sys.executable, "-m", "cptkit"]
+    subprocess.run([*cptkit, "extract", "-c", str(cfg)], check=True, capture_output=True)
+    proc = subprocess.Popen([*cptkit, "prepare", "-c", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(Path("out").glob(".train.jsonl.*.tmp")):  # killed while writing its outputs
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not Path("out/manifest.json").exists()
+    assert not Path("out/train.jsonl").exists()
+
+    done = subprocess.run([*cptkit, "prepare", "-c", str(cfg)], capture_output=True, text=True, check=True)
+    assert "skipped" not in done.stderr
+    m = manifest(Path("out"))
+    assert m["documents_in"] == m["documents_kept"] == 2500
+    assert not list(Path("out").glob(".*.tmp"))

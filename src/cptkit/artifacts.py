@@ -92,5 +92,9 @@ def up_to_date(directory: Path, config_fingerprint: str, input_fingerprint: str 
 
 
 def invalidate(directory: Path) -> None:
-    """Remove a stage's manifest before it starts rewriting its outputs."""
+    """Remove a stage's manifest before it starts rewriting its outputs, and the temporary files a
+    killed run left behind."""
     (directory / MANIFEST).unlink(missing_ok=True)
+    if directory.is_dir():
+        for stale in directory.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
