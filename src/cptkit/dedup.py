@@ -37,15 +37,14 @@ class MinHasher:
         words = _WORD.findall(text.lower())
         if not words:
             return np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint64)
-        word_hash = np.fromiter(
-            (xxhash.xxh3_64_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words)
-        )
+        # Hash each distinct word once; a dict lookup is cheaper than a hash call per occurrence.
+        hashes = {w: xxhash.xxh3_64_intdigest(w.encode()) for w in set(words)}
+        word_hash = np.fromiter(map(hashes.__getitem__, words), dtype=np.uint64, count=len(words))
         n = min(self.shingle_words, len(words))
         count = len(words) - n + 1
         shingles = word_hash[:count].copy()
         for j in range(1, n):
             shingles = shingles * np.uint64(1099511628211) ^ word_hash[j : j + count]
-        shingles = np.unique(shingles)
         permuted = (self.a * shingles[None, :] + self.b) >> np.uint64(32)
         return np.asarray(permuted.min(axis=1) & _MASK32, dtype=np.uint64)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from cptkit.errors import CptkitError
 
-# fastText reads one line; the first few thousand characters decide the language as well as all.
-_SAMPLE_CHARS = 4000
+# fastText reads one line; the first two thousand characters decide the language as well as all.
+_SAMPLE_CHARS = 2000
 
 
 @lru_cache(maxsize=1)

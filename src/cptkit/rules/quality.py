@@ -120,7 +120,9 @@ def _repetition_issue(text: str, words: list[str], c: QualityConfig) -> str | No
 
     # N-gram statistics on integer word ids with numpy: an n-gram is a rolling hash of its word ids.
     vocab: dict[str, int] = {}
-    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.uint64, count=len(words))
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.uint64, count=len(words))
     word_hash = (ids + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     for n, limit in sorted(c.max_top_ngram_chars_ratio.items()):
