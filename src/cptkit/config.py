@@ -40,10 +40,61 @@ class ModelConfig(Section):
     )
 
 
+class LoraConfig(Section):
+    """Low-rank adapters (LoRA / QLoRA), through peft."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear (every linear layer but the LM head)."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha / sqrt(r).")
+
+
 class TrainingConfig(Section):
+    method: Literal["qlora", "lora", "full"] = Field(
+        "qlora", description="qlora: 4-bit NF4 base + LoRA (bitsandbytes); lora: LoRA on a 16/32-bit base; full."
+    )
     learning_rate: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
     num_epochs: float = Field(2, gt=0, description="Passes over the domain training data.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides num_epochs when set.")
     max_seq_length: int = Field(2048, gt=0, description="Tokens per packed training sequence.")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Forward passes per optimizer step.")
+    lr_scheduler: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="Warmup then cosine decay, warmup-stable-decay, or warmup then constant."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio when set.")
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd only: share of steps in the final decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    seed: int = Field(42, description="Seed of initialization, data order, replay sampling and dropout.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Compute precision; auto is bf16 where the hardware supports it (CPU with AMX/AVX512-BF16, "
+        "recent GPUs), else fp32.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    embeddings: Literal["frozen", "train"] = Field(
+        "frozen", description="Train the input embeddings and LM head too (tied ones stay tied)."
+    )
+    embedding_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of trained embeddings; default a tenth of learning_rate."
+    )
+    eval_steps: int = Field(50, gt=0, description="Steps between validation (domain and general) losses.")
+    eval_max_sequences: int | None = Field(
+        64, gt=0, description="Sequences of each validation set used at each evaluation; null for all."
+    )
+    max_general_loss_increase: float | None = Field(
+        None, gt=0, description="Stop when general validation loss exceeds the base model's by more than this."
+    )
+    save_steps: int = Field(100, gt=0, description="Steps between checkpoints.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (the newest).")
+    logging_steps: int = Field(1, gt=0, description="Steps between logged training metrics.")
 
 
 class SourceBase(Section):
@@ -238,6 +289,22 @@ class PrepareConfig(Section):
 class DataConfig(Section):
     output_dir: Path = Field(Path("data"), description="Where extract and prepare write their outputs.")
     replay_ratio: float = Field(0.2, ge=0, lt=1, description="Share of training tokens drawn from general replay text.")
+    replay: SourceConfig | None = Field(
+        None,
+        description="General text for replay, any source type, prepared like the domain data; its validation "
+        "split is the held-out general set of the forgetting monitor.",
+    )
+
+
+class TrackingConfig(Section):
+    """MLflow tracking. MLFLOW_TRACKING_URI, when set, wins over tracking_uri."""
+
+    enabled: bool = Field(True, description="Log runs to MLflow.")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking store (databricks for a workspace).")
+    experiment_name: str = Field("cptkit", description="MLflow experiment.")
+    run_name: str | None = Field(None, description="MLflow run name; default derived from the model and time.")
+    registered_model_name: str = Field("domain-adapted-phi3", description="Name in the model registry.")
+    log_system_metrics: bool = Field(True, description="CPU, memory and GPU metrics during training.")
 
 
 class Config(Section):
@@ -246,6 +313,8 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     source: SourceConfig | None = Field(None, description="Where the domain documents come from.")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    output_dir: Path = Field(Path("outputs/cpt_model"), description="Where train writes the adapted model.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     databricks: DatabricksConfig = Field(default_factory=DatabricksConfig)
 
 
@@ -362,7 +431,7 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         # A discriminated union puts the chosen tag in the path (source.jsonl.path); drop it.
-        loc = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "source" and p in SOURCE_TYPES)]
+        loc = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] in ("source", "replay") and p in SOURCE_TYPES)]
         key = ".".join(loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -422,7 +491,10 @@ def _reference_rows(model: type[BaseModel], prefix: str, lines: list[str], only:
         else:
             value = field.get_default(call_default_factory=True)
             default = f"`{value}`" if not isinstance(value, Path) else f"`{value.as_posix()}`"
-        kind = str(field.annotation).replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "")
-        kind = kind.replace("<class '", "").replace("'>", "").replace("|", "or")
+        if "SourceConfig" in str(field.annotation):
+            kind = "source (see below)"
+        else:
+            kind = str(field.annotation).replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "")
+            kind = kind.replace("<class '", "").replace("'>", "").replace("|", "or")
         meaning = (field.description or "").replace("|", "\\|")
         lines.append(f"| `{prefix}{key}` | {kind} | {default} | {meaning} |")
