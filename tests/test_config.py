@@ -132,7 +132,7 @@ def test_missing_config_file_is_a_config_error(cli) -> None:  # type: ignore[no-
 def test_config_without_source_cannot_extract(cli) -> None:  # type: ignore[no-untyped-def]
     result = cli("extract")
     assert result.exit_code == 2
-    assert "source: required to extract" in result.output
+    assert "config error: source: required" in result.output
 
 
 def test_config_reference_doc_is_generated_from_the_schema() -> None:

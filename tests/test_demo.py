@@ -47,5 +47,5 @@ def test_demo_builds_the_table_then_extracts_and_prepares(cli) -> None:  # type:
 
     again = cli("demo", "--config", config)
     assert "(unchanged)" in again.output
-    assert "extract: up to date, skipped" in again.output
-    assert "prepare: up to date, skipped" in again.output
+    assert "extract domain: up to date, skipped" in again.output
+    assert "prepare domain: up to date, skipped" in again.output

@@ -188,9 +188,9 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_it_affects(corpus_config
     first = manifest(Path("out"))
 
     again = cli("extract", "-c", str(corpus_config))
-    assert "extract: up to date, skipped" in again.output
+    assert "extract domain: up to date, skipped" in again.output
     again = cli("prepare", "-c", str(corpus_config))
-    assert "prepare: up to date, skipped" in again.output
+    assert "prepare domain: up to date, skipped" in again.output
     assert manifest(Path("out"))["created_at"] == first["created_at"]
 
     # Training keys and worker counts do not affect prepare.
@@ -259,7 +259,7 @@ def test_an_interrupted_prepare_leaves_nothing_that_looks_complete(
 def test_prepare_without_extract_says_what_to_do(corpus_config: Path, cli) -> None:  # type: ignore[no-untyped-def]
     result = cli("prepare", "-c", str(corpus_config))
     assert result.exit_code == 1
-    assert "no raw snapshot; run `cptkit extract` first" in result.output
+    assert "no raw snapshot of the domain data; run `cptkit extract` first" in result.output
 
 
 def test_unreachable_tokenizer_is_one_clear_line(corpus_config: Path, cli) -> None:  # type: ignore[no-untyped-def]
@@ -339,3 +339,28 @@ def test_a_prepare_killed_with_sigkill_is_redone_by_the_next_run(tmp_path: Path,
     m = manifest(Path("out"))
     assert m["documents_in"] == m["documents_kept"] == 2500
     assert not list(Path("out").glob(".*.tmp"))
+
+
+def test_replay_data_is_extracted_and_prepared_the_same_way_in_its_own_folder(
+    tmp_path: Path,
+    cli,  # type: ignore[no-untyped-def]
+) -> None:
+    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": make_doc(i)} for i in range(10)])
+    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": make_doc(100 + i)} for i in range(8)] + ["{bad"])
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        {
+            "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
+            "data": {"output_dir": "out", "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"}},
+            "prepare": {"tokenize": False},
+        },
+    )
+    result = cli("extract", "-c", str(cfg))
+    assert "extract domain: 10 rows" in result.output and "extract replay: 9 rows" in result.output
+    assert cli("prepare", "-c", str(cfg)).exit_code == 0
+    domain, replay = manifest(Path("out")), manifest(Path("out/replay"))
+    assert (domain["dataset"], domain["documents_in"]) == ("domain", 10)
+    assert (replay["dataset"], replay["documents_in"], replay["quarantined"]) == ("replay", 9, 1)
+    assert Path("out/replay/train.jsonl").is_file()
+    # The domain stage's rerun check is not confused by the replay folder inside it.
+    assert "prepare domain: up to date, skipped" in cli("prepare", "-c", str(cfg)).output

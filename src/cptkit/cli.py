@@ -82,8 +82,11 @@ def extract(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = Fal
     from cptkit.extract import extract as run_extract
 
     def go() -> None:
+        from cptkit.datasets import datasets
+
         cfg = _load(config, set_)
-        print_extract(run_extract(cfg, force=force))
+        for dataset in datasets(cfg):
+            print_extract(run_extract(dataset, force=force))
 
     _run(debug, go)
 
@@ -94,8 +97,11 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = Fal
     from cptkit.prepare import prepare as run_prepare
 
     def go() -> None:
+        from cptkit.datasets import datasets
+
         cfg = _load(config, set_)
-        print_prepare(run_prepare(cfg, force=force))
+        for dataset in datasets(cfg):
+            print_prepare(run_prepare(cfg, dataset, force=force))
 
     _run(debug, go)
 
@@ -138,23 +144,25 @@ def config_reference() -> None:
 
 def print_extract(result: StageResult) -> None:
     m = result.manifest
+    name = m.get("dataset", "domain")
     if result.skipped:
-        console.print(f"extract: up to date, skipped ({result.directory}/manifest.json matches)")
+        console.print(f"extract {name}: up to date, skipped ({result.directory}/manifest.json matches)")
         return
     malformed = sum(m.get("malformed_rows", {}).values())
     version = f", Delta version {m['delta_version']}" if m.get("delta_version") is not None else ""
     console.print(
-        f"extract: {m['rows']:,} rows, {m['bytes'] / 1e6:.1f} MB of text{version}, {malformed:,} malformed "
+        f"extract {name}: {m['rows']:,} rows, {m['bytes'] / 1e6:.1f} MB of text{version}, {malformed:,} malformed "
         f"-> {result.directory} ({m['seconds']:.1f}s)"
     )
 
 
 def print_prepare(result: StageResult) -> None:
     m = result.manifest
+    name = m.get("dataset", "domain")
     if result.skipped:
-        console.print(f"prepare: up to date, skipped ({result.directory}/manifest.json matches)")
+        console.print(f"prepare {name}: up to date, skipped ({result.directory}/manifest.json matches)")
         return
-    table = Table(title=f"prepare -> {result.directory}", show_header=True)
+    table = Table(title=f"prepare {name} -> {result.directory}", show_header=True)
     table.add_column("documents")
     table.add_column("count", justify="right")
     table.add_row("in", f"{m['documents_in']:,}")

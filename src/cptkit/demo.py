@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cptkit.config import Config, DeltaSourceConfig
+from cptkit.datasets import datasets
 from cptkit.errors import CptkitError
 from cptkit.extract import StageResult, extract
 from cptkit.prepare import prepare
@@ -140,6 +141,7 @@ def run_demo(
         f"demo: {rows:,} documents from Python {sys.version.split()[0]}'s standard library "
         f"-> Delta table {config.source.path} ({state})"
     )
-    report_extract(extract(config, force=force))
-    report_prepare(prepare(config, force=force))
+    for dataset in datasets(config):
+        report_extract(extract(dataset, force=force))
+        report_prepare(prepare(config, dataset, force=force))
     console.print(f"demo: training data in {config.data.output_dir} (train.jsonl, val.jsonl, tokens, manifest.json)")

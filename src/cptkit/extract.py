@@ -25,8 +25,8 @@ from cptkit.artifacts import (
     up_to_date,
     write_json_atomic,
 )
-from cptkit.config import Config, section_fingerprint
-from cptkit.errors import ConfigError
+from cptkit.config import section_fingerprint
+from cptkit.datasets import Dataset
 from cptkit.progress import progress_bar
 from cptkit.sources import ERROR, ID, TEXT, open_source
 
@@ -40,16 +40,11 @@ class StageResult:
     skipped: bool
 
 
-def raw_dir(config: Config) -> Path:
-    return config.data.output_dir / "raw"
-
-
-def extract(config: Config, force: bool = False) -> StageResult:
-    if config.source is None:
-        raise ConfigError(["config error: source: required to extract (e.g. source: {type: jsonl, path: docs.jsonl})"])
-    source = open_source(config.source)
-    out = raw_dir(config)
-    config_fp = section_fingerprint(config.source)
+def extract(dataset: Dataset, force: bool = False) -> StageResult:
+    """Snapshot one dataset's source into `<dataset dir>/raw`."""
+    source = open_source(dataset.source)
+    out = dataset.raw_dir
+    config_fp = section_fingerprint(dataset.source)
     input_fp = source.input_fingerprint()
     existing = up_to_date(out, config_fp, input_fp)
     if existing is not None and not force:
@@ -62,7 +57,7 @@ def extract(config: Config, force: bool = False) -> StageResult:
     rows = text_bytes = 0
     malformed: dict[str, int] = {}
     schema: pa.Schema | None = None
-    with atomic_path(out / SNAPSHOT) as tmp, progress_bar("extract", None) as advance:
+    with atomic_path(out / SNAPSHOT) as tmp, progress_bar(f"extract {dataset.name}", None) as advance:
         writer: pq.ParquetWriter | None = None
         try:
             for batch in source.batches():
@@ -88,6 +83,7 @@ def extract(config: Config, force: bool = False) -> StageResult:
 
     manifest = new_manifest("extract", config_fp, input_fp)
     manifest.update(
+        dataset=dataset.name,
         source=description,
         delta_version=source.table_version(),
         rows=rows,

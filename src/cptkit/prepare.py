@@ -36,9 +36,10 @@ from cptkit.artifacts import (
     write_json_atomic,
 )
 from cptkit.config import Config, PrepareConfig, section_fingerprint
+from cptkit.datasets import Dataset
 from cptkit.dedup import MinHasher, NearDuplicateIndex, exact_key
 from cptkit.errors import StageError
-from cptkit.extract import SNAPSHOT, StageResult, raw_dir
+from cptkit.extract import SNAPSHOT, StageResult
 from cptkit.progress import progress_bar
 from cptkit.rules.language import detect_language
 from cptkit.rules.normalize import normalize
@@ -235,15 +236,16 @@ def prepare_fingerprint(config: Config, tokenizer: TokenizerInfo | None) -> str:
     return section_fingerprint(rules, tokenizer.fingerprint if tokenizer else None)
 
 
-def prepare(config: Config, force: bool = False) -> StageResult:
+def prepare(config: Config, dataset: Dataset, force: bool = False) -> StageResult:
+    """Prepare one dataset's raw snapshot into `dataset.directory`."""
     pc = config.prepare
-    raw = raw_dir(config)
+    raw = dataset.raw_dir
     extract_manifest = read_json(raw / MANIFEST)
     snapshot = raw / SNAPSHOT
     if extract_manifest is None or not snapshot.is_file():
-        raise StageError(f"{raw}: no raw snapshot; run `cptkit extract` first")
+        raise StageError(f"{raw}: no raw snapshot of the {dataset.name} data; run `cptkit extract` first")
     tokenizer = resolve_tokenizer(config.model.tokenizer or config.model.name) if pc.tokenize else None
-    out = config.data.output_dir
+    out = dataset.directory
     config_fp = prepare_fingerprint(config, tokenizer)
     input_fp = str(extract_manifest.get("content_fingerprint"))
     existing = up_to_date(out, config_fp, input_fp)
@@ -264,7 +266,10 @@ def prepare(config: Config, force: bool = False) -> StageResult:
     seen_keys: set[bytes] = set()
     near = NearDuplicateIndex(pc.dedup.threshold, pc.dedup.num_perm) if pc.dedup.near else None
 
-    with _Outputs(out, tokenizer is not None) as outputs, progress_bar("prepare", documents_in) as advance:
+    with (
+        _Outputs(out, tokenizer is not None) as outputs,
+        progress_bar(f"prepare {dataset.name}", documents_in) as advance,
+    ):
         for batch, results in _process(parquet, pc, tokenizer):
             ids = batch.column(ID).to_pylist()
             metas = batch.select(metadata_columns).to_pylist() if metadata_columns else [{}] * len(ids)
@@ -309,6 +314,7 @@ def prepare(config: Config, force: bool = False) -> StageResult:
     seconds = time.perf_counter() - started
     manifest = new_manifest("prepare", config_fp, input_fp)
     manifest.update(
+        dataset=dataset.name,
         documents_in=documents_in,
         documents_kept=kept,
         dropped=dict(sorted(dropped.items())),
