@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -87,10 +89,10 @@ def test_cosine_schedule_shape() -> None:
     c = _cfg(lr_scheduler="cosine", warmup_steps=10, min_lr_ratio=0.1)
     f = [lr_factor(s, 100, c) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(f[:10], f[1:10], strict=False))
+    assert all(a < b for a, b in pairwise(f[:10]))
     assert f[10] == pytest.approx(1.0) and f[99] == pytest.approx(0.1)
     assert f[int(10 + 89 / 2)] == pytest.approx(0.55, abs=0.02)
-    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert all(a >= b for a, b in pairwise(f[10:]))
 
 
 def test_wsd_schedule_shape() -> None:
@@ -99,7 +101,7 @@ def test_wsd_schedule_shape() -> None:
     assert f[9] == pytest.approx(1.0)
     assert all(x == 1.0 for x in f[10:80])
     assert f[80] < 1.0 and f[99] == pytest.approx(0.0)
-    assert all(a > b for a, b in zip(f[80:], f[81:], strict=False))
+    assert all(a > b for a, b in pairwise(f[80:]))
 
 
 def test_constant_schedule_and_ratio_warmup() -> None:
