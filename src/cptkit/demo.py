@@ -12,13 +12,16 @@ import datetime as dt
 import hashlib
 import sys
 import sysconfig
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
-from cptkit.config import Config, DeltaSourceConfig
+from cptkit.config import Config, DeltaSourceConfig, JsonlSourceConfig
 from cptkit.datasets import datasets
+from cptkit.demo_general import write_general_corpora
 from cptkit.errors import CptkitError
 from cptkit.extract import StageResult, extract
 from cptkit.prepare import prepare
@@ -132,16 +135,42 @@ def run_demo(
     force: bool,
     report_extract: Callable[[StageResult], None],
     report_prepare: Callable[[StageResult], None],
+    report_train: Callable[[Any], None],
 ) -> None:
+    """Build the demo inputs, then extract, prepare and train, printing each stage's time."""
     if not isinstance(config.source, DeltaSourceConfig):
         raise CptkitError("the demo config's source must be the demo Delta table (source.type: delta)")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     rows, written = build_demo_table(config.source.path)
     state = "written" if written else "unchanged"
     console.print(
         f"demo: {rows:,} documents from Python {sys.version.split()[0]}'s standard library "
         f"-> Delta table {config.source.path} ({state})"
     )
+    if isinstance(config.data.replay, JsonlSourceConfig):
+        corpora = write_general_corpora(config.data.replay.path.parent)
+        console.print(
+            f"demo: general text (Wikipedia, Lee news) from the gensim wheel -> {corpora['wikipedia'].parent}"
+        )
+    timings["inputs"] = time.perf_counter() - started
+
     for dataset in datasets(config):
+        t = time.perf_counter()
         report_extract(extract(dataset, force=force))
+        timings[f"extract {dataset.name}"] = time.perf_counter() - t
+        t = time.perf_counter()
         report_prepare(prepare(config, dataset, force=force))
-    console.print(f"demo: training data in {config.data.output_dir} (train.jsonl, val.jsonl, tokens, manifest.json)")
+        timings[f"prepare {dataset.name}"] = time.perf_counter() - t
+
+    from cptkit.train import train
+
+    t = time.perf_counter()
+    report_train(train(config, force=force))
+    timings["train"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+    console.print("demo: stage times " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
+    console.print(
+        f"demo: adapted model in {config.output_dir}; MLflow UI: mlflow ui --backend-store-uri "
+        f"{config.tracking.tracking_uri}"
+    )

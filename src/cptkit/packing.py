@@ -134,6 +134,11 @@ class Blocks:
         return int(self.real.sum())
 
     @property
+    def replay_share(self) -> float:
+        """Share of real tokens that come from replay documents."""
+        return int((self.replay & self.real).sum()) / max(self.real_tokens, 1)
+
+    @property
     def efficiency(self) -> float:
         """Share of positions that hold real tokens (not padding)."""
         return self.real_tokens / max(len(self.tokens), 1)

@@ -1,0 +1,626 @@
+"""Base models: resolve a model name to a local Hugging Face folder, load it for training (QLoRA, LoRA or
+full), and save and reload what training changed.
+
+Every model reaches training as a plain safetensors folder: hub ids are downloaded, and a .gguf file (or
+the embedded `smollm2-135m`) is dequantized once into a cached float32 copy that bitsandbytes can
+quantize like any other checkpoint. torch, transformers, peft and bitsandbytes are imported inside the
+functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from cptkit.config import TrainingConfig
+from cptkit.errors import CptkitError
+from cptkit.tokenization import SMOLLM2, cache_dir, smollm2_gguf
+
+if TYPE_CHECKING:
+    import torch
+
+# Bump when the conversion changes, so that older cached copies are not reused.
+_GGUF_CONVERTER_VERSION = 1
+_SOURCE_FILE = "cptkit_source.json"
+# What a training run needs from a hub repository: config, weights, tokenizer; never pickles or code.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
+# Some repositories also carry the original (non-transformers) weights; training never reads them.
+_HUB_SKIP = ["consolidated*", "original/*"]
+_HUB_HINT = "set model.name to a local model folder or a .gguf file"
+# Trained embeddings of an adapter run live next to the adapter: peft saves only its own weights.
+EMBEDDINGS_FILE = "embeddings.safetensors"
+_STALE_TEMP_SECONDS = 3600
+# Activation memory per token, hidden unit and layer, in values: Korthikanti et al. (2022) count
+# 34 bytes of 16-bit activations per token and hidden unit per transformer layer, leaving out the
+# attention scores, which SDPA does not keep.
+_ACTIVATION_VALUES = 17
+_LOGIT_BYTES = 4  # logits are upcast to float32 for the loss
+_OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient and two AdamW moments
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def resolve_model(name: str) -> Path:
+    """A local Hugging Face model folder (config.json, safetensors weights, tokenizer files) for a
+    local folder, a .gguf file, `smollm2-135m`, or a hub id."""
+    if name == SMOLLM2:
+        return _converted_gguf(smollm2_gguf())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CptkitError(f"model.name: {name} is a folder without config.json; is it a Hugging Face model folder?")
+        return path.resolve()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CptkitError(
+                f"model.name: {name} is a file but not a .gguf model; give a model folder or a .gguf file"
+            )
+        return _converted_gguf(path)
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CptkitError(f"model.name: {name}: no such file or directory")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:
+        raise CptkitError("downloading from the hub needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        folder = Path(str(snapshot_download(repo_id, allow_patterns=_HUB_FILES, ignore_patterns=_HUB_SKIP)))
+    except HFValidationError:
+        raise CptkitError(
+            f"model.name: '{repo_id}' is neither an existing local path nor a hub id (owner/name)"
+        ) from None
+    except GatedRepoError:
+        raise CptkitError(
+            f"model '{repo_id}' is gated: accept its terms on huggingface.co and log in (hf auth login or "
+            f"HF_TOKEN), or {_HUB_HINT}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CptkitError(
+            f"model '{repo_id}' was not found on the Hugging Face hub (or is private: log in with hf auth login "
+            f"or HF_TOKEN), and there is no local folder of that name; {_HUB_HINT}"
+        ) from None
+    except RevisionNotFoundError:
+        raise CptkitError(f"model '{repo_id}': revision not found on the hub; {_HUB_HINT}") from None
+    except LocalEntryNotFoundError:
+        raise CptkitError(
+            f"cannot download model '{repo_id}': the hub is unreachable (offline?) and it is not in the local "
+            f"hub cache; {_HUB_HINT}"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        reason = "not authorized (log in with hf auth login or HF_TOKEN)" if status in (401, 403) else f"HTTP {status}"
+        raise CptkitError(f"cannot download model '{repo_id}': {reason}; {_HUB_HINT}") from None
+    except OSError as exc:
+        raise CptkitError(f"cannot download model '{repo_id}' ({_first_line(exc)}); {_HUB_HINT}") from None
+    if not (folder / "config.json").is_file():
+        raise CptkitError(f"model '{repo_id}' on the hub has no config.json; is it a transformers model?")
+    if not any(folder.glob("*.safetensors")):
+        raise CptkitError(
+            f"model '{repo_id}' on the hub has no safetensors weights (cptkit does not load pickled .bin files); "
+            f"{_HUB_HINT}"
+        )
+    return folder
+
+
+def gguf_cache_path(gguf: Path) -> Path:
+    """Where the float copy of a .gguf file is cached: keyed by its path, size and modification time."""
+    st = gguf.stat()
+    stamp = f"gguf-v{_GGUF_CONVERTER_VERSION}:{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf.stem)[:60]
+    return cache_dir() / "models" / f"{stem}-{key}"
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    target = gguf_cache_path(gguf)
+    # The folder is renamed into place complete, so its presence means a finished conversion.
+    if (target / "config.json").is_file():
+        return target
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF file into a float32 safetensors folder with its tokenizer.
+
+    float32 because dequantized values (an integer times a float16 scale plus a float16 offset) need
+    more mantissa than bfloat16 has: a float32 copy is exact, and QLoRA re-quantizes from exact values.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise CptkitError("loading a .gguf model needs the gguf package: pip install gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        with _gguf_errors(gguf):
+            loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # A model loaded from GGUF carries a gguf quantization config and refuses save_pretrained; a
+        # model built from its config without that, holding the same tensors, saves as a plain checkpoint.
+        # Built on the meta device and given the loaded tensors, so memory holds one copy of the weights.
+        config = copy.deepcopy(loaded.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
+        model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+        model.tie_weights()
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        st = gguf.stat()
+        source = {"gguf": str(gguf.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": "float32"}
+        (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # else another process finished the same conversion first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _gguf_errors(gguf: Path) -> Iterator[None]:
+    try:
+        yield
+    except (ValueError, NotImplementedError, KeyError, OSError, ImportError) as exc:
+        first = _first_line(exc)
+        hint = ""
+        if "not supported" in first or "Unknown gguf model_type" in first:
+            hint = "; transformers converts GGUF files of common architectures only (llama, mistral, qwen2, phi3, ...)"
+        raise CptkitError(f"cannot convert {gguf} to a trainable model: {first}{hint}") from None
+
+
+def _remove_stale_temp_dirs(target: Path) -> None:
+    """Remove what conversions killed long ago left behind (a live one keeps its folder recent)."""
+    cutoff = time.time() - _STALE_TEMP_SECONDS
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < cutoff:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- load for training
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What will be trained and a rough estimate of the memory it takes."""
+
+    method: str
+    trainable_params: int
+    total_params: int
+    saved_bytes: int  # what save_trained writes: trainable params times their element size
+    weights_bytes: int  # frozen parameters and buffers as loaded (4-bit ones packed)
+    optimizer_bytes: int  # trainable params x (weight + gradient + two AdamW moments), fp32
+    activation_bytes: int
+    logits_bytes: int
+
+    @property
+    def estimated_memory_bytes(self) -> int:
+        return self.weights_bytes + self.optimizer_bytes + self.activation_bytes + self.logits_bytes
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {
+            "method": self.method,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "saved_bytes": self.saved_bytes,
+            "weights_bytes": self.weights_bytes,
+            "optimizer_bytes": self.optimizer_bytes,
+            "activation_bytes": self.activation_bytes,
+            "logits_bytes": self.logits_bytes,
+            "estimated_memory_bytes": self.estimated_memory_bytes,
+        }
+
+    def __str__(self) -> str:
+        share = self.trainable_params / max(self.total_params, 1)
+        return (
+            f"{self.method}: {_count(self.trainable_params)} trainable of {_count(self.total_params)} parameters "
+            f"({share:.2%}), {_size(self.saved_bytes)} saved; training memory about "
+            f"{_size(self.estimated_memory_bytes)} (weights {_size(self.weights_bytes)}, optimizer "
+            f"{_size(self.optimizer_bytes)}, activations {_size(self.activation_bytes)}, logits "
+            f"{_size(self.logits_bytes)})"
+        )
+
+
+@dataclass
+class TrainableModel:
+    model: torch.nn.Module  # a peft PeftModel for lora and qlora, the transformers model for full
+    param_groups: list[dict[str, Any]]  # for torch.optim.AdamW: "main", then "embeddings" when trained
+    description: ModelDescription
+
+
+def load_for_training(model_dir: Path, training: TrainingConfig, device: torch.device | str) -> TrainableModel:
+    """Load a resolved model folder ready for `training.method`, with optimizer parameter groups."""
+    import torch
+
+    device = torch.device(device)
+    if training.method != "full" and importlib.util.find_spec("peft") is None:
+        raise CptkitError(f"training.method {training.method} needs peft: pip install peft (or use full)")
+    bf16 = uses_bf16(training, device)
+    model = _load_base(model_dir, training, device, bf16)
+    if training.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model,
+            use_gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif training.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if training.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+    else:
+        model = _add_adapters(model, training)
+    embeddings = _embedding_params(model)
+    for param in embeddings:
+        # Tied input and output embeddings are one Parameter: training it keeps them tied.
+        param.requires_grad_(training.embeddings == "train")
+
+    description = describe(model, training, device)
+    _check_fits(description, device)
+    model.train()
+    return TrainableModel(model, _param_groups(model, embeddings, training), description)
+
+
+def uses_bf16(training: TrainingConfig, device: torch.device) -> bool:
+    """Whether `training.precision` resolves to bf16 on this device (auto: where bf16 is fast)."""
+    import torch
+
+    if training.precision != "auto":
+        return training.precision == "bf16"
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except AttributeError:  # older torch without these probes
+            return False
+    return False
+
+
+def _load_base(model_dir: Path, training: TrainingConfig, device: torch.device, bf16: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise CptkitError(f"{model_dir}: not a model folder (no config.json)")
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    if training.method == "qlora":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise CptkitError("training.method qlora needs bitsandbytes: pip install bitsandbytes (or use lora)")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+        )
+        kwargs["device_map"] = {"": device}
+    with _load_errors(model_dir):
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        if training.method != "qlora":
+            model.to(device)
+    if training.method == "qlora":
+        _no_cpu_inference_packing(model)
+    # Packed blocks come with position ids that restart per document and no attention mask; transformers
+    # keeps attention inside each document under SDPA only then, and with no KV cache.
+    model.config.use_cache = False
+    return model
+
+
+def _no_cpu_inference_packing(model: Any) -> None:
+    """Keep bitsandbytes 4-bit layers on their differentiable path. On a CPU with AVX512-BF16, the first
+    eval-mode forward repacks a layer's weights for an inference kernel that has no autograd, and the
+    layer stays packed: training after an evaluation would get wrong gradients, and evaluation would
+    compute differently from training."""
+    from bitsandbytes.nn.modules import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+@contextlib.contextmanager
+def _load_errors(model_dir: Path) -> Iterator[None]:
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise CptkitError(f"out of memory loading {model_dir}; use training.method qlora or a smaller model") from None
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+            raise CptkitError(
+                f"out of memory loading {model_dir}; use training.method qlora or a smaller model"
+            ) from None
+        raise
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise CptkitError(f"cannot load the model in {model_dir}: {_first_line(exc)}") from None
+
+
+def _add_adapters(model: Any, training: TrainingConfig) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lora = training.lora
+    target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int, used as a number
+        lora_dropout=lora.dropout,
+        target_modules=target,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise CptkitError(f"training.lora.target_modules: {_first_line(exc)}") from None
+
+
+def _embedding_params(model: Any) -> list[Any]:
+    """The input embedding and LM head weights, once each (tied ones are one Parameter)."""
+    params = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not params[0]:
+        params.append(output.weight)
+    return params
+
+
+def _param_groups(model: Any, embeddings: list[Any], training: TrainingConfig) -> list[dict[str, Any]]:
+    embedding_ids = {id(p) for p in embeddings}
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in embedding_ids]
+    groups: list[dict[str, Any]] = [
+        {"name": "main", "params": main, "lr": training.learning_rate, "weight_decay": training.weight_decay}
+    ]
+    if training.embeddings == "train":
+        lr = training.embedding_learning_rate or training.learning_rate / 10
+        groups.append({"name": "embeddings", "params": embeddings, "lr": lr, "weight_decay": training.weight_decay})
+    return groups
+
+
+def describe(model: torch.nn.Module, training: TrainingConfig, device: torch.device | str = "cpu") -> ModelDescription:
+    """Parameter counts and an estimate of the memory that training `model` this way takes."""
+    import torch
+
+    trainable = total = saved = frozen_bytes = 0
+    for param in model.parameters():
+        count = _logical_numel(param)
+        total += count
+        if param.requires_grad:
+            trainable += count
+            saved += param.numel() * param.element_size()
+        else:
+            frozen_bytes += _stored_bytes(param)
+    frozen_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+
+    text = cast(Any, model).config.get_text_config()
+    tokens = training.micro_batch_size * training.max_seq_length
+    half = training.precision == "fp16" or uses_bf16(training, torch.device(device))
+    value_bytes = 2 if half else 4
+    if training.gradient_checkpointing:
+        # Each layer's input is kept; one layer's activations are recomputed at a time.
+        activations = tokens * text.hidden_size * (text.num_hidden_layers + _ACTIVATION_VALUES) * value_bytes
+    else:
+        activations = tokens * text.hidden_size * text.num_hidden_layers * _ACTIVATION_VALUES * value_bytes
+    return ModelDescription(
+        method=training.method,
+        trainable_params=trainable,
+        total_params=total,
+        saved_bytes=saved,
+        weights_bytes=frozen_bytes,
+        optimizer_bytes=trainable * _OPTIMIZER_BYTES,
+        activation_bytes=activations,
+        logits_bytes=tokens * text.vocab_size * _LOGIT_BYTES,
+    )
+
+
+def _logical_numel(param: Any) -> int:
+    """Parameters a tensor stands for: a bitsandbytes 4-bit weight packs two in each byte."""
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        count = 1
+        for dim in state.shape:
+            count *= int(dim)
+        return count
+    return int(param.numel())
+
+
+def _stored_bytes(param: Any) -> int:
+    size = int(param.numel() * param.element_size())
+    state = getattr(param, "quant_state", None)
+    while state is not None:  # block scales, themselves quantized with double quantization
+        absmax = getattr(state, "absmax", None)
+        if absmax is not None:
+            size += int(absmax.numel() * absmax.element_size())
+        state = getattr(state, "state2", None)
+    return size
+
+
+def _check_fits(description: ModelDescription, device: torch.device) -> None:
+    available = _device_memory(device)
+    need = description.estimated_memory_bytes
+    if available is not None and need > available:
+        raise CptkitError(
+            f"training needs about {_size(need)} ({description}) but {device} has {_size(available)}; lower "
+            "training.micro_batch_size or training.max_seq_length, set training.gradient_checkpointing=true, "
+            "or use training.method qlora"
+        )
+
+
+def _device_memory(device: torch.device) -> int | None:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+# ---------------------------------------------------------------- save and reload
+
+
+def save_trained(model: torch.nn.Module, out_dir: Path) -> None:
+    """Save what training changed: the adapters (plus trained embeddings) of a peft model, or every
+    weight of a fully trained one. The folder appears complete or not at all."""
+    inner = _unwrap(model)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        if _is_peft(inner):
+            inner.save_pretrained(str(tmp), save_embedding_layers=False)
+            _save_embeddings(inner, tmp / EMBEDDINGS_FILE)
+        else:
+            # The saved model is for inference: let it use the KV cache that training turned off.
+            use_cache = inner.config.use_cache
+            inner.config.use_cache = True
+            try:
+                inner.save_pretrained(str(tmp))
+            finally:
+                inner.config.use_cache = use_cache
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_trained(
+    model_dir_base: Path, trained_dir: Path, training: TrainingConfig, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """The model `save_trained` saved, in eval mode: the base loaded as for training (4-bit for qlora)
+    with the adapters and trained embeddings applied, or the fully trained weights."""
+    import torch
+
+    device = torch.device(device)
+    bf16 = uses_bf16(training, device)
+    if training.method == "full":
+        if not (trained_dir / "config.json").is_file():
+            raise CptkitError(f"{trained_dir}: no full model saved there (no config.json); was it trained with lora?")
+        model = _load_base(trained_dir, training, device, bf16)
+        model.eval()
+        return model  # type: ignore[no-any-return]
+    if not (trained_dir / "adapter_config.json").is_file():
+        raise CptkitError(f"{trained_dir}: no adapter saved there (no adapter_config.json); was it trained with full?")
+    from peft import PeftModel
+
+    base = _load_base(model_dir_base, training, device, bf16)
+    _load_embeddings(base, trained_dir / EMBEDDINGS_FILE)
+    with _load_errors(trained_dir):
+        model = PeftModel.from_pretrained(base, str(trained_dir), is_trainable=False)
+    model.eval()
+    return model
+
+
+def _save_embeddings(model: Any, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    params = _embedding_params(model)
+    if not params[0].requires_grad:
+        return
+    tensors = {"input_embeddings": params[0].detach().cpu().contiguous()}
+    if len(params) > 1:
+        tensors["output_embeddings"] = params[1].detach().cpu().contiguous()
+    save_file(tensors, str(path), metadata={"tied": str(len(params) == 1).lower()})
+
+
+def _load_embeddings(model: Any, path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return
+    tensors = load_file(str(path))
+    params = _embedding_params(model)
+    if ("output_embeddings" in tensors) != (len(params) > 1):
+        raise CptkitError(f"{path}: saved embeddings do not match the base model's (tied vs untied)")
+    with torch.no_grad():
+        params[0].copy_(tensors["input_embeddings"])
+        if len(params) > 1:
+            params[1].copy_(tensors["output_embeddings"])
+
+
+def _unwrap(model: Any) -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _is_peft(model: Any) -> bool:
+    if importlib.util.find_spec("peft") is None:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing an older one."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.rename(final, old / final.name)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

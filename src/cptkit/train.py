@@ -1,0 +1,549 @@
+"""The train stage: continual pretraining with replay, packed document-isolated sequences, a forgetting
+monitor, exact resume and MLflow tracking.
+
+The loop is written out on `accelerate` (no `Trainer`): one optimizer step is `gradient_accumulation_steps`
+micro batches of packed blocks; the loss is the mean over every labelled token of the step, so
+accumulation and multiple processes give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import yaml
+
+from cptkit.artifacts import (
+    MANIFEST,
+    invalidate,
+    new_manifest,
+    read_json,
+    up_to_date,
+    write_json_atomic,
+)
+from cptkit.checkpoints import (
+    TrainerState,
+    clean_partial,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_states,
+    save_checkpoint,
+)
+from cptkit.config import Config, TrainingConfig, masked_dict, section_fingerprint
+from cptkit.datasets import Dataset, datasets
+from cptkit.errors import ConfigError, StageError
+from cptkit.extract import StageResult
+from cptkit.packing import Blocks, BlockStream, TokenDocs, sequence_blocks
+from cptkit.prepare import TRAIN_TOKENS, VAL_TOKENS
+from cptkit.progress import console
+from cptkit.schedule import lr_factor
+from cptkit.tracking import Tracker, open_tracker
+
+SUMMARY = "training_summary.json"
+CHECKPOINTS = "checkpoints"
+BEST = "best.safetensors"
+SEPARATOR_TOKEN = "<|endoftext|>"
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TrainData:
+    domain_train: TokenDocs
+    domain_val: TokenDocs
+    replay_train: TokenDocs | None
+    general_val: TokenDocs | None
+    separator: int
+    manifests: dict[str, dict[str, Any]]  # dataset name -> prepare manifest
+
+
+def read_tokens(path: Path) -> TokenDocs:
+    column = pq.read_table(path, columns=["input_ids"]).column("input_ids").combine_chunks()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return TokenDocs(values, offsets - offsets[0])
+
+
+def _dataset_tokens(dataset: Dataset) -> tuple[TokenDocs, TokenDocs, dict[str, Any]]:
+    manifest = read_json(dataset.directory / MANIFEST)
+    if manifest is None or manifest.get("stage") != "prepare":
+        raise StageError(f"{dataset.directory}: the {dataset.name} data is not prepared; run `cptkit prepare` first")
+    if manifest.get("tokenizer") is None:
+        raise StageError(
+            f"{dataset.directory}: the {dataset.name} data was prepared without tokens; "
+            "set prepare.tokenize: true and run `cptkit prepare`"
+        )
+    return read_tokens(dataset.directory / TRAIN_TOKENS), read_tokens(dataset.directory / VAL_TOKENS), manifest
+
+
+def separator_id(tokenizer_info: dict[str, Any]) -> int:
+    """The token between packed documents: `<|endoftext|>` where the vocabulary has it (the pretraining
+    separator of most small models, also of instruct variants whose eos is a chat token), else eos."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_info["path"])
+    found = tok.token_to_id(SEPARATOR_TOKEN)
+    if found is not None:
+        return int(found)
+    if tokenizer_info.get("eos_token_id") is not None:
+        return int(tokenizer_info["eos_token_id"])
+    raise StageError(f"tokenizer {tokenizer_info['name']} has neither {SEPARATOR_TOKEN} nor an eos token")
+
+
+def load_train_data(config: Config) -> TrainData:
+    if config.data.replay_ratio > 0 and config.data.replay is None:
+        raise ConfigError(
+            [
+                f"config error: data.replay: required when data.replay_ratio > 0 (it is {config.data.replay_ratio}); "
+                "set a replay source, or data.replay_ratio: 0 to train on domain text only"
+            ]
+        )
+    sets = {d.name: d for d in datasets(config)}
+    domain_train, domain_val, domain_manifest = _dataset_tokens(sets["domain"])
+    manifests = {"domain": domain_manifest}
+    replay_train = general_val = None
+    if "replay" in sets:
+        replay_train, general_val, manifests["replay"] = _dataset_tokens(sets["replay"])
+        if manifests["replay"]["tokenizer"]["fingerprint"] != domain_manifest["tokenizer"]["fingerprint"]:
+            raise StageError("the domain and replay data were tokenized differently; rerun `cptkit prepare`")
+    if len(domain_train) == 0:
+        raise StageError(f"{sets['domain'].directory}: no domain training documents were kept by prepare")
+    return TrainData(
+        domain_train,
+        domain_val,
+        replay_train if config.data.replay_ratio > 0 else None,
+        general_val,
+        separator_id(domain_manifest["tokenizer"]),
+        manifests,
+    )
+
+
+def train_fingerprint(config: Config, data: TrainData) -> str:
+    inputs = {name: (m["config_fingerprint"], m["input_fingerprint"]) for name, m in data.manifests.items()}
+    return section_fingerprint(config.training, config.model, config.data.replay_ratio, inputs)
+
+
+# ---------------------------------------------------------------- precision and device
+
+
+def resolve_precision(training: TrainingConfig, device: Any) -> str:
+    """accelerate's mixed_precision value: bf16 where it is fast (models.uses_bf16 decides), fp16 on a
+    GPU without bf16, else no."""
+
+    from cptkit.models import uses_bf16
+
+    if training.precision == "fp16" or (
+        training.precision == "auto" and device.type == "cuda" and not uses_bf16(training, device)
+    ):
+        return "fp16"
+    return "bf16" if uses_bf16(training, device) else "no"
+
+
+# ---------------------------------------------------------------- loss
+
+
+def loss_sum(model: Any, input_ids: Any, position_ids: Any, labels: Any) -> tuple[Any, int]:
+    """Sum of next-token losses over labelled positions, and their count. No attention mask: the
+    restarting position ids keep attention inside each packed document."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    targets = labels[:, 1:]
+    total = F.cross_entropy(
+        logits[:, :-1, :].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return total, int((targets != -100).sum())
+
+
+def _tensors(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: Any) -> tuple[Any, Any, Any]:
+    import torch
+
+    ids, pos, labels = (torch.from_numpy(np.stack(col)).to(device) for col in zip(*rows, strict=True))
+    return ids, pos, labels
+
+
+def eval_loss(model: Any, blocks: Blocks, max_sequences: int | None, batch_size: int, device: Any) -> float:
+    """Mean next-token loss over the first `max_sequences` blocks."""
+    import torch
+
+    n = len(blocks) if max_sequences is None else min(len(blocks), max_sequences)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            rows = [blocks.block(i) for i in range(start, min(start + batch_size, n))]
+            s, c = loss_sum(model, *_tensors(rows, device))
+            total += float(s)
+            count += c
+    if was_training:
+        model.train()
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class TrainResult(StageResult):
+    summary: dict[str, Any] | None = None
+
+
+def train(
+    config: Config,
+    force: bool = False,
+    tracker_factory: Callable[..., Tracker] = open_tracker,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train (or resume, or skip when up to date). `stop_after_steps` ends the process's work early,
+    as an interruption would, leaving checkpoints to resume from (used by tests and previews)."""
+    import torch
+    from accelerate import Accelerator
+
+    data = load_train_data(config)
+    out = config.output_dir
+    fingerprint = train_fingerprint(config, data)
+    existing = up_to_date(out, fingerprint, fingerprint)
+    if existing is not None and not force:
+        return TrainResult(existing, out, skipped=True, summary=read_json(out / SUMMARY))
+
+    tc = config.training
+    ckpt_root = out / CHECKPOINTS
+    clean_partial(ckpt_root)
+    invalidate(out)
+    state, resume_from = _resume_state(ckpt_root, fingerprint, force)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(mixed_precision=resolve_precision(tc, device), cpu=device.type == "cpu")
+    from cptkit.models import load_for_training, resolve_model
+
+    model_dir = resolve_model(config.model.name)
+    torch.manual_seed(tc.seed)
+    loaded = load_for_training(model_dir, tc, accelerator.device)
+    model = loaded.model
+    optimizer = torch.optim.AdamW(loaded.param_groups, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+
+    stream = BlockStream(
+        data.domain_train, data.replay_train, config.data.replay_ratio, tc.seed, data.separator, tc.max_seq_length
+    )
+    blocks_per_step = tc.micro_batch_size * tc.gradient_accumulation_steps
+    global_blocks_per_step = blocks_per_step * accelerator.num_processes
+    per_epoch = stream.blocks_per_epoch()
+    total_steps = tc.max_steps or max(1, math.ceil(tc.num_epochs * per_epoch / global_blocks_per_step))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, tc))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    trainable = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    if resume_from is not None:
+        state, weights, optim_state, rng = load_checkpoint(resume_from)
+        _load_trainable(trainable, weights)
+        optimizer.load_state_dict(optim_state["optimizer"])
+        scheduler.load_state_dict(optim_state["scheduler"])
+        restore_rng_states(rng)
+        console.print(f"train: resuming from {resume_from} (step {state.step} of {total_steps})")
+    else:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        state = TrainerState(fingerprint=fingerprint)
+
+    domain_val = sequence_blocks(data.domain_val, data.separator, tc.max_seq_length)
+    general_val = (
+        sequence_blocks(data.general_val, data.separator, tc.max_seq_length) if data.general_val is not None else None
+    )
+    epoch0 = stream.epoch_blocks(0)
+    run_name = config.tracking.run_name or f"cpt-{Path(config.model.name).name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    tracker = tracker_factory(config.tracking, state.run_id, run_name) if accelerator.is_main_process else None
+    if tracker is not None and state.run_id is None:
+        state.run_id = tracker.run_id
+        _log_run_start(tracker, config, data, loaded.description, epoch0, per_epoch, total_steps)
+
+    _print_plan(loaded.description, epoch0, per_epoch, total_steps, tc, accelerator.mixed_precision)
+
+    def evaluate(step: int) -> dict[str, float]:
+        result = {
+            "eval/domain_loss": eval_loss(
+                model, domain_val, tc.eval_max_sequences, tc.micro_batch_size, accelerator.device
+            )
+        }
+        if general_val is not None:
+            result["eval/general_loss"] = eval_loss(
+                model, general_val, tc.eval_max_sequences, tc.micro_batch_size, accelerator.device
+            )
+        if tracker is not None:
+            tracker.log_metrics(result, step)
+        state.evals.append({"step": step, **result})
+        return result
+
+    if state.step == 0 and not state.evals:
+        base = evaluate(0)
+        state.base_general_loss = base.get("eval/general_loss")
+        console.print("train: base model " + _format_eval(base))
+        _forgetting_check(state, base, tc, trainable, ckpt_root)  # the base is the first "best"
+
+    model.train()
+    started = time.perf_counter()
+    seconds_before = state.train_seconds
+    status = "FINISHED"
+    try:
+        while state.step < total_steps:
+            if stop_after_steps is not None and state.step >= stop_after_steps:
+                status = "KILLED"
+                break
+            step_started = time.perf_counter()
+            first = state.step * global_blocks_per_step + accelerator.process_index * blocks_per_step
+            rows = list(stream.batch(first, blocks_per_step))
+            micro = [rows[i : i + tc.micro_batch_size] for i in range(0, len(rows), tc.micro_batch_size)]
+            label_count = sum(int((r[2][1:] != -100).sum()) for r in rows)
+            global_count = int(accelerator.reduce(torch.tensor(label_count, device=accelerator.device), "sum"))
+            step_loss = 0.0
+            for k, group in enumerate(micro):
+                sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
+                with sync:
+                    ids, pos, labels = _tensors([(r[0], r[1], r[2]) for r in group], accelerator.device)
+                    total, _ = loss_sum(model, ids, pos, labels)
+                    accelerator.backward(total * accelerator.num_processes / max(global_count, 1))
+                    step_loss += float(total.detach())
+            if tc.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "sum"))
+            real = sum(r[3] for r in rows) * accelerator.num_processes
+            replay_real = sum(r[4] for r in rows) * accelerator.num_processes
+            state.step += 1
+            state.tokens += real
+            state.replay_tokens += replay_real
+            state.losses.append(step_loss / max(global_count, 1))
+            state.learning_rates.append(lr)
+            elapsed = time.perf_counter() - step_started
+            if tracker is not None and (state.step % tc.logging_steps == 0 or state.step == total_steps):
+                tracker.log_metrics(
+                    {
+                        "train/loss": state.losses[-1],
+                        "train/learning_rate": lr,
+                        "train/tokens_per_second": real / max(elapsed, 1e-9),
+                        "train/replay_share": state.replay_tokens / max(state.tokens, 1),
+                        "train/tokens": state.tokens,
+                    },
+                    state.step,
+                )
+            console.print(
+                f"train: step {state.step}/{total_steps} loss {state.losses[-1]:.4f} lr {lr:.2e} "
+                f"{real / max(elapsed, 1e-9):,.0f} tok/s",
+                highlight=False,
+            )
+            if state.step % tc.eval_steps == 0 or state.step == total_steps:
+                result = evaluate(state.step)
+                console.print(f"train: step {state.step} " + _format_eval(result))
+                if _forgetting_check(state, result, tc, trainable, ckpt_root):
+                    break
+            if state.step % tc.save_steps == 0 and state.step < total_steps:
+                state.train_seconds = seconds_before + time.perf_counter() - started
+                optim_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt_root, state, trainable, optim_state, tc.save_total_limit)
+    except Exception:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    except BaseException:  # KeyboardInterrupt: the checkpoints stay, and the next run resumes
+        if tracker is not None:
+            tracker.end("KILLED")
+        raise
+    state.train_seconds = seconds_before + time.perf_counter() - started
+
+    if status == "KILLED":
+        if tracker is not None:
+            tracker.end("KILLED")
+        return TrainResult(new_manifest("train", fingerprint, fingerprint), out, skipped=False, summary=None)
+
+    if state.best is not None and state.stopped_reason is not None:
+        from safetensors.torch import load_file
+
+        _load_trainable(trainable, load_file(str(ckpt_root / BEST)))
+    summary = _summary(state, tc, epoch0, total_steps, loaded.description, accelerator.mixed_precision)
+    if accelerator.is_main_process:
+        _write_outputs(config, accelerator.unwrap_model(model), model_dir, summary, fingerprint)
+        if tracker is not None:
+            tracker.log_dict(summary, "training_summary.json")
+            tracker.log_metrics({"train/final_loss": summary["final_loss"]}, state.step)
+            tracker.end("FINISHED")
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    manifest = read_json(out / MANIFEST) or {}
+    return TrainResult(manifest, out, skipped=False, summary=summary)
+
+
+def _resume_state(ckpt_root: Path, fingerprint: str, force: bool) -> tuple[TrainerState, Path | None]:
+    """The checkpoint to resume from: the latest one of this same run (same fingerprint)."""
+    found = list_checkpoints(ckpt_root)
+    if not found or force:
+        return TrainerState(fingerprint=fingerprint), None
+    latest = found[-1]
+    state = read_json(latest / "trainer_state.json") or {}
+    if state.get("fingerprint") != fingerprint:
+        console.print(f"train: {ckpt_root} holds checkpoints of a different configuration; starting a new run")
+        return TrainerState(fingerprint=fingerprint), None
+    return TrainerState(fingerprint=fingerprint), latest
+
+
+def _load_trainable(trainable: dict[str, Any], weights: dict[str, Any]) -> None:
+    import torch
+
+    missing = set(trainable) - set(weights)
+    if missing:
+        raise StageError(f"checkpoint does not match the model: missing {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+
+
+def _forgetting_check(
+    state: TrainerState, result: dict[str, float], tc: TrainingConfig, trainable: dict[str, Any], ckpt_root: Path
+) -> bool:
+    """Track the best evaluation within the general-loss budget; True when the budget is exceeded."""
+    budget = tc.max_general_loss_increase
+    general = result.get("eval/general_loss")
+    if budget is None or general is None or state.base_general_loss is None:
+        return False
+    increase = general - state.base_general_loss
+    if increase > budget:
+        best_step = state.best["step"] if state.best else 0
+        state.stopped_reason = (
+            f"general validation loss rose by {increase:.4f} (> training.max_general_loss_increase {budget}) "
+            f"at step {state.step}; keeping step {best_step}" + (" (the base model)" if best_step == 0 else "")
+        )
+        console.print(f"train: stopping: {state.stopped_reason}", style="yellow")
+        return True
+    if state.best is None or result["eval/domain_loss"] < state.best["eval/domain_loss"]:
+        state.best = {"step": state.step, **result}
+        _save_best(ckpt_root, trainable)
+    return False
+
+
+def _save_best(ckpt_root: Path, trainable: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from cptkit.artifacts import atomic_path
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ckpt_root / BEST) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp))
+
+
+def _format_eval(result: dict[str, float]) -> str:
+    return ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in result.items())
+
+
+def _print_plan(
+    description: Any, epoch0: Blocks, per_epoch: int, total_steps: int, tc: TrainingConfig, precision: str
+) -> None:
+    console.print(
+        f"train: {description}\n"
+        f"train: {per_epoch:,} blocks of {tc.max_seq_length} tokens per epoch, packing efficiency "
+        f"{epoch0.efficiency:.1%}, replay share {epoch0.replay_share:.1%}; {total_steps:,} steps of "
+        f"{tc.micro_batch_size}x{tc.gradient_accumulation_steps} blocks; precision {precision}",
+        highlight=False,
+    )
+
+
+def _log_run_start(
+    tracker: Tracker,
+    config: Config,
+    data: TrainData,
+    description: Any,
+    epoch0: Blocks,
+    per_epoch: int,
+    total_steps: int,
+) -> None:
+    masked = masked_dict(config)
+    tracker.log_params(masked)
+    tracker.log_dict(masked, "config.yaml")
+    for name, manifest in data.manifests.items():
+        tracker.log_dict(manifest, f"data/{name}_manifest.json")
+        counts = {k: manifest.get(k) for k in ("documents_kept", "train_documents", "val_documents", "train_tokens")}
+        source = manifest.get("source") or {}
+        tracker.log_input(f"{name}-train", str(manifest["input_fingerprint"]), source, "training", counts)
+        tracker.log_input(f"{name}-val", str(manifest["input_fingerprint"]), source, "validation", counts)
+    tracker.set_tags({"cptkit.model": config.model.name, "cptkit.method": config.training.method})
+    tracker.log_metrics(
+        {
+            "data/packing_efficiency": epoch0.efficiency,
+            "data/blocks_per_epoch": per_epoch,
+            "data/total_steps": total_steps,
+        },
+        0,
+    )
+
+
+def _summary(
+    state: TrainerState, tc: TrainingConfig, epoch0: Blocks, total_steps: int, description: Any, precision: str
+) -> dict[str, Any]:
+    last_eval = state.evals[-1] if state.evals else {}
+    return {
+        "steps": state.step,
+        "planned_steps": total_steps,
+        "tokens": state.tokens,
+        "replay_tokens": state.replay_tokens,
+        "replay_share": state.replay_tokens / max(state.tokens, 1),
+        "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
+        "train_seconds": round(state.train_seconds, 2),
+        "final_loss": state.losses[-1] if state.losses else None,
+        "losses": state.losses,
+        "learning_rates": state.learning_rates,
+        "evals": state.evals,
+        "base_general_loss": state.base_general_loss,
+        "final_eval": last_eval,
+        "best": state.best,
+        "stopped_reason": state.stopped_reason,
+        "packing_efficiency": epoch0.efficiency,
+        "precision": precision,
+        "method": tc.method,
+        "model": str(description),
+        "mlflow_run_id": state.run_id,
+    }
+
+
+def _write_outputs(config: Config, model: Any, model_dir: Path, summary: dict[str, Any], fingerprint: str) -> None:
+    from transformers import AutoTokenizer
+
+    from cptkit.models import save_trained
+
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_trained(model, staging / "model")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging / "model")
+    (staging / "model" / "cptkit_config.yaml").write_text(
+        yaml.safe_dump(masked_dict(config), sort_keys=False), encoding="utf-8"
+    )
+    names = []
+    for item in sorted((staging / "model").iterdir()):
+        os.replace(item, out / item.name)
+        names.append(item.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    write_json_atomic(out / SUMMARY, summary)
+    manifest = new_manifest("train", fingerprint, fingerprint)
+    manifest.update(
+        outputs={n: {"bytes": (out / n).stat().st_size} for n in [*names, SUMMARY] if (out / n).is_file()},
+        base_model=config.model.name,
+        base_model_path=str(model_dir),
+        summary={k: summary[k] for k in ("steps", "tokens", "tokens_per_second", "final_loss", "replay_share")},
+    )
+    write_json_atomic(out / MANIFEST, manifest)

@@ -1,0 +1,205 @@
+"""Training end to end on a tiny random Llama: outputs, replay share, packing isolation, exact resume
+after SIGKILL, the forgetting monitor, MLflow on SQLite, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import make_doc, write_config, write_jsonl
+from cptkit.config import load_config
+from cptkit.datasets import datasets
+from cptkit.extract import extract
+from cptkit.prepare import prepare
+
+CPTKIT = [sys.executable, "-m", "cptkit"]
+
+
+def setup_run(tmp_path: Path, model_dir: Path, **training: Any) -> Path:
+    """A prepared domain + replay corpus and a config that trains the tiny model on it."""
+    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": make_doc(i)} for i in range(60)])
+    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": make_doc(1000 + i)} for i in range(40)])
+    settings = {
+        "method": "lora",
+        "learning_rate": 1e-3,
+        "max_steps": 6,
+        "max_seq_length": 64,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "eval_steps": 3,
+        "save_steps": 2,
+        "warmup_steps": 1,
+        "precision": "fp32",
+        "eval_max_sequences": 8,
+        **training,
+    }
+    cfg_path = write_config(
+        tmp_path / "cfg.yaml",
+        {
+            "model": {"name": str(model_dir)},
+            "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
+            "data": {
+                "output_dir": "data",
+                "replay_ratio": 0.25,
+                "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"},
+            },
+            "prepare": {"split": {"val_ratio": 0.2}},
+            "output_dir": "outputs/cpt_model",
+            "training": settings,
+            "tracking": {"tracking_uri": "sqlite:///mlflow.db", "log_system_metrics": False},
+        },
+    )
+    config = load_config(cfg_path)
+    for dataset in datasets(config):
+        extract(dataset)
+        prepare(config, dataset)
+    return cfg_path
+
+
+def local_store() -> str:
+    # Absolute: mlflow caches stores by URI, so a relative one could reach an earlier test's database.
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def summary() -> dict[str, Any]:
+    return json.loads(Path("outputs/cpt_model/training_summary.json").read_text())
+
+
+def test_train_writes_the_adapter_summary_and_mlflow_run(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    cfg = setup_run(tmp_path, tiny_model_dir)
+    result = cli("train", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    s = summary()
+    assert s["steps"] == 6 and len(s["losses"]) == 6 and s["final_loss"] == s["losses"][-1]
+    assert all(np.isfinite(s["losses"]))
+    assert s["tokens"] > 0 and s["tokens_per_second"] > 0
+    assert s["replay_share"] == pytest.approx(0.25, abs=0.1)
+    assert [e["step"] for e in s["evals"]] == [0, 3, 6]
+    assert {"eval/domain_loss", "eval/general_loss"} <= set(s["evals"][0])
+    assert s["evals"][-1]["eval/domain_loss"] < s["evals"][0]["eval/domain_loss"]  # it learned the domain
+    out = Path("outputs/cpt_model")
+    assert (out / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "checkpoints").exists()  # removed once the run is complete
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=local_store())
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.learning_rate"] == "0.001"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert losses == pytest.approx(s["losses"])
+    names = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert {"domain-train", "replay-train", "domain-val", "replay-val"} <= names
+
+    again = cli("train", "-c", str(cfg))
+    assert "train: up to date, skipped" in again.output
+
+
+def test_packed_documents_do_not_see_each_other(tiny_model_dir: Path) -> None:
+    """The loss of each document inside a packed block equals its loss alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cptkit.packing import TokenDocs, sequence_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    rng = np.random.default_rng(0)
+    doc_list = [rng.integers(2, 400, size=n).tolist() for n in (7, 12, 5)]
+    blocks = sequence_blocks(TokenDocs.from_lists(doc_list), separator=0, seq_len=27)
+    ids, pos, _ = blocks.block(0)
+    with torch.no_grad():
+        packed = model(input_ids=torch.tensor(ids)[None], position_ids=torch.tensor(pos)[None], use_cache=False).logits[
+            0
+        ]
+        start = 0
+        for doc in doc_list:
+            alone_ids = torch.tensor([*doc, 0])[None]
+            alone = model(input_ids=alone_ids, use_cache=False).logits[0]
+            n = len(doc) + 1
+            assert torch.allclose(packed[start : start + n], alone, atol=1e-5)
+            start += n
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=8, save_steps=3, eval_steps=4)
+    env = {**os.environ, "CPTKIT_CACHE": os.environ["CPTKIT_CACHE"]}
+    subprocess.run(
+        [*CPTKIT, "train", "-c", str(cfg), "--set", "output_dir=straight"], check=True, env=env, capture_output=True
+    )
+    straight = json.loads(Path("straight/training_summary.json").read_text())["losses"]
+
+    proc = subprocess.Popen(
+        [*CPTKIT, "train", "-c", str(cfg)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    while not Path("outputs/cpt_model/checkpoints/step-0000006/trainer_state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not Path("outputs/cpt_model/manifest.json").exists()
+
+    resumed = subprocess.run([*CPTKIT, "train", "-c", str(cfg)], env=env, capture_output=True, text=True, check=True)
+    assert "resuming from" in resumed.stderr
+    s = summary()
+    assert s["steps"] == 8
+    assert s["losses"] == pytest.approx(straight, abs=1e-5)
+    # One MLflow run across the kill: the resumed process continued it.
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=local_store()).get_metric_history(s["mlflow_run_id"], "train/loss")
+    assert sorted({m.step for m in history}) == list(range(1, 9))
+
+
+def test_forgetting_monitor_stops_and_keeps_the_best_within_budget(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    cfg = setup_run(
+        tmp_path, tiny_model_dir, learning_rate=5e-2, max_steps=12, eval_steps=2, max_general_loss_increase=1e-4
+    )
+    result = cli("train", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    s = summary()
+    assert s["stopped_reason"] is not None and "general validation loss rose" in s["stopped_reason"]
+    assert s["steps"] < 12
+    assert s["best"]["step"] < s["steps"]
+    assert "keeping step" in result.output
+
+
+def test_replay_ratio_without_replay_source_is_a_config_error(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    cfg = setup_run(tmp_path, tiny_model_dir)
+    result = cli("train", "-c", str(cfg), "--set", "data.replay=null")
+    assert result.exit_code == 2
+    assert "config error: data.replay: required when data.replay_ratio > 0" in result.output
+
+
+def test_train_before_prepare_says_what_to_do(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    write_config(
+        tmp_path / "c.yaml",
+        {
+            "model": {"name": str(tiny_model_dir)},
+            "source": {"type": "jsonl", "path": "x.jsonl"},
+            "data": {"replay_ratio": 0},
+        },
+    )
+    result = cli("train", "-c", "c.yaml")
+    assert result.exit_code == 1
+    assert "the domain data is not prepared; run `cptkit prepare` first" in result.output
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_other_methods_train(tmp_path: Path, tiny_model_dir: Path, cli, method: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = setup_run(tmp_path, tiny_model_dir, method=method, max_steps=2, eval_steps=2)
+    result = cli("train", "-c", str(cfg), "--set", "tracking.enabled=false")
+    assert result.exit_code == 0, result.output
+    s = summary()
+    assert s["method"] == method and s["steps"] == 2 and all(np.isfinite(s["losses"]))
