@@ -211,9 +211,6 @@ def print_train(result: Any) -> None:
         console.print(f"train: up to date, skipped ({result.directory}/manifest.json matches)")
         return
     s = result.summary
-    if s is None:
-        console.print(f"train: stopped early; checkpoints in {result.directory}/checkpoints, rerun to resume")
-        return
     final = s.get("final_eval") or {}
     evals = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in final.items() if k != "step")
     console.print(

@@ -207,10 +207,8 @@ def train(
     config: Config,
     force: bool = False,
     tracker_factory: Callable[..., Tracker] = open_tracker,
-    stop_after_steps: int | None = None,
 ) -> TrainResult:
-    """Train (or resume, or skip when up to date). `stop_after_steps` ends the process's work early,
-    as an interruption would, leaving checkpoints to resume from (used by tests and previews)."""
+    """Train, resume from the latest checkpoint of the same configuration, or skip when up to date."""
     import torch
     from accelerate import Accelerator
 
@@ -296,12 +294,8 @@ def train(
     model.train()
     started = time.perf_counter()
     seconds_before = state.train_seconds
-    status = "FINISHED"
     try:
         while state.step < total_steps:
-            if stop_after_steps is not None and state.step >= stop_after_steps:
-                status = "KILLED"
-                break
             step_started = time.perf_counter()
             first = state.step * global_blocks_per_step + accelerator.process_index * blocks_per_step
             rows = list(stream.batch(first, blocks_per_step))
@@ -367,11 +361,6 @@ def train(
             tracker.end("KILLED")
         raise
     state.train_seconds = seconds_before + time.perf_counter() - started
-
-    if status == "KILLED":
-        if tracker is not None:
-            tracker.end("KILLED")
-        return TrainResult(new_manifest("train", fingerprint, fingerprint), out, skipped=False, summary=None)
 
     if state.best is not None and state.stopped_reason is not None:
         from safetensors.torch import load_file
