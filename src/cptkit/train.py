@@ -226,6 +226,13 @@ def train(
     state, resume_from = _resume_state(ckpt_root, fingerprint, force)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # accelerate keeps its state in process-wide singletons; a second train() in one process (the demo,
+    # a notebook) may use another precision, which accelerate refuses unless the state is reset first.
+    # The process group itself (partial state) is kept, so this is safe under `accelerate launch` too.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=resolve_precision(tc, device), cpu=device.type == "cpu")
     from cptkit.models import load_for_training, resolve_model
 
