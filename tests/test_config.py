@@ -140,3 +140,11 @@ def test_config_reference_doc_is_generated_from_the_schema() -> None:
 
     doc = (REPO / "docs" / "config-reference.md").read_text(encoding="utf-8")
     assert doc == reference_markdown(), "regenerate: cptkit config reference > docs/config-reference.md"
+
+
+def test_errors_show_bad_values_except_secrets() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.tokenizer=123", "databricks.token=987654321"])
+    joined = "\n".join(info.value.problems)
+    assert "model.tokenizer: Input should be a valid string (got 123)" in joined
+    assert "databricks.token:" in joined and "987654321" not in joined

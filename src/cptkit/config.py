@@ -422,8 +422,13 @@ def _fill_from_env(data: dict[str, Any], env_file: Path) -> None:
             section[key] = os.environ[var]
 
 
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "credential", "credentials"}
+
+
 def _is_secret_key(key: str) -> bool:
-    return any(word in key.lower() for word in ("token", "secret", "password", "storage_options"))
+    """Whole words only: `databricks.token` is secret, `model.tokenizer` is not."""
+    parts = key.lower().split(".")
+    return "storage_options" in parts or any(w in _SECRET_WORDS for p in parts for w in p.split("_"))
 
 
 def format_validation_errors(exc: ValidationError) -> list[str]:
