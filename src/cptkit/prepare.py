@@ -179,7 +179,6 @@ class _Outputs:
         self.directory = directory
         self.names = [TRAIN, VAL, QUARANTINE, DROPPED] + ([TRAIN_TOKENS, VAL_TOKENS] if tokenize else [])
         self.files: dict[str, IO[str]] = {}
-        self.tmp: dict[str, Path] = {}
         self.token_writers: dict[str, pq.ParquetWriter] = {}
         self.token_buffers: dict[str, tuple[list[str], list[np.ndarray]]] = {}
 
@@ -189,7 +188,6 @@ class _Outputs:
         self._exit = contextlib.ExitStack()
         for name in self.names:
             tmp = self._exit.enter_context(atomic_path(self.directory / name))
-            self.tmp[name] = tmp
             if name.endswith(".jsonl"):
                 self.files[name] = self._exit.enter_context(tmp.open("w", encoding="utf-8"))
             else:

@@ -32,6 +32,7 @@ from cptkit.artifacts import (
     write_json_atomic,
 )
 from cptkit.checkpoints import (
+    STATE,
     TrainerState,
     clean_partial,
     list_checkpoints,
@@ -391,7 +392,7 @@ def _resume_state(ckpt_root: Path, fingerprint: str, force: bool) -> tuple[Train
     if not found or force:
         return TrainerState(fingerprint=fingerprint), None
     latest = found[-1]
-    state = read_json(latest / "trainer_state.json") or {}
+    state = read_json(latest / STATE) or {}
     if state.get("fingerprint") != fingerprint:
         console.print(f"train: {ckpt_root} holds checkpoints of a different configuration; starting a new run")
         return TrainerState(fingerprint=fingerprint), None
