@@ -3,6 +3,7 @@ errors into one clear line and a non-zero exit (tracebacks only with --debug).""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -132,6 +133,64 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False
 
 
 @app.command()
+def evaluate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model", help="Base model: hub id, local folder, .gguf or smollm2-135m (default: model.name)."
+        ),
+    ] = None,
+    cpt_model: Annotated[
+        Path | None, typer.Option("--cpt-model", help="The trained model folder (default: output_dir).")
+    ] = None,
+    domain_data: Annotated[
+        str | None, typer.Option("--domain-data", help="Domain set: a JSONL or Parquet file, a Delta table folder.")
+    ] = None,
+    general_data: Annotated[
+        str | None, typer.Option("--general-data", help="General held-out set: JSONL, Parquet or a Delta table.")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Also write the results JSON here.")] = None,
+    context_length: Annotated[int | None, typer.Option("--context-length", help="Tokens per window.")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", help="Tokens a window advances.")] = None,
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval).")
+    ] = None,
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Base vs adapted model: perplexity, bits per byte and drift on domain and general text, generations,
+    and a report (report.md, report.html) with the verdict against the config's thresholds."""
+    from cptkit.evaluate import evaluate as run_evaluate
+
+    def go() -> None:
+        from cptkit.evaluate import source_for_path, trained_base_model
+
+        overrides = list(set_ or [])
+        if cpt_model is not None:
+            overrides.append(f"output_dir={json.dumps(str(cpt_model))}")
+        base = base_model
+        if base is None and cpt_model is not None and config is None:
+            base = trained_base_model(cpt_model)
+        if base is not None:
+            overrides.append(f"model.name={json.dumps(base)}")
+        for key, path in (("domain", domain_data), ("general", general_data)):
+            if path is not None:
+                overrides.append(f"evaluate.{key}={json.dumps(source_for_path(path).model_dump(mode='json'))}")
+        for key, value in (("context_length", context_length), ("stride", stride)):
+            if value is not None:
+                overrides.append(f"evaluate.{key}={value}")
+        if tasks is not None:
+            names = [t.strip() for t in tasks.split(",") if t.strip()]
+            overrides.append(f"evaluate.tasks={json.dumps(names)}")
+        cfg = _load(config, overrides)
+        print_evaluate(run_evaluate(cfg, force=force, output=output))
+
+    _run(debug, go)
+
+
+@app.command()
 def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo config.")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
@@ -220,6 +279,21 @@ def print_train(result: Any) -> None:
     )
     if s.get("stopped_reason"):
         console.print(f"train: {s['stopped_reason']}", style="yellow", highlight=False)
+
+
+def print_evaluate(result: Any) -> None:
+    from cptkit.report import REPORT_HTML, headline
+
+    if result.skipped:
+        console.print(f"evaluate: up to date, skipped ({result.directory}/manifest.json matches)")
+    if result.results is None:
+        return
+    style = "green" if result.results["verdict"]["passed"] else "yellow"
+    console.print(f"evaluate: {headline(result.results)}", style=style, highlight=False, markup=False)
+    tasks = result.results.get("tasks") or {}
+    if tasks.get("status") == "not_run":
+        console.print(f"evaluate: benchmarks not run: {tasks['reason']}", style="yellow", markup=False)
+    console.print(f"evaluate: report {result.directory / REPORT_HTML}", highlight=False, markup=False)
 
 
 def _version(value: bool) -> None:

@@ -309,6 +309,86 @@ class TrackingConfig(Section):
     log_system_metrics: bool = Field(True, description="CPU, memory and GPU metrics during training.")
 
 
+class GenerationConfig(Section):
+    """Completions of fixed prompts by the base and the adapted model, shown side by side in the report."""
+
+    domain_prompts: list[str] = Field(
+        default_factory=list, description="Prompts from your domain (e.g. the start of a typical document)."
+    )
+    general_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "The capital of France is",
+            "Water boils at a temperature of",
+            "Once upon a time, in a small village,",
+        ],
+        description="General prompts that show what the adapted model kept.",
+    )
+    max_new_tokens: int = Field(48, ge=0, description="Tokens generated per prompt; 0 skips generations.")
+    greedy: bool = Field(True, description="Greedy decoding; false samples with temperature and top_p.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (when greedy is false).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (when greedy is false).")
+    seed: int = Field(0, description="Seed of sampling, the same for both models.")
+
+
+class EvaluateConfig(Section):
+    """Base vs adapted model on each evaluation set (perplexity, bits per byte, drift); the verdict's thresholds.
+
+    Also optional lm-evaluation-harness tasks and side-by-side generations."""
+
+    domain: SourceConfig | None = Field(
+        None, description="Domain evaluation set; default the domain validation split (data.output_dir/val.jsonl)."
+    )
+    general: SourceConfig | None = Field(
+        None,
+        description="General held-out set; default the replay validation split (data.output_dir/replay/val.jsonl) "
+        "when data.replay is set.",
+    )
+    sets: dict[str, SourceConfig] = Field(
+        default_factory=dict, description="Further named held-out sets (name -> source), e.g. news."
+    )
+    max_documents: int | None = Field(
+        None, gt=0, description="Documents read from each set (the first ones); null for all."
+    )
+    context_length: int | None = Field(
+        None, gt=1, description="Tokens per scoring window; default training.max_seq_length."
+    )
+    stride: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens a window advances; each token is scored once, with at least context_length - stride "
+        "tokens of context where the document has them. Default half the context length.",
+    )
+    batch_size: int = Field(8, gt=0, description="Windows per forward pass (across documents).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Compute precision; bf16 is faster on hardware with bf16 but not exact."
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on both models (needs pip install lm-eval and the task data).",
+    )
+    task_limit: int | None = Field(None, gt=0, description="Examples per lm-evaluation-harness task; null for all.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    min_adaptation: float | None = Field(
+        0.05, description="Verdict: the domain perplexity must fall by at least this share; null disables the check."
+    )
+    max_forgetting: float | None = Field(
+        0.05,
+        description="Verdict: no held-out set's perplexity may rise by more than this share; null disables it.",
+    )
+    max_drift_kl: float | None = Field(
+        None, ge=0, description="Verdict: highest mean KL(base || adapted) on the general set, in nats; null disables."
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> EvaluateConfig:
+        if self.context_length is not None and self.stride is not None and self.stride > self.context_length:
+            raise ValueError(f"stride ({self.stride}) may not exceed context_length ({self.context_length})")
+        reserved = {"domain", "general"} & set(self.sets)
+        if reserved:
+            raise ValueError(f"sets may not use the names {sorted(reserved)}: set evaluate.domain / evaluate.general")
+        return self
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -317,6 +397,7 @@ class Config(Section):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     output_dir: Path = Field(Path("outputs/cpt_model"), description="Where train writes the adapted model.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     databricks: DatabricksConfig = Field(default_factory=DatabricksConfig)
 
 
