@@ -4,6 +4,7 @@ CLI's errors."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import make_doc
+from conftest import make_doc, write_config, write_jsonl
 from cptkit.evaluate import (
     SetScore,
     adapter_disabled,
@@ -256,3 +257,191 @@ def test_drift_is_zero_for_identical_models(tiny_model_dir: Path, tmp_path: Path
     _, drift = score([adapter_disabled(fresh), fixed(fresh)], docs, 32, 16, 4, drift=True)
     assert drift is not None
     assert drift.as_dict()["kl"] == pytest.approx(0.0, abs=1e-9) and drift.as_dict()["top1_agreement"] == 1.0
+
+
+# ---------------------------------------------------------------- the stage and the CLI
+
+
+def trained_run(tmp_path: Path, model_dir: Path, **evaluate: Any) -> Path:
+    """A tiny prepared domain + replay corpus, a LoRA run trained on it, and a config that evaluates it
+    (with the news set as a further held-out set)."""
+    from cptkit.config import load_config
+    from cptkit.datasets import datasets
+    from cptkit.extract import extract
+    from cptkit.prepare import prepare
+    from cptkit.train import train
+
+    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": make_doc(i)} for i in range(50)])
+    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": make_doc(1000 + i)} for i in range(30)])
+    write_jsonl(tmp_path / "news.jsonl", [{"text": make_doc(2000 + i)} for i in range(4)])
+    cfg_path = write_config(
+        tmp_path / "cfg.yaml",
+        {
+            "model": {"name": str(model_dir)},
+            "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
+            "data": {
+                "output_dir": "data",
+                "replay_ratio": 0.25,
+                "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"},
+            },
+            "prepare": {"split": {"val_ratio": 0.2}},
+            "output_dir": "outputs/cpt_model",
+            "training": {
+                "method": "lora",
+                "learning_rate": 2e-3,
+                "max_steps": 6,
+                "max_seq_length": 64,
+                "micro_batch_size": 4,
+                "eval_steps": 3,
+                "warmup_steps": 1,
+                "precision": "fp32",
+                "eval_max_sequences": 4,
+            },
+            "tracking": {"tracking_uri": "sqlite:///mlflow.db", "log_system_metrics": False},
+            "evaluate": {
+                "context_length": 48,
+                "stride": 16,
+                "sets": {"news": {"type": "jsonl", "path": "news.jsonl"}},
+                "generation": {"max_new_tokens": 6, "domain_prompts": ["Document number 3 describes"]},
+                **evaluate,
+            },
+        },
+    )
+    config = load_config(cfg_path)
+    for dataset in datasets(config):
+        extract(dataset)
+        prepare(config, dataset)
+    train(config)
+    return cfg_path
+
+
+def one_line_error(result: Any, exit_code: int = 1) -> str:
+    """The one error message (rich wraps long lines at 80 columns when the output is not a terminal)."""
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output, result.output
+    assert result.output.count("error:") == 1, result.output
+    return " ".join(result.output.split())
+
+
+def test_evaluate_writes_results_report_and_logs_to_the_training_run(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any
+) -> None:
+    cfg = trained_run(tmp_path, tiny_model_dir, min_adaptation=0.0, max_forgetting=10.0, max_drift_kl=100.0)
+    result = cli("evaluate", "-c", str(cfg), "--output", "eval.json")
+    assert result.exit_code == 0, result.output
+    out = Path("outputs/cpt_model/evaluation")
+    results = json.loads((out / "results.json").read_text())
+    assert json.loads(Path("eval.json").read_text()) == results
+    assert set(results["base"]) == set(results["cpt"]) == {"domain", "general", "news"}
+    for model in ("base", "cpt"):
+        for s in results[model].values():
+            assert {"perplexity", "bits_per_byte", "tokens", "bytes"} <= set(s)
+            assert s["perplexity"] == pytest.approx(math.exp(s["nll"] / s["tokens"]))
+    domain_val = [json.loads(line)["text"] for line in Path("data/val.jsonl").read_text().splitlines()]
+    assert results["cpt"]["domain"]["bytes"] == sum(len(t.encode()) for t in domain_val)
+    base_ppl, cpt_ppl = results["base"]["domain"]["perplexity"], results["cpt"]["domain"]["perplexity"]
+    assert results["adaptation"] == pytest.approx((base_ppl - cpt_ppl) / base_ppl)
+    assert results["adaptation"] > 0  # six steps at a high learning rate do learn the domain
+    news = results["forgetting_by_set"]["news"]
+    assert news == pytest.approx(results["cpt"]["news"]["perplexity"] / results["base"]["news"]["perplexity"] - 1)
+    assert results["forgetting"] == max(results["forgetting_by_set"].values())
+    assert results["drift_kl"] == results["drift"]["general"]["kl"] > 0
+    assert 0 <= results["top1_agreement"] <= 1
+    assert results["verdict"]["passed"] is True
+    assert [g["kind"] for g in results["generations"]] == ["domain", "general", "general", "general"]
+    assert results["tasks"]["status"] == "not_requested"
+    assert results["training"]["steps"] == 6 and results["data"]["domain"]["documents_in"] == 50
+
+    md = (out / "report.md").read_text()
+    assert md.splitlines()[2].startswith("**PASSED: domain perplexity -")
+    html = (out / "report.html").read_text()
+    assert "PASSED" in html and html.count("data:image/png;base64,") == 2
+    assert "Document number 3 describes" in html
+    assert "evaluate: PASSED" in result.output and "report.html" in result.output
+
+    from mlflow.tracking import MlflowClient
+
+    summary = json.loads(Path("outputs/cpt_model/training_summary.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path('mlflow.db').resolve()}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["eval/adaptation"] == pytest.approx(results["adaptation"])
+    assert run.data.metrics["eval/news/cpt_perplexity"] == pytest.approx(results["cpt"]["news"]["perplexity"])
+    assert "train/loss" in run.data.metrics  # the same run as training
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/results.json", "evaluation/report.html", "evaluation/report.md"} <= logged
+
+    again = cli("evaluate", "-c", str(cfg))
+    assert "evaluate: up to date, skipped" in again.output
+    stricter = cli("evaluate", "-c", str(cfg), "--set", "evaluate.min_adaptation=0.99")
+    assert stricter.exit_code == 0  # a failed verdict is a result, not an error; register enforces it
+    assert "evaluate: FAILED" in stricter.output
+    failed = json.loads((out / "results.json").read_text())["verdict"]
+    assert failed["passed"] is False
+    assert [c["passed"] for c in failed["checks"] if c["name"] == "adaptation"] == [False]
+
+
+def test_evaluate_with_the_seed_flags_and_no_config(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    trained_run(tmp_path, tiny_model_dir)
+    write_jsonl(tmp_path / "mine.jsonl", [{"text": make_doc(3000 + i)} for i in range(3)])
+    result = cli(
+        "evaluate",
+        "--cpt-model",
+        "outputs/cpt_model",
+        "--domain-data",
+        "mine.jsonl",
+        "--general-data",
+        "news.jsonl",
+        "--context-length",
+        "32",
+        "--stride",
+        "32",
+        "-o",
+        "seed.json",
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads(Path("seed.json").read_text())
+    assert results["base_model"] == str(tiny_model_dir)  # read from the trained folder
+    assert results["settings"]["context_length"] == 32 and results["settings"]["stride"] == 32
+    assert results["sets"]["domain"]["documents"] == 3
+    assert set(results["cpt"]) == {"domain", "general"}
+
+
+def test_evaluate_reports_missing_benchmarks_plainly(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    cfg = trained_run(tmp_path, tiny_model_dir)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    result = cli("evaluate", "-c", str(cfg), "--tasks", "arc_easy,hellaswag")
+    assert result.exit_code == 0, result.output
+    tasks = json.loads(Path("outputs/cpt_model/evaluation/results.json").read_text())["tasks"]
+    assert tasks == {
+        "status": "not_run",
+        "tasks": ["arc_easy", "hellaswag"],
+        "reason": "lm-evaluation-harness is not installed (pip install lm-eval)",
+    }
+    assert (
+        "were NOT run: lm-evaluation-harness is not installed"
+        in Path("outputs/cpt_model/evaluation/report.md").read_text()
+    )
+    assert "benchmarks not run" in result.output
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    write_jsonl(tmp_path / "d.jsonl", [{"text": make_doc(1)}])
+    line = one_line_error(
+        cli("evaluate", "--base-model", str(tiny_model_dir), "--cpt-model", "nowhere", "--domain-data", "d.jsonl")
+    )
+    assert line.startswith("error: nowhere: no such folder")
+    line = one_line_error(cli("evaluate", "--base-model", str(tiny_model_dir), "--domain-data", "missing.jsonl"))
+    assert line == "error: missing.jsonl: no such file or folder"
+    line = one_line_error(cli("evaluate", "--domain-data", "d.jsonl", "--context-length", "8", "--stride", "9"), 2)
+    assert line == "config error: evaluate: Value error, stride 9 exceeds context_length 8"
+    Path("outputs/cpt_model").mkdir(parents=True)
+    line = one_line_error(cli("evaluate", "--base-model", str(tiny_model_dir)))
+    assert line.startswith("error: no domain evaluation set")
+    line = one_line_error(cli("evaluate", "--base-model", str(tiny_model_dir), "--domain-data", "d.jsonl"))
+    assert line.startswith("error: outputs/cpt_model: no trained model there")

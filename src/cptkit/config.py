@@ -382,7 +382,7 @@ class EvaluateConfig(Section):
     @model_validator(mode="after")
     def _window(self) -> EvaluateConfig:
         if self.context_length is not None and self.stride is not None and self.stride > self.context_length:
-            raise ValueError(f"stride ({self.stride}) may not exceed context_length ({self.context_length})")
+            raise ValueError(f"stride {self.stride} exceeds context_length {self.context_length}")
         reserved = {"domain", "general"} & set(self.sets)
         if reserved:
             raise ValueError(f"sets may not use the names {sorted(reserved)}: set evaluate.domain / evaluate.general")

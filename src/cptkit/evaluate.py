@@ -528,11 +528,12 @@ def generate(pair: ModelPair, gc: GenerationConfig, device: Any) -> list[dict[st
                 top_k=None,
                 pad_token_id=tok.prefix_id if tok.prefix_id is not None else tok.tokenizer.eos_token_id,
                 eos_token_id=tok.tokenizer.eos_token_id,
+                use_cache=True,  # loading turned the model's cache off (packed training needs that)
             )
             torch.manual_seed(gc.seed)
             with torch.inference_mode(), runner() as model:
                 generated = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings, use_cache=True
+                    input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings
                 )
             row[name] = tok.tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
         out.append(row)
