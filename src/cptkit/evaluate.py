@@ -324,12 +324,14 @@ def score(
             logprobs: list[Any] = []
             for runner, sums in zip(runners, scores, strict=True):
                 with runner() as model:
-                    logits = _scored_logits(model, ids, mask)
-                lp = F.log_softmax(logits.float(), dim=-1)
-                sums.nll -= float(lp.gather(-1, targets[:, None]).sum(dtype=torch.float64))
-                sums.tokens += int(targets.numel())
-                if drift and len(logprobs) < 2:
+                    logits = _scored_logits(model, ids, mask).float()
+                if drift and len(logprobs) < 2:  # the full distributions are needed for the KL
+                    lp = F.log_softmax(logits, dim=-1)
+                    sums.nll -= float(lp.gather(-1, targets[:, None]).sum(dtype=torch.float64))
                     logprobs.append(lp)
+                else:
+                    sums.nll += float(F.cross_entropy(logits, targets, reduction="sum"))
+                sums.tokens += int(targets.numel())
                 del logits
             if result_drift is not None:
                 base, adapted = logprobs

@@ -358,7 +358,7 @@ def metrics_chart(results: dict[str, Any]) -> bytes:
     left.set_xticks(list(xs), names)
     left.set_ylabel("perplexity (lower is better)")
     left.set_title("Perplexity by evaluation set")
-    left.legend()
+    left.legend(loc="lower right")
     colors = ["#34a853" if c <= 0 else "#d93025" for c in change]
     right.bar(list(xs), change, color=colors)
     right.axhline(0, color="#444", linewidth=0.8)
