@@ -38,12 +38,12 @@ def test_pack_restarts_positions_per_document_and_masks_first_tokens() -> None:
 
 def test_plan_without_replay_is_a_seeded_permutation() -> None:
     d = docs(*([5] * 20))
-    a = plan_epoch(d, None, 0.0, seed=3, epoch=0)
-    assert sorted(i for _, i in a.order) == list(range(20))
-    assert a.order == plan_epoch(d, None, 0.0, seed=3, epoch=0).order
-    assert a.order != plan_epoch(d, None, 0.0, seed=3, epoch=1).order
-    assert a.order != plan_epoch(d, None, 0.0, seed=4, epoch=0).order
-    assert a.replay_share == 0
+    a = plan_epoch(d, None, 0.0, seed=3, epoch=0, seq_len=16)
+    assert sorted(a.domain_order.tolist()) == list(range(20))
+    assert a.domain_order.tolist() == plan_epoch(d, None, 0.0, seed=3, epoch=0, seq_len=16).domain_order.tolist()
+    assert a.domain_order.tolist() != plan_epoch(d, None, 0.0, seed=3, epoch=1, seq_len=16).domain_order.tolist()
+    assert a.domain_order.tolist() != plan_epoch(d, None, 0.0, seed=4, epoch=0, seq_len=16).domain_order.tolist()
+    assert a.replay_blocks == 0 and len(a.replay_order) == 0
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5])
@@ -51,23 +51,42 @@ def test_replay_share_of_tokens_matches_the_ratio(ratio: float) -> None:
     rng = np.random.default_rng(0)
     domain = docs(*rng.integers(50, 400, size=200).tolist())
     replay = docs(*rng.integers(50, 400, size=150).tolist(), start=5000)
-    plan = plan_epoch(domain, replay, ratio, seed=1, epoch=0)
-    assert plan.replay_share == pytest.approx(ratio, abs=0.01)
-    assert sorted(i for r, i in plan.order if not r) == list(range(200))  # every domain doc once
+    plan = plan_epoch(domain, replay, ratio, seed=1, epoch=0, seq_len=256)
+    blocks = pack(plan, domain, replay, separator=1, seq_len=256)
+    assert blocks.replay_share == pytest.approx(ratio, abs=0.01)
+    # Every domain token is trained on exactly once per epoch.
+    domain_tokens = blocks.tokens[~blocks.replay & blocks.real]
+    assert sorted(t for t in domain_tokens.tolist() if t != 1) == sorted(domain.values.tolist())
     # Interleaved, not appended: the replay share of each quarter of the epoch is near the ratio too.
-    blocks = pack(plan, domain, replay, separator=1, seq_len=256, pad=1)
     quarter = len(blocks.tokens) // 4
-    for q in range(3):
+    for q in range(4):
         sl = slice(q * quarter, (q + 1) * quarter)
-        assert blocks.replay[sl].mean() == pytest.approx(ratio, abs=0.05)
+        assert blocks.replay[sl].mean() == pytest.approx(ratio, abs=0.02)
+
+
+def test_long_replay_documents_do_not_bunch_up() -> None:
+    """Replay articles many blocks long (Wikipedia) must not fill the first steps of a run: every
+    stretch of ten blocks holds the configured share, to within a block."""
+    domain = docs(*([300] * 100))
+    replay = docs(*([5000] * 10), start=90_000)
+    plan = plan_epoch(domain, replay, 0.2, seed=0, epoch=0, seq_len=256)
+    blocks = pack(plan, domain, replay, separator=1, seq_len=256)
+    per_block = blocks.replay.reshape(-1, 256)[:, 0]
+    for start in range(0, len(per_block) - 10, 10):
+        assert 1 <= per_block[start : start + 10].sum() <= 3
 
 
 def test_replay_repeats_only_when_the_replay_set_is_too_small() -> None:
     domain = docs(*([100] * 50))
     small = docs(*([100] * 3), start=9000)
-    plan = plan_epoch(domain, small, 0.5, seed=0, epoch=0)
-    replay_docs = [i for r, i in plan.order if r]
-    assert len(replay_docs) == 50 and plan.replay_share == pytest.approx(0.5, abs=0.01)
+    plan = plan_epoch(domain, small, 0.5, seed=0, epoch=0, seq_len=64)
+    blocks = pack(plan, domain, small, separator=1, seq_len=64)
+    assert blocks.replay_share == pytest.approx(0.5, abs=0.01)
+    # 79 domain blocks call for 79 replay blocks: 51 documents of 101 tokens (with the separator).
+    assert plan.replay_blocks == 79 and len(plan.replay_order) == 51
+    big = docs(*([100] * 80), start=9000)
+    plan = plan_epoch(domain, big, 0.5, seed=0, epoch=0, seq_len=64)
+    assert len(set(plan.replay_order.tolist())) == len(plan.replay_order)  # no repeats when not needed
 
 
 def test_block_stream_crosses_epochs_deterministically() -> None:

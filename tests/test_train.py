@@ -24,10 +24,15 @@ from cptkit.prepare import prepare
 CPTKIT = [sys.executable, "-m", "cptkit"]
 
 
-def setup_run(tmp_path: Path, model_dir: Path, **training: Any) -> Path:
+def setup_run(
+    tmp_path: Path, model_dir: Path, replay_ratio: float = 0.25, general_unlike_domain: bool = False, **training: Any
+) -> Path:
     """A prepared domain + replay corpus and a config that trains the tiny model on it."""
     write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": make_doc(i)} for i in range(60)])
-    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": make_doc(1000 + i)} for i in range(40)])
+    general = [make_doc(1000 + i) for i in range(40)]
+    if general_unlike_domain:  # the same words in reverse order: what domain training makes worse
+        general = [" ".join(reversed(text.split())) for text in general]
+    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": text} for i, text in enumerate(general)])
     settings = {
         "method": "lora",
         "learning_rate": 1e-3,
@@ -49,7 +54,7 @@ def setup_run(tmp_path: Path, model_dir: Path, **training: Any) -> Path:
             "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
             "data": {
                 "output_dir": "data",
-                "replay_ratio": 0.25,
+                "replay_ratio": replay_ratio,
                 "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"},
             },
             "prepare": {"split": {"val_ratio": 0.2}},
@@ -164,7 +169,14 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path: Path, ti
 
 def test_forgetting_monitor_stops_and_keeps_the_best_within_budget(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
     cfg = setup_run(
-        tmp_path, tiny_model_dir, learning_rate=5e-2, max_steps=12, eval_steps=2, max_general_loss_increase=1e-4
+        tmp_path,
+        tiny_model_dir,
+        replay_ratio=0.0,
+        general_unlike_domain=True,
+        learning_rate=5e-2,
+        max_steps=12,
+        eval_steps=2,
+        max_general_loss_increase=1e-4,
     )
     result = cli("train", "-c", str(cfg))
     assert result.exit_code == 0, result.output

@@ -37,7 +37,8 @@ class TrainerState:
     stopped_reason: str | None = None
     run_id: str | None = None
     fingerprint: str = ""
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the training loop's wall time, evaluations included
+    eval_seconds: float = 0.0  # of which spent on validation losses
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:

@@ -1,7 +1,8 @@
-"""Training sequences: documents mixed with replay text at a token ratio, packed into fixed-length blocks.
+"""Training sequences: documents packed into fixed-length blocks, with replay blocks mixed in at a ratio.
 
 Each document is followed by a separator (end-of-text) token and the stream is cut every
-`seq_len` tokens, so almost no position is padding. Position ids restart at every document start and
+`seq_len` tokens, so almost no position is padding. Replay text is packed the same way in its own
+stream and its blocks are spread evenly among the domain blocks. Position ids restart at every document start and
 at every block start; with no attention mask, transformers' SDPA path then keeps attention inside each
 document. The first token of each document gets no label: predicting it from the previous document
 would teach the model a transition that does not exist.
@@ -51,57 +52,37 @@ class TokenDocs:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """The documents of one epoch in training order: (is_replay, index) pairs."""
+    """The documents of one epoch in training order: every domain document once, and the replay
+    documents that fill `replay_blocks` blocks."""
 
-    order: list[tuple[bool, int]]
-    domain_tokens: int
-    replay_tokens: int
-
-    @property
-    def replay_share(self) -> float:
-        total = self.domain_tokens + self.replay_tokens
-        return self.replay_tokens / total if total else 0.0
+    domain_order: np.ndarray
+    replay_order: np.ndarray
+    replay_blocks: int
 
 
-def plan_epoch(domain: TokenDocs, replay: TokenDocs | None, replay_ratio: float, seed: int, epoch: int) -> EpochPlan:
-    """Shuffle the domain documents for this epoch and interleave replay documents so that replay makes
-    up `replay_ratio` of the epoch's tokens (to within one document)."""
-    rng = np.random.default_rng([seed, epoch, 0])
-    domain_order = rng.permutation(len(domain))
+def plan_epoch(
+    domain: TokenDocs, replay: TokenDocs | None, replay_ratio: float, seed: int, epoch: int, seq_len: int
+) -> EpochPlan:
+    """Shuffle the domain documents for this epoch and pick enough replay documents (fresh permutations
+    of the replay set, repeated only when it is too small) for replay to make up `replay_ratio` of the
+    epoch's blocks."""
+    domain_order = np.random.default_rng([seed, epoch, 0]).permutation(len(domain))
+    empty = np.zeros(0, dtype=np.int64)
     if replay is None or replay_ratio <= 0 or len(replay) == 0:
-        return EpochPlan([(False, int(i)) for i in domain_order], domain.total_tokens, 0)
-
-    dlen, rlen = domain.lengths + 1, replay.lengths + 1  # + separator
-    target_replay = dlen.sum() * replay_ratio / (1 - replay_ratio)
-    # Replay documents come from fresh permutations of the replay set, repeated only when needed.
-    replay_stream: list[int] = []
-    taken = 0.0
-    round_ = 0
-    while taken < target_replay:
-        for i in np.random.default_rng([seed, epoch, 1, round_]).permutation(len(replay)):
-            if taken >= target_replay:
-                break
-            replay_stream.append(int(i))
-            taken += rlen[i]
+        return EpochPlan(domain_order, empty, 0)
+    domain_blocks = -(-(domain.total_tokens + len(domain)) // seq_len)  # + one separator per document
+    replay_blocks = round(domain_blocks * replay_ratio / (1 - replay_ratio))
+    needed = replay_blocks * seq_len
+    lengths = replay.lengths + 1
+    orders, taken, round_ = [], 0, 0
+    while taken < needed:
+        order = np.random.default_rng([seed, epoch, 1, round_]).permutation(len(replay))
+        cum = np.cumsum(lengths[order])
+        cut = int(np.searchsorted(cum, needed - taken)) + 1  # the documents that reach `needed`
+        orders.append(order[:cut])
+        taken += int(cum[min(cut, len(cum)) - 1])
         round_ += 1
-
-    order: list[tuple[bool, int]] = []
-    d_tok = r_tok = 0
-    ratio = replay_ratio / (1 - replay_ratio)
-    di = ri = 0
-    while di < len(domain_order) or ri < len(replay_stream):
-        take_replay = ri < len(replay_stream) and (di >= len(domain_order) or r_tok < ratio * d_tok)
-        if take_replay:
-            idx = replay_stream[ri]
-            order.append((True, idx))
-            r_tok += int(rlen[idx])
-            ri += 1
-        else:
-            idx = int(domain_order[di])
-            order.append((False, idx))
-            d_tok += int(dlen[idx])
-            di += 1
-    return EpochPlan(order, d_tok, r_tok)
+    return EpochPlan(domain_order, np.concatenate(orders) if orders else empty, replay_blocks)
 
 
 @dataclass(frozen=True)
@@ -144,36 +125,64 @@ class Blocks:
         return self.real_tokens / max(len(self.tokens), 1)
 
 
-def pack(
-    plan: EpochPlan, domain: TokenDocs, replay: TokenDocs | None, separator: int, seq_len: int, pad: int
-) -> Blocks:
+def _stream(docs: TokenDocs, order: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documents in `order`, each followed by the separator, and a mask of document starts."""
+    if len(order) == 0:
+        return np.zeros(0, np.int32), np.zeros(0, bool)
     pieces: list[np.ndarray] = []
-    is_replay: list[np.ndarray] = []
     sep = np.asarray([separator], dtype=np.int32)
-    for from_replay, idx in plan.order:
-        docs = replay if from_replay and replay is not None else domain
-        doc = docs.doc(idx)
-        pieces.append(doc)
+    for idx in order:
+        pieces.append(docs.doc(int(idx)))
         pieces.append(sep)
-        is_replay.append(np.full(len(doc) + 1, from_replay))
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    replay_mask = np.concatenate(is_replay) if is_replay else np.zeros(0, bool)
+    stream = np.concatenate(pieces)
     starts = np.zeros(len(stream), dtype=bool)
-    lengths = np.asarray([len(p) for p in pieces[0::2]], dtype=np.int64) + 1
-    if len(lengths):
-        starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
-    padding = (-len(stream)) % seq_len
-    real = np.concatenate([np.ones(len(stream), bool), np.zeros(padding, bool)])
-    stream = np.concatenate([stream, np.full(padding, pad, np.int32)])
+    lengths = docs.lengths[order] + 1
+    starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
+    return stream, starts
+
+
+def pack(plan: EpochPlan, domain: TokenDocs, replay: TokenDocs | None, separator: int, seq_len: int) -> Blocks:
+    """The epoch's blocks. Domain and replay documents are packed into blocks separately and the replay
+    blocks are spread evenly among the domain blocks, so that any stretch of training (a short run, the
+    first steps) sees the configured share, however long the replay documents are. The last domain
+    block is padded with separators; the replay stream is cut at its last full block."""
+    tokens, starts = _stream(domain, plan.domain_order, separator)
+    padding = (-len(tokens)) % seq_len
+    real = np.concatenate([np.ones(len(tokens), bool), np.zeros(padding, bool)])
+    tokens = np.concatenate([tokens, np.full(padding, separator, np.int32)])
     starts = np.concatenate([starts, np.zeros(padding, bool)])
-    replay_mask = np.concatenate([replay_mask, np.zeros(padding, bool)])
-    return Blocks(stream, starts, real, replay_mask, seq_len)
+    if plan.replay_blocks == 0 or replay is None:
+        return Blocks(tokens, starts, real, np.zeros(len(tokens), bool), seq_len)
+
+    r_tokens, r_starts = _stream(replay, plan.replay_order, separator)
+    r_len = plan.replay_blocks * seq_len
+    n_domain, n_replay = len(tokens) // seq_len, plan.replay_blocks
+    total = n_domain + n_replay
+    j = np.arange(total)
+    is_replay = (j + 1) * n_replay // total > j * n_replay // total
+    by_block = np.empty(total, dtype=np.int64)  # row of each block in its own stream
+    by_block[is_replay] = np.arange(n_replay)
+    by_block[~is_replay] = np.arange(n_domain)
+
+    def interleave(d: np.ndarray, r: np.ndarray) -> np.ndarray:
+        out = np.empty((total, seq_len), dtype=d.dtype)
+        out[is_replay] = r[:r_len].reshape(n_replay, seq_len)
+        out[~is_replay] = d.reshape(n_domain, seq_len)
+        return out.reshape(-1)
+
+    return Blocks(
+        interleave(tokens, r_tokens),
+        interleave(starts, r_starts),
+        interleave(real, np.ones(r_len, bool)),
+        np.repeat(is_replay, seq_len),
+        seq_len,
+    )
 
 
 def sequence_blocks(docs: TokenDocs, separator: int, seq_len: int) -> Blocks:
     """Evaluation blocks: the documents in their stored order, packed the same way."""
-    plan = EpochPlan([(False, i) for i in range(len(docs))], docs.total_tokens, 0)
-    return pack(plan, docs, None, separator, seq_len, separator)
+    plan = EpochPlan(np.arange(len(docs)), np.zeros(0, dtype=np.int64), 0)
+    return pack(plan, docs, None, separator, seq_len)
 
 
 class BlockStream:
@@ -198,8 +207,8 @@ class BlockStream:
         self.plan: EpochPlan | None = None
 
     def epoch_blocks(self, epoch: int) -> Blocks:
-        plan = plan_epoch(self.domain, self.replay, self.replay_ratio, self.seed, epoch)
-        return pack(plan, self.domain, self.replay, self.separator, self.seq_len, self.separator)
+        plan = plan_epoch(self.domain, self.replay, self.replay_ratio, self.seed, epoch, self.seq_len)
+        return pack(plan, self.domain, self.replay, self.separator, self.seq_len)
 
     def blocks_per_epoch(self) -> int:
         return len(self.epoch_blocks(0))
@@ -216,8 +225,8 @@ class BlockStream:
         return self._epoch, self._blocks, index - self._first
 
     def _build(self, epoch: int) -> Blocks:
-        self.plan = plan_epoch(self.domain, self.replay, self.replay_ratio, self.seed, epoch)
-        return pack(self.plan, self.domain, self.replay, self.separator, self.seq_len, self.separator)
+        self.plan = plan_epoch(self.domain, self.replay, self.replay_ratio, self.seed, epoch, self.seq_len)
+        return pack(self.plan, self.domain, self.replay, self.separator, self.seq_len)
 
     def batch(self, start: int, count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]:
         """Blocks start..start+count-1 as (input_ids, position_ids, labels, real, replay tokens)."""

@@ -151,25 +151,6 @@ def resolve_precision(training: TrainingConfig, device: Any) -> str:
     return "bf16" if uses_bf16(training, device) else "no"
 
 
-# ---------------------------------------------------------------- loss
-
-
-def loss_sum(model: Any, input_ids: Any, position_ids: Any, labels: Any) -> tuple[Any, int]:
-    """Sum of next-token losses over labelled positions, and their count. No attention mask: the
-    restarting position ids keep attention inside each packed document."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-    targets = labels[:, 1:]
-    total = F.cross_entropy(
-        logits[:, :-1, :].float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return total, int((targets != -100).sum())
-
-
 def _tensors(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: Any) -> tuple[Any, Any, Any]:
     import torch
 
@@ -178,7 +159,7 @@ def _tensors(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: Any)
 
 
 def eval_loss(model: Any, blocks: Blocks, max_sequences: int | None, batch_size: int, device: Any) -> float:
-    """Mean next-token loss over the first `max_sequences` blocks."""
+    """Mean next-token loss over the first `max_sequences` blocks; `model` is a CausalLMLoss."""
     import torch
 
     n = len(blocks) if max_sequences is None else min(len(blocks), max_sequences)
@@ -188,9 +169,9 @@ def eval_loss(model: Any, blocks: Blocks, max_sequences: int | None, batch_size:
     with torch.no_grad():
         for start in range(0, n, batch_size):
             rows = [blocks.block(i) for i in range(start, min(start + batch_size, n))]
-            s, c = loss_sum(model, *_tensors(rows, device))
+            s, c = model(*_tensors(rows, device))
             total += float(s)
-            count += c
+            count += int(c)
     if was_training:
         model.train()
     return total / max(count, 1)
@@ -235,12 +216,13 @@ def train(
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=resolve_precision(tc, device), cpu=device.type == "cpu")
+    from cptkit.loss import CausalLMLoss
     from cptkit.models import load_for_training, resolve_model
 
     model_dir = resolve_model(config.model.name)
     torch.manual_seed(tc.seed)
     loaded = load_for_training(model_dir, tc, accelerator.device)
-    model = loaded.model
+    model = CausalLMLoss(loaded.model)
     optimizer = torch.optim.AdamW(loaded.param_groups, lr=tc.learning_rate, weight_decay=tc.weight_decay)
 
     stream = BlockStream(
@@ -253,7 +235,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, tc))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    trainable = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
     if resume_from is not None:
         state, weights, optim_state, rng = load_checkpoint(resume_from)
         _load_trainable(trainable, weights)
@@ -315,7 +297,7 @@ def train(
                 sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
                 with sync:
                     ids, pos, labels = _tensors([(r[0], r[1], r[2]) for r in group], accelerator.device)
-                    total, _ = loss_sum(model, ids, pos, labels)
+                    total, _ = model(ids, pos, labels)
                     accelerator.backward(total * accelerator.num_processes / max(global_count, 1))
                     step_loss += float(total.detach())
             if tc.max_grad_norm is not None:
@@ -351,7 +333,9 @@ def train(
                 highlight=False,
             )
             if state.step % tc.eval_steps == 0 or state.step == total_steps:
+                eval_started = time.perf_counter()
                 result = evaluate(state.step)
+                state.eval_seconds += time.perf_counter() - eval_started
                 console.print(f"train: step {state.step} " + _format_eval(result))
                 if _forgetting_check(state, result, tc, trainable, ckpt_root):
                     break
@@ -376,7 +360,7 @@ def train(
         _load_trainable(trainable, load_file(str(ckpt_root / BEST)))
     summary = _summary(state, tc, epoch0, total_steps, loaded.description, accelerator.mixed_precision)
     if accelerator.is_main_process:
-        _write_outputs(config, accelerator.unwrap_model(model), model_dir, summary, fingerprint)
+        _write_outputs(config, loaded.model, model_dir, summary, fingerprint)
         if tracker is not None:
             tracker.log_dict(summary, "training_summary.json")
             tracker.log_metrics({"train/final_loss": summary["final_loss"]}, state.step)
@@ -498,8 +482,10 @@ def _summary(
         "tokens": state.tokens,
         "replay_tokens": state.replay_tokens,
         "replay_share": state.replay_tokens / max(state.tokens, 1),
-        "tokens_per_second": state.tokens / max(state.train_seconds, 1e-9),
+        # Training throughput: the loop's time less the validation passes.
+        "tokens_per_second": state.tokens / max(state.train_seconds - state.eval_seconds, 1e-9),
         "train_seconds": round(state.train_seconds, 2),
+        "eval_seconds": round(state.eval_seconds, 2),
         "final_loss": state.losses[-1] if state.losses else None,
         "losses": state.losses,
         "learning_rates": state.learning_rates,
