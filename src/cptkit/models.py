@@ -323,7 +323,7 @@ def _load_base(model_dir: Path, training: TrainingConfig, device: torch.device, 
     # Adapter methods keep the frozen base in bfloat16 where bf16 is the compute precision (the adapters
     # themselves are float32: peft upcasts them); full training keeps float32 master weights.
     dtype = torch.bfloat16 if bf16 and training.method != "full" else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention_implementation(device, dtype)}
     if training.method == "qlora":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise CptkitError("training.method qlora needs bitsandbytes: pip install bitsandbytes (or use lora)")
@@ -346,6 +346,22 @@ def _load_base(model_dir: Path, training: TrainingConfig, device: torch.device, 
     # keeps attention inside each document under SDPA only then, and with no KV cache.
     model.config.use_cache = False
     return model
+
+
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """flash-attention on a GPU where the flash-attn package is installed and weights are 16-bit: transformers
+    derives each packed document's boundaries from the restarting position ids and runs its varlen kernel,
+    so no attention is computed across documents at all. Elsewhere SDPA, with a block-diagonal mask built
+    from the same position ids."""
+    import torch
+
+    if (
+        device.type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def _no_cpu_inference_packing(model: Any) -> None:
