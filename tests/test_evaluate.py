@@ -445,3 +445,4 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_model_dir: Path, cli: Any)
     assert line.startswith("error: no domain evaluation set")
     line = one_line_error(cli("evaluate", "--base-model", str(tiny_model_dir), "--domain-data", "d.jsonl"))
     assert line.startswith("error: outputs/cpt_model: no trained model there")
+    assert not Path("mlflow.db").exists()  # a failed evaluation creates no MLflow run

@@ -608,18 +608,19 @@ def evaluate(
     started = time.perf_counter()
     sets = {name: read_set(name, source, ec.max_documents) for name, source in sources.items()}
     summary = read_json(cpt_dir / _SUMMARY)
+    results = _evaluate_sets(config, cpt_dir, sets, summary)
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    from cptkit.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RESULTS, results)
+    report_files = write_report(results, summary, out)
+    # Opened only now: a failed evaluation leaves the training's run as it was, and creates no run.
     tracker = _open_tracker(config, summary, tracker_factory)
     try:
-        results = _evaluate_sets(config, cpt_dir, sets, summary)
-        results["seconds"] = round(time.perf_counter() - started, 2)
-        from cptkit.report import write_report
-
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / RESULTS, results)
-        report_files = write_report(results, summary, out)
         _log(tracker, results, out, [RESULTS, *report_files], step=int((summary or {}).get("steps") or 0))
     finally:
-        tracker.end("FINISHED")  # the training run finished; an evaluation error must not mark it failed
+        tracker.end("FINISHED")  # the training run finished; a logging error must not mark it failed
     if output is not None:
         write_json_atomic(output, results)
     manifest = new_manifest("evaluate", config_fp, input_fp)
