@@ -31,6 +31,7 @@ def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-unty
     # The real demo config, with training cut to two tiny steps to keep the suite fast.
     small = ["training.max_steps=2", "training.eval_steps=2", "training.eval_max_sequences=2"]
     small += ["training.micro_batch_size=1", "training.gradient_accumulation_steps=1", "training.max_seq_length=128"]
+    small += ["evaluate.max_documents=3", "evaluate.stride=128", "evaluate.generation.max_new_tokens=4"]
     args = [a for item in small for a in ("--set", item)]
     result = cli("demo", "--config", config, *args)
     assert result.exit_code == 0, result.output
@@ -54,9 +55,13 @@ def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-unty
     replay = json.loads(Path("demo/data/replay/manifest.json").read_text())
     assert replay["documents_kept"] > 80  # Wikipedia articles from the gensim wheel
     assert "demo: stage times" in result.output
+    results = json.loads(Path("demo/outputs/cpt_model/evaluation/results.json").read_text())
+    assert set(results["cpt"]) == {"domain", "general", "news"}  # the demo's named set is scored too
+    assert Path("demo/outputs/cpt_model/evaluation/report.html").is_file()
 
     again = cli("demo", "--config", config, *args)
     assert "(unchanged)" in again.output
     assert "extract domain: up to date, skipped" in again.output
     assert "prepare domain: up to date, skipped" in again.output
     assert "train: up to date, skipped" in again.output
+    assert "evaluate: up to date, skipped" in again.output

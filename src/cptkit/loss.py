@@ -21,6 +21,13 @@ IGNORE = -100
 _CHUNK_VALUES = 1 << 22
 
 
+def loss_memory_bytes(rows: int, vocabulary: int) -> int:
+    """Memory the fused loss needs beyond the activations: one chunk of float32 log-probabilities and
+    its 16-bit copy for the gradient matmul."""
+    chunk_rows = min(rows, max(1, _CHUNK_VALUES // vocabulary))
+    return chunk_rows * vocabulary * (4 + 2)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over labelled rows of cross_entropy(hidden @ weight.T, target), with the backward pass
     precomputed chunk by chunk in the forward (the loss is a scalar, so the backward only scales)."""

@@ -46,7 +46,6 @@ _STALE_TEMP_SECONDS = 3600
 # 34 bytes of 16-bit activations per token and hidden unit per transformer layer, leaving out the
 # attention scores, which SDPA does not keep.
 _ACTIVATION_VALUES = 17
-_LOGIT_BYTES = 4  # logits are upcast to float32 for the loss
 _OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient and two AdamW moments
 
 
@@ -266,7 +265,7 @@ def load_for_training(model_dir: Path, training: TrainingConfig, device: torch.d
     if training.method != "full" and importlib.util.find_spec("peft") is None:
         raise CptkitError(f"training.method {training.method} needs peft: pip install peft (or use full)")
     bf16 = uses_bf16(training, device)
-    model = _load_base(model_dir, training, device, bf16)
+    model = load_base(model_dir, training, device, bf16)
     # Not peft's prepare_model_for_kbit_training: it upcasts every 16-bit weight to float32, which makes
     # the residual stream float32 and costs a cast on both sides of every 4-bit layer (a tenth of a CPU
     # step) and twice the activation memory, for stability that bf16 autocast does not need.
@@ -314,7 +313,9 @@ def uses_bf16(training: TrainingConfig, device: torch.device) -> bool:
     return False
 
 
-def _load_base(model_dir: Path, training: TrainingConfig, device: torch.device, bf16: bool) -> Any:
+def load_base(model_dir: Path, training: TrainingConfig, device: torch.device, bf16: bool) -> Any:
+    """The base model as `training.method` trains it: 4-bit NF4 for qlora, bf16 frozen weights for
+    adapters when bf16 computes, float32 otherwise; KV cache off (packed blocks need that)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -439,6 +440,8 @@ def describe(model: torch.nn.Module, training: TrainingConfig, device: torch.dev
     """Parameter counts and an estimate of the memory that training `model` this way takes."""
     import torch
 
+    from cptkit.loss import loss_memory_bytes
+
     trainable = total = saved = frozen_bytes = 0
     for param in model.parameters():
         count = _logical_numel(param)
@@ -467,7 +470,7 @@ def describe(model: torch.nn.Module, training: TrainingConfig, device: torch.dev
         weights_bytes=frozen_bytes,
         optimizer_bytes=trainable * _OPTIMIZER_BYTES,
         activation_bytes=activations,
-        logits_bytes=tokens * text.vocab_size * _LOGIT_BYTES,
+        logits_bytes=loss_memory_bytes(tokens, text.vocab_size),
     )
 
 
@@ -556,14 +559,14 @@ def load_trained(
     if training.method == "full":
         if not (trained_dir / "config.json").is_file():
             raise CptkitError(f"{trained_dir}: no full model saved there (no config.json); was it trained with lora?")
-        model = _load_base(trained_dir, training, device, bf16)
+        model = load_base(trained_dir, training, device, bf16)
         model.eval()
         return model  # type: ignore[no-any-return]
     if not (trained_dir / "adapter_config.json").is_file():
         raise CptkitError(f"{trained_dir}: no adapter saved there (no adapter_config.json); was it trained with full?")
     from peft import PeftModel
 
-    base = _load_base(model_dir_base, training, device, bf16)
+    base = load_base(model_dir_base, training, device, bf16)
     _load_embeddings(base, trained_dir / EMBEDDINGS_FILE)
     with _load_errors(trained_dir):
         model = PeftModel.from_pretrained(base, str(trained_dir), is_trainable=False)
