@@ -51,6 +51,7 @@ def _load(config: Path | None, overrides: list[str] | None) -> Config:
 def _quiet_libraries() -> None:
     """Library progress bars and INFO logs drown cptkit's own lines; --debug keeps them."""
     import logging
+    import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -58,6 +59,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("mlflow", "bitsandbytes", "accelerate", "peft", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Deprecation notices libraries raise about each other (peft calling a renamed transformers method)
+    # are for their developers, not for someone training a model.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _run(debug: bool, fn: Any, *args: Any) -> Any:
