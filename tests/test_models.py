@@ -235,7 +235,7 @@ def test_description_estimates_memory_and_prints_on_one_line(tiny_models: dict[s
     # The fused loss holds one chunk of float32 log-probabilities and a 16-bit copy; these few tokens fit
     # in one chunk.
     assert desc.logits_bytes == tokens * 400 * (4 + 2)
-    assert desc.activation_bytes == tokens * 64 * 2 * 17 * 4  # hidden x layers x values x fp32
+    assert desc.activation_bytes == tokens * 64 * 2 * 25 * 4  # hidden x layers x values x fp32
     assert desc.optimizer_bytes == 16 * desc.trainable_params
     assert desc.estimated_memory_bytes == sum(
         desc.as_dict()[k] for k in ("weights_bytes", "optimizer_bytes", "activation_bytes", "logits_bytes")

@@ -321,25 +321,37 @@ def score(
         for first in range(0, len(windows), batch_size):
             batch = windows[first : first + batch_size]
             ids, targets, mask = _batch_tensors(batch, docs, device)
-            logprobs: list[Any] = []
-            for runner, sums in zip(runners, scores, strict=True):
+            # Hidden states at the scored positions, then the LM head a chunk of positions at a time:
+            # the full next-token distributions of both models (positions x vocabulary, float32) would
+            # take gigabytes, and drift needs both at once.
+            outputs = []
+            for runner in runners:
                 with runner() as model:
-                    logits = _scored_logits(model, ids, mask).float()
-                if drift and len(logprobs) < 2:  # the full distributions are needed for the KL
-                    lp = F.log_softmax(logits, dim=-1)
-                    sums.nll -= float(lp.gather(-1, targets[:, None]).sum(dtype=torch.float64))
-                    logprobs.append(lp)
-                else:
-                    sums.nll += float(F.cross_entropy(logits, targets, reduction="sum"))
-                sums.tokens += int(targets.numel())
-                del logits
-            if result_drift is not None:
-                base, adapted = logprobs
-                kl = F.kl_div(adapted, base, log_target=True, reduction="none").sum(-1)
-                result_drift.kl += float(kl.sum(dtype=torch.float64))
-                result_drift.agree += int((base.argmax(-1) == adapted.argmax(-1)).sum())
-                result_drift.positions += int(targets.numel())
-            advance(int(targets.numel()))
+                    outputs.append(_scored_outputs(model, ids, mask))
+            n = int(targets.numel())
+            for start in range(0, n, _HEAD_CHUNK):
+                rows = slice(start, start + _HEAD_CHUNK)
+                t = targets[rows]
+                logprobs: list[Any] = []
+                for runner, sums, out in zip(runners, scores, outputs, strict=True):
+                    with runner() as model:
+                        logits = _chunk_logits(model, out, rows).float()
+                    if drift and len(logprobs) < 2:  # the full distributions are needed for the KL
+                        lp = F.log_softmax(logits, dim=-1)
+                        sums.nll -= float(lp.gather(-1, t[:, None]).sum(dtype=torch.float64))
+                        logprobs.append(lp)
+                    else:
+                        sums.nll += float(F.cross_entropy(logits, t, reduction="sum"))
+                    del logits
+                if result_drift is not None:
+                    base, adapted = logprobs
+                    kl = F.kl_div(adapted, base, log_target=True, reduction="none").sum(-1)
+                    result_drift.kl += float(kl.sum(dtype=torch.float64))
+                    result_drift.agree += int((base.argmax(-1) == adapted.argmax(-1)).sum())
+                    result_drift.positions += int(t.numel())
+            for sums in scores:
+                sums.tokens += n
+            advance(n)
     return scores, result_drift
 
 
@@ -363,6 +375,33 @@ def _batch_tensors(batch: Sequence[Window], docs: Sequence[np.ndarray], device: 
         torch.from_numpy(np.concatenate(targets)).to(device),
         torch.from_numpy(mask).to(device),
     )
+
+
+# Positions whose logits exist at once: 1024 x a 49k vocabulary is 200 MB of float32 per model.
+_HEAD_CHUNK = 1024
+
+
+def _scored_outputs(model: Any, ids: Any, mask: Any) -> tuple[str, Any]:
+    """("hidden", hidden states at the masked positions) where the model's logits are a plain linear
+    head over them (see loss.decoder_and_head), else ("logits", the logits there)."""
+    from cptkit.loss import decoder_and_head
+
+    parts = decoder_and_head(model)
+    if parts is None:
+        return "logits", _scored_logits(model, ids, mask)
+    decoder, _ = parts
+    return "hidden", decoder(input_ids=ids, use_cache=False).last_hidden_state[mask]
+
+
+def _chunk_logits(model: Any, output: tuple[str, Any], rows: slice) -> Any:
+    from cptkit.loss import decoder_and_head
+
+    kind, values = output
+    if kind == "logits":
+        return values[rows]
+    parts = decoder_and_head(model)
+    assert parts is not None
+    return parts[1](values[rows])
 
 
 def _scored_logits(model: Any, ids: Any, mask: Any) -> Any:

@@ -92,6 +92,22 @@ def linear_cross_entropy_sum(
     return out
 
 
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder (hidden states) and the LM head of a causal LM or a peft model around one, when the
+    logits are just `head(hidden)`: a plain linear head without bias, softcapping or scaling. None for
+    other models, whose logits only their own forward computes."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    config = lm.config.get_text_config()
+    scaled = any(
+        getattr(config, key, None) not in (None, 1, 1.0)
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    )
+    if type(head) is not torch.nn.Linear or head.bias is not None or scaled:
+        return None
+    return lm.get_decoder(), head
+
+
 class CausalLMLoss(torch.nn.Module):
     """A causal LM (a transformers model, or a peft model around one) whose forward returns the summed
     next-token loss of packed blocks and the number of labelled tokens.
@@ -103,18 +119,9 @@ class CausalLMLoss(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
-        inner: Any = model
-        lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-        head = lm.get_output_embeddings()
-        config = lm.config.get_text_config()
-        scaled = any(
-            getattr(config, key, None) not in (None, 1, 1.0)
-            for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-        )
-        # The fused loss applies the head itself: only a plain linear head with nothing after it.
-        fused = type(head) is torch.nn.Linear and head.bias is None and not scaled
-        # A tuple, not attributes: modules assigned to a Module would be registered a second time.
-        self._fused: tuple[Any, Any] | None = (lm.get_decoder(), head) if fused else None
+        # The fused loss applies the head itself. A tuple, not attributes: modules assigned to a Module
+        # would be registered a second time.
+        self._fused: tuple[Any, Any] | None = decoder_and_head(model)
         # peft casts each adapter's input to the adapter's float32 and autocast casts it straight back
         # to bfloat16: two copies of every adapted layer's input, forward and backward, that change no
         # value. Under autocast the casts are switched off (see forward).

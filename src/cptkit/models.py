@@ -42,10 +42,11 @@ _HUB_HINT = "set model.name to a local model folder or a .gguf file"
 # Trained embeddings of an adapter run live next to the adapter: peft saves only its own weights.
 EMBEDDINGS_FILE = "embeddings.safetensors"
 _STALE_TEMP_SECONDS = 3600
-# Activation memory per token, hidden unit and layer, in values: Korthikanti et al. (2022) count
-# 34 bytes of 16-bit activations per token and hidden unit per transformer layer, leaving out the
-# attention scores, which SDPA does not keep.
-_ACTIVATION_VALUES = 17
+# Activation memory per token, hidden unit and layer, in values. Korthikanti et al. (2022) count 34
+# bytes of 16-bit activations (17 values) for a plain transformer layer; LoRA keeps its inputs and the
+# 4-bit layers their dequantization buffers besides, and QLoRA of a Phi-3-mini-sized model at 1x2048
+# tokens measured about 25 on a GPU (docs/benchmarks.md).
+_ACTIVATION_VALUES = 25
 _OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient and two AdamW moments
 
 
