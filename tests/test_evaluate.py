@@ -446,3 +446,17 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_model_dir: Path, cli: Any)
     line = one_line_error(cli("evaluate", "--base-model", str(tiny_model_dir), "--domain-data", "d.jsonl"))
     assert line.startswith("error: outputs/cpt_model: no trained model there")
     assert not Path("mlflow.db").exists()  # a failed evaluation creates no MLflow run
+
+
+def test_completion_keeps_the_space_a_sentencepiece_decoder_drops() -> None:
+    from cptkit.evaluate import _completion
+
+    pieces = {1: "▁The", 2: "▁capital", 3: "▁is", 4: "▁Paris", 5: "."}
+
+    class Metaspace:  # decodes like Llama's tokenizer: "▁" is a space, a sequence's leading space is dropped
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            return "".join(pieces[int(i)] for i in ids).replace("▁", " ").lstrip(" ")
+
+    tok = Metaspace()
+    assert tok.decode([4, 5]) == "Paris."  # what decoding the new tokens alone gives
+    assert _completion(tok, [1, 2, 3], [1, 2, 3, 4, 5]) == " Paris."

@@ -576,9 +576,20 @@ def generate(pair: ModelPair, gc: GenerationConfig, device: Any) -> list[dict[st
                 generated = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings
                 )
-            row[name] = tok.tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+            row[name] = _completion(tok.tokenizer, ids[0], generated[0])
         out.append(row)
     return out
+
+
+def _completion(tokenizer: Any, prompt_ids: Any, generated_ids: Any) -> str:
+    """The generated text after the prompt. Decoding the new tokens alone can drop the space that starts
+    them (SentencePiece decoders of Llama, Mistral and Phi-3 drop a sequence's leading space), so the
+    whole sequence is decoded and the decoded prompt cut off."""
+    whole = tokenizer.decode(generated_ids, skip_special_tokens=True)
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    if whole.startswith(prompt):
+        return str(whole[len(prompt) :])
+    return str(tokenizer.decode(generated_ids[len(prompt_ids) :], skip_special_tokens=True))
 
 
 # ---------------------------------------------------------------- verdict

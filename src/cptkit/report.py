@@ -230,7 +230,8 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
         for g in results["generations"]:
             lines += [f"### {g['kind']}: {g['prompt']}", ""]
             for label, key in (("base", "base"), ("adapted", "cpt")):
-                text = g[key].strip() or "(nothing)"
+                # rstrip only: the completion's leading space separates it from the prompt.
+                text = g[key].rstrip() if g[key].strip() else " (nothing)"
                 lines += [f"**{label}:** {g['prompt']}" + text.replace("\n", " "), ""]
     return "\n".join(lines).rstrip() + "\n"
 
