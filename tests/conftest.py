@@ -213,3 +213,46 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
     for item in tiny_tokenizer_dir.iterdir():
         shutil.copy(item, out / item.name)
     return out
+
+
+def prepared_run(
+    tmp_path: Path,
+    model_dir: Path,
+    training: dict[str, Any],
+    domain_docs: int = 60,
+    general_texts: list[str] | None = None,
+    replay_ratio: float = 0.25,
+    **sections: Any,
+) -> Path:
+    """A domain + replay corpus of generated documents, extracted and prepared, and the config that
+    trains `model_dir` on it (training settings and further config sections as given)."""
+    from cptkit.config import load_config
+    from cptkit.datasets import datasets
+    from cptkit.extract import extract
+    from cptkit.prepare import prepare
+
+    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": make_doc(i)} for i in range(domain_docs)])
+    general = general_texts if general_texts is not None else [make_doc(1000 + i) for i in range(40)]
+    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": text} for i, text in enumerate(general)])
+    cfg_path = write_config(
+        tmp_path / "cfg.yaml",
+        {
+            "model": {"name": str(model_dir)},
+            "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
+            "data": {
+                "output_dir": "data",
+                "replay_ratio": replay_ratio,
+                "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"},
+            },
+            "prepare": {"split": {"val_ratio": 0.2}},
+            "output_dir": "outputs/cpt_model",
+            "training": training,
+            "tracking": {"tracking_uri": "sqlite:///mlflow.db", "log_system_metrics": False},
+            **sections,
+        },
+    )
+    config = load_config(cfg_path)
+    for dataset in datasets(config):
+        extract(dataset)
+        prepare(config, dataset)
+    return cfg_path

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import make_doc, write_config, write_jsonl
+from conftest import make_doc, prepared_run, write_jsonl
 from cptkit.evaluate import (
     SetScore,
     adapter_disabled,
@@ -266,52 +266,35 @@ def trained_run(tmp_path: Path, model_dir: Path, **evaluate: Any) -> Path:
     """A tiny prepared domain + replay corpus, a LoRA run trained on it, and a config that evaluates it
     (with the news set as a further held-out set)."""
     from cptkit.config import load_config
-    from cptkit.datasets import datasets
-    from cptkit.extract import extract
-    from cptkit.prepare import prepare
     from cptkit.train import train
 
-    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": make_doc(i)} for i in range(50)])
-    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": make_doc(1000 + i)} for i in range(30)])
     write_jsonl(tmp_path / "news.jsonl", [{"text": make_doc(2000 + i)} for i in range(4)])
-    cfg_path = write_config(
-        tmp_path / "cfg.yaml",
-        {
-            "model": {"name": str(model_dir)},
-            "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
-            "data": {
-                "output_dir": "data",
-                "replay_ratio": 0.25,
-                "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"},
-            },
-            "prepare": {"split": {"val_ratio": 0.2}},
-            "output_dir": "outputs/cpt_model",
-            "training": {
-                "method": "lora",
-                "learning_rate": 2e-3,
-                "max_steps": 6,
-                "max_seq_length": 64,
-                "micro_batch_size": 4,
-                "eval_steps": 3,
-                "warmup_steps": 1,
-                "precision": "fp32",
-                "eval_max_sequences": 4,
-            },
-            "tracking": {"tracking_uri": "sqlite:///mlflow.db", "log_system_metrics": False},
-            "evaluate": {
-                "context_length": 48,
-                "stride": 16,
-                "sets": {"news": {"type": "jsonl", "path": "news.jsonl"}},
-                "generation": {"max_new_tokens": 6, "domain_prompts": ["Document number 3 describes"]},
-                **evaluate,
-            },
+    training = {
+        "method": "lora",
+        "learning_rate": 2e-3,
+        "max_steps": 6,
+        "max_seq_length": 64,
+        "micro_batch_size": 4,
+        "eval_steps": 3,
+        "warmup_steps": 1,
+        "precision": "fp32",
+        "eval_max_sequences": 4,
+    }
+    cfg_path = prepared_run(
+        tmp_path,
+        model_dir,
+        training,
+        domain_docs=50,
+        general_texts=[make_doc(1000 + i) for i in range(30)],
+        evaluate={
+            "context_length": 48,
+            "stride": 16,
+            "sets": {"news": {"type": "jsonl", "path": "news.jsonl"}},
+            "generation": {"max_new_tokens": 6, "domain_prompts": ["Document number 3 describes"]},
+            **evaluate,
         },
     )
-    config = load_config(cfg_path)
-    for dataset in datasets(config):
-        extract(dataset)
-        prepare(config, dataset)
-    train(config)
+    train(load_config(cfg_path))
     return cfg_path
 
 

@@ -15,11 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import make_doc, write_config, write_jsonl
-from cptkit.config import load_config
-from cptkit.datasets import datasets
-from cptkit.extract import extract
-from cptkit.prepare import prepare
+from conftest import make_doc, prepared_run, write_config
 
 CPTKIT = [sys.executable, "-m", "cptkit"]
 
@@ -28,11 +24,9 @@ def setup_run(
     tmp_path: Path, model_dir: Path, replay_ratio: float = 0.25, general_unlike_domain: bool = False, **training: Any
 ) -> Path:
     """A prepared domain + replay corpus and a config that trains the tiny model on it."""
-    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": make_doc(i)} for i in range(60)])
     general = [make_doc(1000 + i) for i in range(40)]
     if general_unlike_domain:  # the same words in reverse order: what domain training makes worse
         general = [" ".join(reversed(text.split())) for text in general]
-    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": text} for i, text in enumerate(general)])
     settings = {
         "method": "lora",
         "learning_rate": 1e-3,
@@ -47,27 +41,7 @@ def setup_run(
         "eval_max_sequences": 8,
         **training,
     }
-    cfg_path = write_config(
-        tmp_path / "cfg.yaml",
-        {
-            "model": {"name": str(model_dir)},
-            "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
-            "data": {
-                "output_dir": "data",
-                "replay_ratio": replay_ratio,
-                "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"},
-            },
-            "prepare": {"split": {"val_ratio": 0.2}},
-            "output_dir": "outputs/cpt_model",
-            "training": settings,
-            "tracking": {"tracking_uri": "sqlite:///mlflow.db", "log_system_metrics": False},
-        },
-    )
-    config = load_config(cfg_path)
-    for dataset in datasets(config):
-        extract(dataset)
-        prepare(config, dataset)
-    return cfg_path
+    return prepared_run(tmp_path, model_dir, settings, general_texts=general, replay_ratio=replay_ratio)
 
 
 def local_store() -> str:

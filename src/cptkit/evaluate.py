@@ -43,17 +43,16 @@ from cptkit.config import (
 from cptkit.datasets import domain_dir, replay_dir
 from cptkit.errors import ConfigError, CptkitError, StageError
 from cptkit.extract import StageResult
+from cptkit.models import EMBEDDINGS_FILE
 from cptkit.progress import console, progress_bar
 from cptkit.tracking import Tracker, open_tracker
+from cptkit.train import SEPARATOR_TOKEN  # the document separator of packing, also the scoring prefix
 
 EVALUATION_DIR = "evaluation"
 RESULTS = "results.json"
 DOMAIN, GENERAL = "domain", "general"
-# The token that separates documents in most small models' pretraining data (and in cptkit's packing).
-SEPARATOR_TOKEN = "<|endoftext|>"
 _SUMMARY = "training_summary.json"
 _TRAINED_CONFIG = "cptkit_config.yaml"
-_EMBEDDINGS_FILE = "embeddings.safetensors"  # models.EMBEDDINGS_FILE, read without importing torch
 
 
 # ---------------------------------------------------------------- evaluation sets
@@ -481,7 +480,7 @@ def load_pair(base_name: str, cpt_dir: Path, training: TrainingConfig, precision
     base_dir = resolve_model(base_name)
     cpt = load_trained(base_dir, cpt_dir, trained, device)
     is_adapter = (cpt_dir / "adapter_config.json").is_file()
-    shared = is_adapter and not (cpt_dir / _EMBEDDINGS_FILE).is_file()
+    shared = is_adapter and not (cpt_dir / EMBEDDINGS_FILE).is_file()
     if shared:
         base_runner = adapter_disabled(cpt)
     else:

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-IGNORE = -100
+from cptkit.packing import IGNORE  # the label of positions that are not trained on
+
 # Logits per chunk: chunk rows x vocabulary values of float32 (16 MiB, small enough to stay clear of
 # glibc's mmap threshold, so chunks reuse memory instead of faulting in fresh pages) bound the loss's memory.
 _CHUNK_VALUES = 1 << 22
