@@ -2,7 +2,8 @@
 
 Same model object, same text, same window: both score every token of every document once, in windows of
 --context-length tokens with stride == context length (lm-eval's `loglikelihood_rolling`, which has no
-stride), behind the same prefix token, in fp32, batches of --batch-size windows.
+stride), behind the same prefix token, in --precision (fp32, or bf16 autocast for both), batches of
+--batch-size windows.
 
   cptkit   `cptkit.evaluate.score` over the documents tokenized by `TextTokenizer.encode` (tokenizing is
            inside the timing).
@@ -13,6 +14,11 @@ stride), behind the same prefix token, in fp32, batches of --batch-size windows.
 
 The two must agree: bits per byte (total NLL over total UTF-8 bytes) to 1e-4 relative. Each is run
 --repeats times, alternating, and the fastest run of each is compared, since the machine may be shared.
+With --precision bf16, cptkit also scores once in fp32, and the report gives bf16's distance from it.
+
+--pair adds what `cptkit evaluate` does for an adapter: the base (the adapter disabled) and the adapted
+model (a random LoRA, r=16, on every linear layer) scoring the same batches, with the drift (KL and top-1
+agreement at every position); its tokens/s counts text tokens, each scored by both models.
 
 The text is real prose that ships with Python: the docstrings of standard-library modules (module,
 class and function docstrings of one module form one document), the same on every machine with the
@@ -27,6 +33,7 @@ Run:
 
     .venv-bench/bin/python benchmarks/eval_throughput.py                 # smollm2-135m, 64 docs, 512
     .venv-bench/bin/python benchmarks/eval_throughput.py --quick         # 16 docs, one repeat
+    .venv-bench/bin/python benchmarks/eval_throughput.py --quick --precision bf16 --pair
 """
 
 from __future__ import annotations
@@ -86,13 +93,15 @@ def task_yaml(data_file: Path) -> str:
     )
 
 
-def run_cptkit(model: Any, tokenizer: Any, texts: list[str], context: int, batch_size: int) -> dict[str, Any]:
+def run_cptkit(
+    model: Any, tokenizer: Any, texts: list[str], context: int, batch_size: int, bf16: bool
+) -> dict[str, Any]:
     from cptkit.evaluate import fixed, score, text_tokenizer
 
     tok = text_tokenizer(tokenizer)
     started = time.perf_counter()
     docs = tok.encode(texts)
-    (result,), _ = score([fixed(model)], docs, context, context, batch_size)
+    (result,), _ = score([fixed(model)], docs, context, context, batch_size, bf16=bf16)
     seconds = time.perf_counter() - started
     result.bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {
@@ -105,9 +114,46 @@ def run_cptkit(model: Any, tokenizer: Any, texts: list[str], context: int, batch
     }
 
 
+def run_pair(model: Any, tokenizer: Any, texts: list[str], context: int, batch_size: int, bf16: bool) -> dict[str, Any]:
+    """Base and adapted model on the same batches with the drift, as `cptkit evaluate` scores an adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cptkit.evaluate import adapter_disabled, fixed, score, text_tokenizer
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    adapted = get_peft_model(model, lora).eval()
+    try:
+        started = time.perf_counter()
+        docs = text_tokenizer(tokenizer).encode(texts)
+        runners = [adapter_disabled(adapted), fixed(adapted)]
+        (base, cpt), drift = score(runners, docs, context, context, batch_size, bf16=bf16, drift=True)
+        seconds = time.perf_counter() - started
+    finally:
+        adapted.unload()  # the plain model again, for the other runs
+    assert drift is not None
+    return {
+        "seconds": seconds,
+        "tokens": base.tokens,
+        "tokens_per_second": base.tokens / seconds,
+        "base_nll": base.nll,
+        "adapted_nll": cpt.nll,
+        "drift": drift.as_dict(),
+    }
+
+
 def run_lm_eval(
-    model: Any, tokenizer: Any, prefix_id: int | None, task_dir: Path, context: int, batch_size: int, tokens: int
+    model: Any,
+    tokenizer: Any,
+    prefix_id: int | None,
+    task_dir: Path,
+    context: int,
+    batch_size: int,
+    tokens: int,
+    bf16: bool,
 ) -> dict[str, Any]:
+    import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -119,6 +165,7 @@ def run_lm_eval(
         batch_size=batch_size,
         prefix_token_id=prefix_id,
         softmax_dtype="float32",
+        mixed_precision_dtype=torch.bfloat16 if bf16 else None,
     )
     timed: dict[str, float] = {}
     rolling = lm.loglikelihood_rolling
@@ -151,6 +198,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each, alternating; the fastest counts")
     parser.add_argument("--quick", action="store_true", help="16 documents, one repeat")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, both")
+    parser.add_argument("--pair", action="store_true", help="also score a base + adapter pair with drift")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "eval-throughput")
     args = parser.parse_args()
     if args.quick:
@@ -174,25 +223,36 @@ def main() -> None:
     (task_dir / f"{TASK}.yaml").write_text(task_yaml(data_file.resolve()), encoding="utf-8")
 
     model_dir = resolve_model(args.model)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    # bf16 weights under bf16, as `cptkit evaluate` holds an adapter's frozen base
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prefix_id = text_tokenizer(tokenizer).prefix_id
     with torch.inference_mode():  # one warm-up forward, so that neither pays for first-call setup
         model(input_ids=torch.zeros((args.batch_size, args.context_length), dtype=torch.long))
 
+    bf16 = args.precision == "bf16"
     load_start = os.getloadavg()
-    cptkit_runs, lm_eval_runs = [], []
+    cptkit_runs, lm_eval_runs, pair_runs = [], [], []
     for _ in range(args.repeats):
-        cptkit_runs.append(run_cptkit(model, tokenizer, texts, args.context_length, args.batch_size))
+        cptkit_runs.append(run_cptkit(model, tokenizer, texts, args.context_length, args.batch_size, bf16))
         print(f"cptkit:  {cptkit_runs[-1]['tokens_per_second']:,.0f} tokens/s", file=sys.stderr)
         tokens = cptkit_runs[-1]["tokens"]
         lm_eval_runs.append(
-            run_lm_eval(model, tokenizer, prefix_id, task_dir, args.context_length, args.batch_size, tokens)
+            run_lm_eval(model, tokenizer, prefix_id, task_dir, args.context_length, args.batch_size, tokens, bf16)
         )
         print(f"lm-eval: {lm_eval_runs[-1]['tokens_per_second']:,.0f} tokens/s", file=sys.stderr)
+        if args.pair:
+            pair_runs.append(run_pair(model, tokenizer, texts, args.context_length, args.batch_size, bf16))
+            print(f"pair:    {pair_runs[-1]['tokens_per_second']:,.0f} tokens/s", file=sys.stderr)
     best_c = min(cptkit_runs, key=lambda r: r["seconds"])
     best_l = min(lm_eval_runs, key=lambda r: r["seconds"])
     rel = abs(best_c["bits_per_byte"] - best_l["bits_per_byte"]) / best_l["bits_per_byte"]
+    fp32_reference = None
+    if bf16:  # how far bf16 is from fp32: the same weights in float32, scored in float32
+        fp32_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        fp32_reference = run_cptkit(fp32_model.eval(), tokenizer, texts, args.context_length, args.batch_size, False)
+        print(f"cptkit fp32: {fp32_reference['tokens_per_second']:,.0f} tokens/s", file=sys.stderr)
 
     import lm_eval
 
@@ -205,8 +265,16 @@ def main() -> None:
         "stride": args.context_length,
         "batch_size": args.batch_size,
         "prefix_token_id": prefix_id,
+        "precision": args.precision,
         "cptkit": cptkit_runs,
         "lm_eval": lm_eval_runs,
+        "pair": pair_runs,
+        "cptkit_fp32_reference": fp32_reference,
+        "bf16_bits_per_byte_relative_difference_from_fp32": (
+            abs(best_c["bits_per_byte"] - fp32_reference["bits_per_byte"]) / fp32_reference["bits_per_byte"]
+            if fp32_reference
+            else None
+        ),
         "speedup": best_l["seconds"] / best_c["seconds"],
         "bits_per_byte_relative_difference": rel,
         "agree_1e-4": rel <= 1e-4,
@@ -221,7 +289,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(
         f"\n{len(texts)} documents, {results['bytes']:,} bytes, {best_c['tokens']:,} tokens; window "
-        f"{args.context_length} = stride, batch {args.batch_size}, fp32, {torch.get_num_threads()} threads\n"
+        f"{args.context_length} = stride, batch {args.batch_size}, {args.precision}, {torch.get_num_threads()} "
+        "threads\n"
         f"| | tokens/s (fastest of {args.repeats}) | seconds | bits per byte |\n|---|---|---|---|\n"
         f"| cptkit | {best_c['tokens_per_second']:,.0f} | {best_c['seconds']:.1f} | {best_c['bits_per_byte']:.6f} |\n"
         f"| lm-eval loglikelihood_rolling | {best_l['tokens_per_second']:,.0f} | {best_l['seconds']:.1f} | "
@@ -229,6 +298,18 @@ def main() -> None:
         f"speedup {results['speedup']:.2f}x; bits per byte differ by {rel:.2e} relative "
         f"({'agree' if rel <= 1e-4 else 'DISAGREE'} to 1e-4); load average {load_start} -> {os.getloadavg()}"
     )
+    if fp32_reference is not None:
+        print(
+            f"cptkit fp32: {fp32_reference['tokens_per_second']:,.0f} tokens/s, bits per byte "
+            f"{fp32_reference['bits_per_byte']:.6f}; bf16 differs by "
+            f"{results['bf16_bits_per_byte_relative_difference_from_fp32']:.2e} relative"
+        )
+    if pair_runs:
+        best_p = min(pair_runs, key=lambda r: r["seconds"])
+        print(
+            f"base + adapter pair with drift: {best_p['tokens_per_second']:,.0f} tokens/s (each token scored by "
+            f"both), {best_p['seconds']:.1f} s; KL {best_p['drift']['kl']:.4f}"
+        )
     if rel > 1e-4:
         sys.exit(1)
 

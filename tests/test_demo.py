@@ -58,6 +58,10 @@ def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-unty
     results = json.loads(Path("demo/outputs/cpt_model/evaluation/results.json").read_text())
     assert set(results["cpt"]) == {"domain", "general", "news"}  # the demo's named set is scored too
     assert Path("demo/outputs/cpt_model/evaluation/report.html").is_file()
+    # Registered, and checked against the trained model (two steps do not pass the gate: challenger only).
+    out = " ".join(result.output.split())
+    assert "register: models:/python-docs-smollm2/1" in out and "vs the trained model: ok" in out
+    assert "registered as models:/python-docs-smollm2" in out and "mlflow ui --backend-store-uri" in out
 
     again = cli("demo", "--config", config, *args)
     assert "(unchanged)" in again.output
@@ -65,3 +69,4 @@ def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-unty
     assert "prepare domain: up to date, skipped" in again.output
     assert "train: up to date, skipped" in again.output
     assert "evaluate: up to date, skipped" in again.output
+    assert "register: up to date, skipped" in again.output

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import make_doc, prepared_run, write_jsonl
+from cptkit.config import TrainingConfig
 from cptkit.evaluate import (
     SetScore,
     adapter_disabled,
@@ -229,8 +230,6 @@ def make_adapter(model_dir: Path, out: Path, seed: int = 1) -> Path:
 
 
 def test_adapter_disabled_base_equals_the_separately_loaded_base(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from cptkit.config import TrainingConfig
-
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     pair = load_pair(str(tiny_model_dir), adapter, TrainingConfig(method="lora"), "fp32", "cpu")
     assert pair.description["base_scored_as"].startswith("the adapted model with its adapter disabled")
@@ -259,12 +258,35 @@ def test_drift_is_zero_for_identical_models(tiny_model_dir: Path, tmp_path: Path
     assert drift.as_dict()["kl"] == pytest.approx(0.0, abs=1e-9) and drift.as_dict()["top1_agreement"] == 1.0
 
 
+def test_bf16_scores_the_same_without_the_adapters_input_casts(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under autocast, peft's casts of a LoRA layer's input to float32 are undone by autocast at once;
+    scoring turns them off for speed, which changes no value, and turns them back on after."""
+    import contextlib
+
+    import cptkit.evaluate as evaluate_module
+
+    pair = load_pair(
+        str(tiny_model_dir), make_adapter(tiny_model_dir, tmp_path / "adapter"), TrainingConfig(), "bf16", "cpu"
+    )
+    docs = pair.cpt_tokenizer.encode(texts(3))
+    runners = [pair.base_runner, pair.cpt_runner]
+    casts_off, drift_off = score(runners, docs, 48, 16, 4, bf16=True, drift=True)
+    flags = [m.cast_input_dtype_enabled for m in pair.cpt_model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert flags and all(flags)  # restored
+    monkeypatch.setattr(evaluate_module, "_adapter_input_casts_off", lambda *a: contextlib.nullcontext())
+    casts_on, drift_on = score(runners, docs, 48, 16, 4, bf16=True, drift=True)
+    assert [s.nll for s in casts_off] == [s.nll for s in casts_on]
+    assert drift_off is not None and drift_on is not None and drift_off.kl == drift_on.kl
+
+
 # ---------------------------------------------------------------- the stage and the CLI
 
 
-def trained_run(tmp_path: Path, model_dir: Path, **evaluate: Any) -> Path:
-    """A tiny prepared domain + replay corpus, a LoRA run trained on it, and a config that evaluates it
-    (with the news set as a further held-out set)."""
+def trained_run(tmp_path: Path, model_dir: Path, training: dict[str, Any] | None = None, **evaluate: Any) -> Path:
+    """A tiny prepared domain + replay corpus, a run trained on it (LoRA unless `training` says otherwise),
+    and a config that evaluates it (with the news set as a further held-out set)."""
     from cptkit.config import load_config
     from cptkit.train import train
 
@@ -279,6 +301,7 @@ def trained_run(tmp_path: Path, model_dir: Path, **evaluate: Any) -> Path:
         "warmup_steps": 1,
         "precision": "fp32",
         "eval_max_sequences": 4,
+        **(training or {}),
     }
     cfg_path = prepared_run(
         tmp_path,
@@ -428,6 +451,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_model_dir: Path, cli: Any)
     assert line.startswith("error: no domain evaluation set")
     line = one_line_error(cli("evaluate", "--base-model", str(tiny_model_dir), "--domain-data", "d.jsonl"))
     assert line.startswith("error: outputs/cpt_model: no trained model there")
+    line = one_line_error(cli("evaluate", "--domain-data", "d.jsonl", "--set", "evaluate.task_include_path=my_tasks"))
+    assert line == "error: evaluate.task_include_path: my_tasks: no such folder"
     assert not Path("mlflow.db").exists()  # a failed evaluation creates no MLflow run
 
 
@@ -443,3 +468,216 @@ def test_completion_keeps_the_space_a_sentencepiece_decoder_drops() -> None:
     tok = Metaspace()
     assert tok.decode([4, 5]) == "Paris."  # what decoding the new tokens alone gives
     assert _completion(tok, [1, 2, 3], [1, 2, 3, 4, 5]) == " Paris."
+
+
+# ---------------------------------------------------------------- the base, for every way of training
+
+
+def val_texts(path: str = "data/val.jsonl") -> list[str]:
+    return [json.loads(line)["text"] for line in Path(path).read_text().splitlines()]
+
+
+def separate_base_score(model: Any, model_dir: Path, results: dict[str, Any], bf16: bool = False) -> SetScore:
+    """The domain set scored by `model` alone, with the evaluation's windows and batches."""
+    s = results["settings"]
+    docs = tokenizer_of(model_dir).encode(val_texts())
+    (result,), _ = score([fixed(model)], docs, s["context_length"], s["stride"], s["batch_size"], bf16=bf16)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("training", "scored_as"),
+    [
+        ({"method": "qlora"}, "the adapted model with its adapter disabled"),
+        ({"method": "full", "learning_rate": 5e-4}, "a separately loaded copy"),
+        ({"method": "lora", "embeddings": "train", "embedding_learning_rate": 2e-2}, "a separately loaded copy"),
+    ],
+    ids=["qlora", "full", "lora-trained-embeddings"],
+)
+def test_the_base_scores_like_the_base_loaded_on_its_own(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any, training: dict[str, Any], scored_as: str
+) -> None:
+    """Whatever training changed, the base side of the evaluation is the untouched base: the adapter
+    switched off (QLoRA, on the same 4-bit weights), or the base loaded again (a full fine-tune; an
+    adapter with trained embeddings, which switching the adapter off does not undo)."""
+    import torch
+
+    from cptkit.models import load_base
+
+    cfg = trained_run(
+        tmp_path, tiny_model_dir, training | {"max_steps": 4}, generation={"max_new_tokens": 0}, min_adaptation=None
+    )
+    result = cli("evaluate", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    results = json.loads(Path("outputs/cpt_model/evaluation/results.json").read_text())
+    assert results["method"] == training["method"] and results["base_scored_as"] == scored_as
+    evaluated_base, adapted = results["base"]["domain"], results["cpt"]["domain"]
+    plain_base = separate_base_score(load_model(tiny_model_dir), tiny_model_dir, results)  # float32, as saved
+    assert evaluated_base["tokens"] == adapted["tokens"] == plain_base.tokens
+    assert adapted["nll"] != pytest.approx(evaluated_base["nll"], rel=1e-4)  # training changed the model
+
+    if training["method"] == "qlora":
+        assert results["quantization"] == "4-bit NF4 base, as trained"
+        # The same 4-bit NF4 weights (quantizing the same checkpoint is deterministic) through the same
+        # kernels on the same batches: peft's disabled LoRA layer calls only its base layer. The sums were
+        # equal to the bit here; 1e-6 relative only allows for threaded kernels that reduce in another
+        # order, and is 100x below what 4-bit quantization changes (1.0e-4 relative on this tiny model,
+        # whose small weights quantize well), so the check does tell a 4-bit base from a float32 one.
+        four_bit = load_base(
+            tiny_model_dir, TrainingConfig(method="qlora", precision="fp32"), torch.device("cpu"), False
+        )
+        separate = separate_base_score(four_bit.eval(), tiny_model_dir, results)
+        assert evaluated_base["nll"] == pytest.approx(separate.nll, rel=1e-6)
+        assert plain_base.nll != pytest.approx(separate.nll, rel=2e-5)
+        return
+
+    # float32 weights, loaded the same way, the same batches: equal to the bit here (1e-6: see above).
+    assert evaluated_base["nll"] == pytest.approx(plain_base.nll, rel=1e-6)
+    assert results["base"]["general"]["tokens"] == results["cpt"]["general"]["tokens"]
+
+    if training.get("embeddings") == "train":
+        pair = load_pair(str(tiny_model_dir), Path("outputs/cpt_model"), TrainingConfig(), "fp32", "cpu")
+        # Why the base is loaded again: with the adapter off, the trained embeddings are still in place.
+        with pair.cpt_model.disable_adapter():
+            disabled = separate_base_score(pair.cpt_model, tiny_model_dir, results)
+        assert disabled.nll != pytest.approx(plain_base.nll, rel=1e-4)
+        # In bf16 the base is held like the adapted model's base (16-bit frozen weights), so that the two
+        # differ by what training changed and not by precision.
+        pair = load_pair(str(tiny_model_dir), Path("outputs/cpt_model"), TrainingConfig(), "bf16", "cpu")
+        with pair.base_runner() as base:
+            assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+            evaluated = separate_base_score(base, tiny_model_dir, results, bf16=True)
+        from transformers import AutoModelForCausalLM
+
+        bf16_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+        expected = separate_base_score(bf16_base, tiny_model_dir, results, bf16=True)
+        assert evaluated.nll == pytest.approx(expected.nll, rel=1e-6)
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness tasks
+
+QA_TASK = "cptkit_domain_qa"
+
+
+def domain_qa(folder: Path, n: int = 40) -> list[dict[str, Any]]:
+    """A user's domain multiple-choice task, as lm-evaluation-harness reads one: a JSONL file and a task
+    YAML in a folder. Each question is a sentence of a domain document without its last word; the choices
+    are the last words of four of the sentence endings the documents use, one of them the right one."""
+    from conftest import _TAILS
+
+    endings = sorted({t.split()[-1] for t in _TAILS})
+    rows = []
+    for i in range(n):
+        sentences = " ".join(make_doc(i).split("\n\n")[1:]).split(". ")  # the ten generated sentences
+        sentence = sentences[i % 10].rstrip(".")
+        question, answer = sentence.rsplit(" ", 1)
+        others = [e for e in endings if e != answer]
+        choices = sorted([answer, *others[i % 7 : i % 7 + 3]])
+        rows.append({"question": question, "choices": choices, "answer": choices.index(answer)})
+    data = write_jsonl(folder / "qa.jsonl", rows)
+    (folder / f"{QA_TASK}.yaml").write_text(
+        f"task: {QA_TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n",
+        encoding="utf-8",
+    )
+    return rows
+
+
+def reference_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float, list[int]]:
+    """Multiple choice scored by hand: the choice (after a space) with the highest summed log-probability
+    given the question, the question and choice tokenized together and split where the question ends."""
+    predictions = []
+    for row in rows:
+        context = tokenizer.encode(row["question"])
+        scores = []
+        for choice in row["choices"]:
+            whole = tokenizer.encode(row["question"] + " " + choice)
+            assert whole[: len(context)] == context
+            scores.append(-reference_nll_of(model, whole, len(context)))
+        predictions.append(int(np.argmax(scores)))
+    correct = [p == row["answer"] for p, row in zip(predictions, rows, strict=True)]
+    return sum(correct) / len(rows), predictions
+
+
+def reference_nll_of(model: Any, ids: list[int], start: int) -> float:
+    """-log P(ids[start:] | ids[:start]) in one plain forward pass."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].float()
+    logprobs = torch.log_softmax(logits, -1)[start - 1 :]
+    return -float(logprobs.gather(-1, torch.tensor(ids[start:])[:, None]).sum())
+
+
+def test_custom_and_unavailable_benchmarks_offline(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The real harness, through the real CLI, offline: a user's multiple-choice task from a local folder
+    runs on both models with the accuracies a hand computation gives, and a hub task that cannot be had
+    offline is reported as not run without stopping it."""
+    import os
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    rows = domain_qa(tmp_path / "my_tasks")
+    cfg = trained_run(
+        tmp_path,
+        tiny_model_dir,
+        generation={"max_new_tokens": 0},
+        task_include_path="my_tasks",
+        min_adaptation=None,
+    )
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),  # an empty hub cache: nothing downloaded before can help
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "cptkit", "evaluate", "-c", str(cfg), "--tasks", f"{QA_TASK},arc_easy"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    tasks = json.loads(Path("outputs/cpt_model/evaluation/results.json").read_text())["tasks"]
+    assert tasks["status"] == "partial" and tasks["tasks"] == [QA_TASK, "arc_easy"]
+    assert set(tasks["not_run"]) == {"arc_easy"}
+    assert "offline" in tasks["not_run"]["arc_easy"].lower() or "reach" in tasks["not_run"]["arc_easy"]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = load_model(tiny_model_dir)
+    base_acc, base_pred = reference_accuracy(base, tokenizer, rows)
+    adapted = PeftModel.from_pretrained(load_model(tiny_model_dir), "outputs/cpt_model").eval()
+    cpt_acc, cpt_pred = reference_accuracy(adapted, tokenizer, rows)
+    assert base_pred != cpt_pred  # the task tells the two models apart (here: 0.25 vs 0.275)
+    assert tasks["results"] == {QA_TASK: {"acc": {"base": base_acc, "cpt": cpt_acc}}}
+
+    md = Path("outputs/cpt_model/evaluation/report.md").read_text()
+    assert f"| {QA_TASK} | acc | {base_acc:.4f} | {cpt_acc:.4f} | {cpt_acc - base_acc:+.4f} |" in md
+    assert "lm-evaluation-harness tasks arc_easy were NOT run: arc_easy: " in md
+    assert "arc_easy were NOT run" in Path("outputs/cpt_model/evaluation/report.html").read_text()
+
+
+def test_a_changed_custom_task_means_a_rerun(tmp_path: Path) -> None:
+    from cptkit.config import JsonlSourceConfig
+    from cptkit.evaluate import _input_fingerprint
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "adapter_config.json").write_text("{}")
+    sources = {"domain": JsonlSourceConfig(type="jsonl", path=write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}]))}
+    rows = domain_qa(tmp_path / "my_tasks", n=3)
+    before = _input_fingerprint(tmp_path / "model", sources, tmp_path / "my_tasks")
+    assert _input_fingerprint(tmp_path / "model", sources, tmp_path / "my_tasks") == before
+    write_jsonl(tmp_path / "my_tasks" / "qa.jsonl", rows[:2])
+    assert _input_fingerprint(tmp_path / "model", sources, tmp_path / "my_tasks") != before
+    assert _input_fingerprint(tmp_path / "model", sources) == _input_fingerprint(tmp_path / "model", sources, None)

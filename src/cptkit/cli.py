@@ -16,7 +16,8 @@ from rich.table import Table
 from cptkit import __version__
 from cptkit.config import Config, load_config, masked_dict
 from cptkit.errors import ConfigError, CptkitError
-from cptkit.extract import StageResult
+from cptkit.extract import DryRunResult, StageResult
+from cptkit.pipeline import Stage
 from cptkit.progress import console
 
 DEFAULT_CONFIG = Path("configs/cpt_config.yaml")
@@ -98,8 +99,18 @@ def _run(debug: bool, fn: Any, *args: Any) -> Any:
 
 
 @app.command()
-def extract(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
-    """Copy the configured source into a raw Parquet snapshot with a manifest."""
+def extract(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the query, column mapping and row count; write nothing.")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Copy the configured source into a raw Parquet snapshot with a manifest (incremental sources: only
+    what changed since the last run; --force rereads everything)."""
+    from cptkit.extract import dry_run as plan_extract
     from cptkit.extract import extract as run_extract
 
     def go() -> None:
@@ -107,7 +118,7 @@ def extract(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = Fal
 
         cfg = _load(config, set_)
         for dataset in datasets(cfg):
-            print_extract(run_extract(dataset, force=force))
+            print_extract(plan_extract(dataset) if dry_run else run_extract(dataset, force=force))
 
     _run(debug, go)
 
@@ -198,6 +209,126 @@ def evaluate(
 
 
 @app.command()
+def register(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote to champion even when the gate fails (recorded in a tag).")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Register the evaluated model in MLflow as a new version (alias challenger), check that the registry
+    copy reproduces the trained model's logits, and move alias champion to it when it passes the gate."""
+    from cptkit.register import register as run_register
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        result = run_register(cfg, force=force)
+        print_register(result)
+        if not result.promoted and not result.skipped:
+            raise CptkitError(
+                f"not promoted: {'; '.join(result.gate.failures())} (version {result.version} stays challenger; "
+                "--force promotes it anyway)"
+            )
+
+    _run(debug, go)
+
+
+@app.command()
+def export(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    format_: Annotated[str, typer.Option("--format", help="hf (safetensors folder) or gguf (llama.cpp).")] = "hf",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write (default: <output_dir>/export/<format>).")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Write the trained model as a standalone model: the adapter merged into its base in 16/32-bit."""
+    from cptkit.export import export as run_export
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        print_export(run_export(cfg, format_, output))
+
+    _run(debug, go)
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="models:/name@alias, models:/name/version, an MLflow model folder or a cptkit export folder "
+            "(default: models:/<tracking.registered_model_name>@champion).",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    port: Annotated[int, typer.Option("--port", "-p", help="Port on 127.0.0.1.")] = 5000,
+    host: Annotated[str, typer.Option("--host", help="Interface; loopback unless you mean otherwise.")] = "127.0.0.1",
+    debug: DebugOpt = False,
+) -> None:
+    """Serve the model over HTTP with MLflow's scoring server (POST /invocations), until interrupted."""
+    from cptkit.serve import serve as run_serve
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        code = run_serve(cfg, model, host, port, announce=lambda line: console.print(line, highlight=False))
+        if code:
+            raise typer.Exit(code)
+
+    _run(debug, go)
+
+
+@app.command("run")
+def run_all(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    from_: Annotated[
+        Stage | None, typer.Option("--from", help="First stage to run (default: extract).", case_sensitive=False)
+    ] = None,
+    until: Annotated[
+        Stage | None, typer.Option("--until", help="Last stage to run (default: register).", case_sensitive=False)
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the preflight (data, steps, learning rate, model, measured speed and memory); run no stage.",
+        ),
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The whole pipeline: extract, prepare, train, evaluate, register. Stages that are up to date are
+    skipped; the preflight is printed before training; a failed stage stops the run, and the next run
+    continues from there (training from its last checkpoint)."""
+    from cptkit import pipeline
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        if dry_run:
+            print_preflight(pipeline.dry_run(cfg))
+            return
+        stages = pipeline.select(from_, until)
+        reporters = pipeline.Reporters(
+            extract=print_extract,
+            prepare=print_prepare,
+            preflight=print_preflight,
+            train=print_train,
+            evaluate=print_evaluate,
+            register=print_register,
+        )
+        reason = pipeline.not_promoted(pipeline.run_pipeline(cfg, stages, reporters))
+        if reason is not None:
+            raise CptkitError(reason)
+
+    _run(debug, go)
+
+
+@app.command()
 def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo config.")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
@@ -217,6 +348,7 @@ def demo(
             report_prepare=print_prepare,
             report_train=print_train,
             report_evaluate=print_evaluate,
+            report_register=print_register,
         )
 
     _run(debug, go)
@@ -241,7 +373,22 @@ def config_reference() -> None:
     sys.stdout.write(reference_markdown())
 
 
-def print_extract(result: StageResult) -> None:
+def print_extract(result: StageResult | DryRunResult) -> None:
+    if isinstance(result, DryRunResult):
+        plan = result.plan
+        out = console.print
+        head = f"extract {plan['dataset']} (dry run, nothing written): {plan.get('source')}"
+        out(head, markup=False, highlight=False)
+        for key in ("method", "mode", "version", "increment", "files"):
+            if plan.get(key) is not None:
+                out(f"  {key}: {plan[key]}", markup=False, highlight=False)
+        if plan.get("query"):
+            out("  query:", markup=False)
+            for line in str(plan["query"]).splitlines():
+                out(f"    {line}", markup=False, highlight=False, soft_wrap=True)
+        out("  columns: " + ", ".join(f"{k} <- {v}" for k, v in plan["columns"].items()), markup=False, highlight=False)
+        out(f"  rows: {plan['rows']:,}" + (f" ({plan['rows_note']})" if plan.get("rows_note") else ""), highlight=False)
+        return
     m = result.manifest
     name = m.get("dataset", "domain")
     if result.skipped:
@@ -249,10 +396,18 @@ def print_extract(result: StageResult) -> None:
         return
     malformed = sum(m.get("malformed_rows", {}).values())
     version = f", Delta version {m['delta_version']}" if m.get("delta_version") is not None else ""
+    inc = m.get("incremental") or {}
+    changes = f", +{inc['upserted']:,} upserted -{inc['deleted']:,} deleted" if inc.get("applied_changes") else ""
     console.print(
-        f"extract {name}: {m['rows']:,} rows, {m['bytes'] / 1e6:.1f} MB of text{version}, {malformed:,} malformed "
-        f"-> {result.directory} ({m['seconds']:.1f}s)"
+        f"extract {name}: {m['rows']:,} rows{changes}, {m['bytes'] / 1e6:.1f} MB of text{version}, {malformed:,} "
+        f"malformed -> {result.directory} ({m['seconds']:.1f}s)"
     )
+    if inc.get("retries"):
+        console.print(
+            f"extract {name}: {inc['retries']} retried call(s), {inc['waited_seconds']:.1f}s waiting between them",
+            style="yellow",
+            highlight=False,
+        )
 
 
 def print_prepare(result: StageResult) -> None:
@@ -307,7 +462,119 @@ def print_evaluate(result: Any) -> None:
     tasks = result.results.get("tasks") or {}
     if tasks.get("status") == "not_run":
         console.print(f"evaluate: benchmarks not run: {tasks['reason']}", style="yellow", markup=False)
+    elif tasks.get("status") == "partial":
+        for task, reason in (tasks.get("not_run") or {}).items():
+            console.print(f"evaluate: benchmark {task} not run: {reason}", style="yellow", markup=False)
     console.print(f"evaluate: report {result.directory / REPORT_HTML}", highlight=False, markup=False)
+
+
+def print_register(result: Any) -> None:
+    def out(line: str, style: str | None = None) -> None:
+        console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
+
+    if result.skipped:
+        state = "champion" if result.promoted else "challenger, not promoted"
+        out(f"register: up to date, skipped: this model and evaluation are {result.model_uri} ({state})")
+        return
+    kind = "merged weights" if result.merged else "adapter + base reference"
+    out(
+        f"register: {result.model_uri} ({kind}) in {result.registry}; loaded back from the registry, max |Δlogit| "
+        f"{result.roundtrip_max_diff:.2g} vs the trained model: ok; alias challenger"
+    )
+    gap = result.float_base_gap
+    if gap is not None:
+        out(
+            f"register: note: this adapter was trained on the 4-bit base; on the original float base its top-1 "
+            f"predictions agree {gap['top1_agreement']:.0%} (registered: the dequantized 4-bit base, as trained)",
+            "yellow",
+        )
+    for check in result.gate.checks:
+        if check["passed"] is None and check.get("note"):
+            out(f"register: {check['name']}: {check['note']}", "yellow")
+    if result.promoted:
+        if result.forced:
+            failures = "; ".join(result.gate.failures())
+            out(f"register: gate FAILED ({failures}); --force: alias champion -> version {result.version}", "yellow")
+        else:
+            out(f"register: gate passed, alias champion -> version {result.version}", "green")
+    uri = result.champion_uri if result.promoted else result.model_uri
+    out(f"register: load it with mlflow.transformers.load_model('{uri}') or serve it: cptkit serve -m '{uri}'")
+
+
+def print_preflight(plan: Any) -> None:
+    from cptkit.models import _size
+
+    def out(line: str, style: str | None = None) -> None:
+        console.print(f"preflight: {line}", style=style, highlight=False, markup=False, soft_wrap=True)
+
+    for f in plan.datasets:
+        if f.estimated:
+            out(
+                f"{f.name}: {f.documents:,} documents in the source, {f.text_bytes / 1e6:,.2f} MB of text, about "
+                f"{f.train_tokens + f.val_tokens:,} tokens (estimated from {f.sampled_documents} tokenized documents; "
+                "before filtering and dedup)"
+            )
+        else:
+            out(
+                f"{f.name}: {f.documents:,} documents ({f.train_documents:,} train / {f.val_documents:,} val), "
+                f"{f.train_tokens:,} train / {f.val_tokens:,} val tokens (prepared)" + (f"; {f.note}" if f.note else "")
+            )
+    est = " (estimated)" if plan.estimated else ""
+    out(
+        f"mix per epoch{est}: {plan.domain_tokens_per_epoch:,} domain + {plan.replay_tokens_per_epoch:,} replay tokens "
+        f"({plan.replay_share:.1%} replay)"
+    )
+    out(
+        f"plan{est}: {plan.steps:,} steps of {plan.blocks_per_step} x {plan.seq_len} tokens, {plan.epochs:.2f} epochs "
+        f"of {plan.blocks_per_epoch:,} blocks"
+    )
+    out(
+        "learning rate: " + ", ".join(f"{rate:.2e} at step {step} ({what})" for what, step, rate in plan.learning_rates)
+    )
+    for note in plan.notes:
+        out(f"note: {note}", "yellow")
+    if plan.description is not None:
+        d = plan.description
+        out(
+            f"model: {d.method}, {d.trainable_params:,} trainable of {d.total_params:,} parameters "
+            f"({d.trainable_params / max(d.total_params, 1):.2%}), {_size(d.saved_bytes)} saved; memory estimated "
+            f"from the parameter counts {_size(d.estimated_memory_bytes)}"
+        )
+    m = plan.measured
+    if m is None:
+        if plan.train_up_to_date:
+            out("train is up to date; speed and memory not measured")
+        return
+    out(
+        f"measured on {m.device} ({m.precision}), {m.timed_steps} timed steps after {m.warmup_steps} warm-up: "
+        f"{m.tokens_per_second:,.0f} tokens/s, {m.seconds_per_step:.2f} s/step; peak memory "
+        f"{_size(m.peak_memory_bytes)} ({m.memory_kind})"
+    )
+    e = plan.estimated_seconds
+    out(
+        f"estimated duration: {_duration(e['total'])} (steps {_duration(e['steps'])}, validation "
+        f"{_duration(e['validation'])}, loading {_duration(e['load'])})"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def print_export(result: Any) -> None:
+    for note in result.notes:
+        console.print(f"export: note: {note}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        f"export: {result.format} model -> {result.path} ({result.bytes / 1e6:,.0f} MB, {result.dtype}); loaded "
+        f"back: weights identical, max |Δlogit| {result.trained_max_diff:.2g} vs the trained model (float32)",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def _version(value: bool) -> None:

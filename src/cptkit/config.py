@@ -153,18 +153,219 @@ class FilesSourceConfig(SourceBase):
     )
 
 
-SourceConfig = Annotated[
-    JsonlSourceConfig | ParquetSourceConfig | CsvSourceConfig | DeltaSourceConfig | FilesSourceConfig,
-    Field(discriminator="type"),
-]
-SOURCE_TYPES = ("jsonl", "parquet", "csv", "delta", "files")
+# SQL text that cptkit writes from config values: names are checked here and backtick-quoted by the
+# query builder; values are always bound parameters. A name that fails these checks is a config error.
+_IDENTIFIER_FORBIDDEN = ("`",)
+_TABLE_PART_FORBIDDEN = (".", " ", "/", "`")
+_STATEMENT_WORDS = (
+    "select from where union intersect except join into insert update delete merge drop create alter "
+    "truncate grant revoke with limit order group having call exec execute set use values table describe "
+    "show copy attach detach pragma load install optimize vacuum refresh cache uncache msck"
+)
+_EXPRESSION_KEYWORDS = frozenset(_STATEMENT_WORDS.split())
 
 
-class DatabricksConfig(Section):
-    """Connection settings. Each falls back to the seed's environment variable (also read from .env)."""
+def identifier_problem(name: str, *, table_part: bool = False) -> str | None:
+    """Why `name` cannot be used as a column (or, with table_part, a catalog/schema/table) name, or None."""
+    if not name or len(name) > 255:
+        return "must be 1 to 255 characters"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        return "may not contain control characters"
+    bad = [ch for ch in (_TABLE_PART_FORBIDDEN if table_part else _IDENTIFIER_FORBIDDEN) if ch in name]
+    if bad:
+        return f"may not contain {' '.join(repr(ch) for ch in bad)}"
+    return None
+
+
+def expression_problem(expression: str) -> str | None:
+    """Why a user's SQL text expression is refused, or None. It may use columns, literals, operators,
+    function calls and CASE, but no statement, subquery, comment, parameter marker or semicolon."""
+    import re
+
+    if any(ord(ch) < 0x20 and ch not in "\t\n\r" for ch in expression):
+        return "may not contain control characters"
+    if "--" in expression or "/*" in expression:
+        return "may not contain comments (-- or /*)"
+    rest = expression
+    token = re.compile(r"\s+|'[^'\\]*'|`[^`]+`|[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d+)?|\|\||<=|>=|<>|!=|[-+*/%(),.=<>]")
+    while rest:
+        match = token.match(rest)
+        if match is None:
+            allowed = "columns, 'literals' without backslashes, operators, functions, CASE"
+            return f"unexpected text at {rest[:20]!r} (allowed: {allowed})"
+        word = match.group(0)
+        if word.lower() in _EXPRESSION_KEYWORDS:
+            return f"may not use the keyword {word.upper()} (an expression, not a query)"
+        rest = rest[match.end() :]
+    return None
+
+
+class FilterCondition(Section):
+    """One condition on a column; conditions are ANDed. The value is always sent as a bound parameter."""
+
+    column: str = Field(description="Column the condition tests.")
+    op: Literal["=", "!=", "<", "<=", ">", ">=", "in", "not in", "like", "is null", "is not null"] = Field(
+        "=", description="Comparison."
+    )
+    value: str | int | float | bool | list[str | int | float | bool] | None = Field(
+        None, description="A value, a list for in / not in, nothing for is null / is not null."
+    )
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> FilterCondition:
+        problem = identifier_problem(self.column)
+        if problem:
+            raise ValueError(f"column {self.column!r} {problem}")
+        if self.op in ("is null", "is not null"):
+            if self.value is not None:
+                raise ValueError(f"{self.op} takes no value")
+        elif self.op in ("in", "not in"):
+            if not isinstance(self.value, list) or not self.value:
+                raise ValueError(f"{self.op} needs a non-empty list of values")
+        elif self.value is None or isinstance(self.value, list):
+            raise ValueError(f"{self.op} needs one value (use is null / is not null for nulls)")
+        return self
+
+
+class DatabricksConnection(Section):
+    """How to reach a workspace. Authentication is the Databricks SDK's unified configuration: a token,
+    OAuth machine-to-machine (client id and secret), or a ~/.databrickscfg profile."""
 
     host: str | None = Field(None, description="Workspace URL (DATABRICKS_HOST).")
     token: SecretStr | None = Field(None, description="Personal access token (DATABRICKS_TOKEN).")
+    profile: str | None = Field(None, description="Profile in ~/.databrickscfg (DATABRICKS_CONFIG_PROFILE).")
+    client_id: str | None = Field(None, description="OAuth M2M service principal id (DATABRICKS_CLIENT_ID).")
+    client_secret: SecretStr | None = Field(
+        None, description="OAuth M2M service principal secret (DATABRICKS_CLIENT_SECRET)."
+    )
+    warehouse_id: str | None = Field(None, description="SQL warehouse id (DATABRICKS_WAREHOUSE_ID).")
+    http_path: str | None = Field(
+        None, description="SQL warehouse HTTP path, e.g. /sql/1.0/warehouses/<id> (DATABRICKS_HTTP_PATH)."
+    )
+
+
+class DatabricksSourceConfig(SourceBase, DatabricksConnection):
+    """A Unity Catalog table (through a SQL warehouse, the Statement Execution API or its Delta files)
+    or the files of a Volume. Unset connection keys and catalog/schema/table come from `databricks`."""
+
+    type: Literal["databricks"]
+    method: Literal["sql", "statement", "delta", "volume"] = Field(
+        "sql",
+        description="sql: a SQL warehouse via databricks-sql-connector; statement: the Statement Execution API; "
+        "delta: the table's Delta files via Unity Catalog credentials (or `path`); volume: files under volume_path.",
+    )
+    catalog: str | None = Field(None, description="Unity Catalog catalog (default databricks.catalog).")
+    schema_: str | None = Field(None, alias="schema", description="Schema (default databricks.schema).")
+    table: str | None = Field(
+        None, description="Table, or a three-part catalog.schema.table name (default databricks.table)."
+    )
+    path: str | None = Field(
+        None, description="delta only: a Delta table folder or object-store URI read instead of a catalog table."
+    )
+    volume_path: str | None = Field(
+        None, description="volume only: /Volumes/<catalog>/<schema>/<volume>[/folder], read recursively."
+    )
+    extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".md", ".jsonl", ".pdf"],
+        description="volume only: file suffixes read; one document per file, or per line of .jsonl.",
+    )
+    text_expression: str | None = Field(
+        None,
+        description="sql/statement: a SQL expression for the text instead of text_column, e.g. "
+        "concat_ws('\\n\\n', title, body). Columns, literals, operators, functions and CASE only.",
+    )
+    filter: list[FilterCondition] = Field(
+        default_factory=list, description="Conditions rows must meet (ANDed); values are bound parameters."
+    )
+    mode: Literal["full", "watermark", "cdf"] = Field(
+        "full",
+        description="full: the whole table each run; watermark: rows newer than the last run by watermark_column "
+        "(ties by id), merged by id; cdf: the Delta change data feed since the last run's version (deletes remove).",
+    )
+    watermark_column: str | None = Field(None, description="watermark mode: a column that grows with each change.")
+    version: int | None = Field(None, ge=0, description="Pin a full read to this Delta table version.")
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="delta only: extra deltalake storage options, e.g. AWS_REGION (credentials are masked).",
+    )
+    timeout_seconds: float = Field(
+        600, gt=0, description="Longest wait for a warehouse to start or a statement to finish, retries included."
+    )
+    max_retries: int = Field(4, ge=0, description="Retries of a failed network call, with exponential backoff.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_table_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("table"), str) and "." in data["table"]:
+            parts = data["table"].split(".")
+            if len(parts) != 3:
+                return data  # reported with the other problems
+            for key, part in zip(("catalog", "schema"), parts[:2], strict=True):
+                given = data.get(key, data.get(f"{key}_")) if key == "schema" else data.get(key)
+                if given not in (None, "", part):
+                    raise ValueError(f"table {data['table']!r} names {key} {part!r} but {key} is {given!r}")
+            data = {**data, "catalog": parts[0], "schema": parts[1], "table": parts[2]}
+            data.pop("schema_", None)
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatabricksSourceConfig:
+        problems: list[str] = []
+        table_method = self.method in ("sql", "statement") or (self.method == "delta" and self.path is None)
+        if table_method:
+            for key, value in (("catalog", self.catalog), ("schema", self.schema_), ("table", self.table)):
+                if not value:
+                    problems.append(f"{key} is required for method {self.method} (or set databricks.{key})")
+        for key, value in (("catalog", self.catalog), ("schema", self.schema_), ("table", self.table)):
+            if key == "table" and value and value.count(".") not in (0, 2):
+                problems.append(f"table {value!r}: use table, or catalog.schema.table")
+            elif value and (problem := identifier_problem(value, table_part=True)):
+                problems.append(f"{key} {value!r} {problem}")
+        columns = [self.text_column, *([self.id_column] if self.id_column else []), *self.metadata_columns]
+        columns += [self.watermark_column] if self.watermark_column else []
+        for column in columns:
+            if problem := identifier_problem(column):
+                problems.append(f"column {column!r} {problem}")
+        if self.text_expression is not None:
+            if self.method not in ("sql", "statement"):
+                problems.append("text_expression needs method sql or statement")
+            elif problem := expression_problem(self.text_expression):
+                problems.append(f"text_expression {problem}")
+        if self.method == "volume":
+            parts = (self.volume_path or "").strip("/").split("/")
+            if not self.volume_path or parts[0] != "Volumes" or len(parts) < 4 or "" in parts or ".." in parts:
+                problems.append("volume_path must look like /Volumes/<catalog>/<schema>/<volume>[/folder]")
+            if self.mode != "full" or self.filter or self.version is not None:
+                problems.append("method volume reads every file: mode full, no filter, no version")
+        if self.path is not None and self.method != "delta":
+            problems.append("path is for method delta")
+        if self.mode == "watermark" and not self.watermark_column:
+            problems.append("mode watermark needs watermark_column")
+        if self.mode != "full" and not self.id_column:
+            problems.append(f"mode {self.mode} needs id_column (changed rows replace documents by id)")
+        if self.mode != "full" and self.version is not None:
+            problems.append("version pins a full read; incremental modes follow the table")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+SourceConfig = Annotated[
+    JsonlSourceConfig
+    | ParquetSourceConfig
+    | CsvSourceConfig
+    | DeltaSourceConfig
+    | FilesSourceConfig
+    | DatabricksSourceConfig,
+    Field(discriminator="type"),
+]
+SOURCE_TYPES = ("jsonl", "parquet", "csv", "delta", "files", "databricks")
+
+
+class DatabricksConfig(DatabricksConnection):
+    """Connection settings, the defaults of every `type: databricks` source. Each falls back to the seed's
+    environment variable (also read from .env)."""
+
     catalog: str | None = Field(None, description="Unity Catalog catalog (DATABRICKS_CATALOG).")
     schema_: str | None = Field(None, alias="schema", description="Schema (DATABRICKS_SCHEMA).")
     table: str | None = Field(None, description="Table (DATABRICKS_TABLE).")
@@ -173,6 +374,11 @@ class DatabricksConfig(Section):
 ENV_KEYS = {
     "host": "DATABRICKS_HOST",
     "token": "DATABRICKS_TOKEN",
+    "profile": "DATABRICKS_CONFIG_PROFILE",
+    "client_id": "DATABRICKS_CLIENT_ID",
+    "client_secret": "DATABRICKS_CLIENT_SECRET",
+    "warehouse_id": "DATABRICKS_WAREHOUSE_ID",
+    "http_path": "DATABRICKS_HTTP_PATH",
     "catalog": "DATABRICKS_CATALOG",
     "schema": "DATABRICKS_SCHEMA",
     "table": "DATABRICKS_TABLE",
@@ -309,6 +515,33 @@ class TrackingConfig(Section):
     log_system_metrics: bool = Field(True, description="CPU, memory and GPU metrics during training.")
 
 
+class RegisterConfig(Section):
+    """Registering the adapted model in MLflow's model registry (cptkit register), and exporting it."""
+
+    registry_uri: str | None = Field(
+        None,
+        description="Model registry; null for the tracking store's own, databricks-uc for Unity Catalog "
+        "(then tracking.registered_model_name is catalog.schema.model). MLFLOW_REGISTRY_URI, when set, wins.",
+    )
+    merge: bool | None = Field(
+        None,
+        description="Log the adapter merged into its base (full weights, portable) instead of the adapter plus a "
+        "reference to the base. Null: merged where an adapter alone cannot work (Unity Catalog, trained embeddings).",
+    )
+    max_new_tokens: int = Field(
+        64, gt=0, description="Default completion length of the registered text-generation model."
+    )
+    roundtrip_tolerance: float = Field(
+        1e-4,
+        gt=0,
+        description="Largest logit difference allowed between the model loaded back from the registry and the "
+        "trained model (float32, fixed inputs); beyond it the version is marked broken.",
+    )
+    export_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Weight precision of cptkit export (the adapter is merged in float32 first)."
+    )
+
+
 class GenerationConfig(Section):
     """Completions of fixed prompts by the base and the adapted model, shown side by side in the report."""
 
@@ -366,6 +599,11 @@ class EvaluateConfig(Section):
         default_factory=list,
         description="lm-evaluation-harness tasks run on both models (needs pip install lm-eval and the task data).",
     )
+    task_include_path: Path | None = Field(
+        None,
+        description="A folder of your own lm-evaluation-harness task YAMLs (e.g. domain QA over a local JSONL), "
+        "searched besides the harness's tasks (its TaskManager include_path); name them in tasks.",
+    )
     task_limit: int | None = Field(None, gt=0, description="Examples per lm-evaluation-harness task; null for all.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     min_adaptation: float | None = Field(
@@ -398,6 +636,8 @@ class Config(Section):
     output_dir: Path = Field(Path("outputs/cpt_model"), description="Where train writes the adapted model.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    # Named with an underscore: `register` is a method of every pydantic model's metaclass (ABCMeta).
+    register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     databricks: DatabricksConfig = Field(default_factory=DatabricksConfig)
 
 
@@ -503,6 +743,33 @@ def _fill_from_env(data: dict[str, Any], env_file: Path) -> None:
     for key, var in ENV_KEYS.items():
         if section.get(key) in (None, "") and os.environ.get(var):
             section[key] = os.environ[var]
+    for source in _databricks_sources(data):
+        _inherit_connection(source, section)
+
+
+def _databricks_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every `type: databricks` source section in raw config data (domain, replay, evaluation sets)."""
+    found: list[Any] = [data.get("source")]
+    data_section, evaluate = data.get("data"), data.get("evaluate")
+    if isinstance(data_section, dict):
+        found.append(data_section.get("replay"))
+    if isinstance(evaluate, dict):
+        found += [evaluate.get("domain"), evaluate.get("general")]
+        if isinstance(evaluate.get("sets"), dict):
+            found += list(evaluate["sets"].values())
+    return [s for s in found if isinstance(s, dict) and s.get("type") == "databricks"]
+
+
+def _inherit_connection(source: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """A databricks source takes each connection key it leaves unset from the `databricks` section, and
+    catalog/schema/table too unless its table is a three-part name. So a source section is complete on
+    its own (evaluate and extract open sources without the rest of the config)."""
+    three_part = isinstance(source.get("table"), str) and "." in source["table"]
+    for key in ENV_KEYS:
+        if key in ("catalog", "schema", "table") and three_part:
+            continue
+        if source.get(key) in (None, "") and defaults.get(key) not in (None, ""):
+            source[key] = defaults[key]
 
 
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "credential", "credentials"}
@@ -552,7 +819,14 @@ def reference_markdown() -> str:
         "",
     ]
     _reference_section(Config, "", lines)
-    source_models = [JsonlSourceConfig, ParquetSourceConfig, CsvSourceConfig, DeltaSourceConfig, FilesSourceConfig]
+    source_models = [
+        JsonlSourceConfig,
+        ParquetSourceConfig,
+        CsvSourceConfig,
+        DeltaSourceConfig,
+        FilesSourceConfig,
+        DatabricksSourceConfig,
+    ]
     for model in source_models:
         kind = model.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
         lines += ["", f"## `source` with `type: {kind}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]

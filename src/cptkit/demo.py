@@ -137,8 +137,9 @@ def run_demo(
     report_prepare: Callable[[StageResult], None],
     report_train: Callable[[Any], None],
     report_evaluate: Callable[[Any], None],
+    report_register: Callable[[Any], None],
 ) -> None:
-    """Build the demo inputs, then extract, prepare, train and evaluate, printing each stage's time."""
+    """Build the demo inputs, then extract, prepare, train, evaluate and register, printing each stage's time."""
     if not isinstance(config.source, DeltaSourceConfig):
         raise CptkitError("the demo config's source must be the demo Delta table (source.type: delta)")
     timings: dict[str, float] = {}
@@ -175,9 +176,19 @@ def run_demo(
     t = time.perf_counter()
     report_evaluate(evaluate(config, force=force))
     timings["evaluate"] = time.perf_counter() - t
+
+    from cptkit.register import register
+
+    t = time.perf_counter()
+    registered = register(config)
+    report_register(registered)
+    timings["register"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     console.print("demo: stage times " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
+    uri = registered.champion_uri if registered.promoted else registered.model_uri
     console.print(
-        f"demo: adapted model in {config.output_dir}; MLflow UI: mlflow ui --backend-store-uri "
-        f"{config.tracking.tracking_uri}"
+        f"demo: adapted model in {config.output_dir}, registered as {uri}; MLflow UI: mlflow ui --backend-store-uri "
+        f"{config.tracking.tracking_uri}",
+        highlight=False,
+        soft_wrap=True,
     )

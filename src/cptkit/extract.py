@@ -2,12 +2,19 @@
 
 The snapshot keeps every row the source yields, malformed ones included (with their `error`), so that
 prepare can account for each document. Its content fingerprint is what prepare keys on.
+
+An incremental source (Databricks watermark or change-data-feed mode) reads only what changed since the
+state saved by the last successful run and applies it to the previous snapshot by id. The new snapshot
+replaces the old one atomically and the state is saved after it, so an interrupted run loses nothing and
+duplicates nothing: the next run starts again from the last saved state.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +29,15 @@ from cptkit.artifacts import (
     describe_outputs,
     invalidate,
     new_manifest,
+    read_json,
     up_to_date,
     write_json_atomic,
 )
-from cptkit.config import section_fingerprint
+from cptkit.config import DatabricksSourceConfig, section_fingerprint
 from cptkit.datasets import Dataset
 from cptkit.progress import progress_bar
-from cptkit.sources import ERROR, ID, TEXT, open_source
+from cptkit.sources import ERROR, ID, TEXT, Source, open_source
+from cptkit.sources.incremental import STATE, Applied, IncrementalSource, Read, apply_changes, spool_changes
 
 SNAPSHOT = "documents.parquet"
 
@@ -40,61 +49,165 @@ class StageResult:
     skipped: bool
 
 
-def extract(dataset: Dataset, force: bool = False) -> StageResult:
-    """Snapshot one dataset's source into `<dataset dir>/raw`."""
-    source = open_source(dataset.source)
+@dataclass(frozen=True)
+class DryRunResult:
+    """What extract would read (query, column mapping, row count); nothing was written."""
+
+    plan: dict[str, Any]
+
+
+def extract(
+    dataset: Dataset,
+    force: bool = False,
+    *,
+    connect: Callable[[], Any] | None = None,
+    workspace: Callable[[], Any] | None = None,
+) -> StageResult:
+    """Snapshot one dataset's source into `<dataset dir>/raw`. `connect` / `workspace` replace the default
+    Databricks connections (see `open_source`). `force` rereads everything, incremental sources included."""
+    source = open_source(dataset.source, connect=connect, workspace=workspace)
+    try:
+        return _extract(dataset, source, force)
+    finally:
+        if isinstance(source, IncrementalSource):
+            source.close()
+
+
+def dry_run(
+    dataset: Dataset,
+    *,
+    connect: Callable[[], Any] | None = None,
+    workspace: Callable[[], Any] | None = None,
+) -> DryRunResult:
+    """The query, column mapping and row count a real extract would use; writes nothing."""
+    source = open_source(dataset.source, connect=connect, workspace=workspace)
+    if isinstance(source, IncrementalSource):
+        plan = source.dry_run(_saved_state(dataset.raw_dir, source))
+    else:
+        c = dataset.source
+        plan = {
+            "source": source.describe(),
+            "columns": {
+                "id": getattr(c, "id_column", None) or "hash of the text",
+                "text": getattr(c, "text_column", "text"),
+                **{m: m for m in getattr(c, "metadata_columns", [])},
+            },
+            "rows": sum(batch.num_rows for batch in source.batches()),
+        }
+    return DryRunResult({"dataset": dataset.name, **plan})
+
+
+def _saved_state(out: Path, source: IncrementalSource) -> dict[str, Any] | None:
+    """The state of the last successful run, when it matches the snapshot on disk and these settings."""
+    if not (out / SNAPSHOT).is_file():
+        return None
+    state = read_json(out / STATE)
+    return state if state is not None and state.get("key") == source.state_key() else None
+
+
+def _config_fingerprint(dataset: Dataset) -> str:
+    # A rotated token or client secret does not change what is read.
+    if isinstance(dataset.source, DatabricksSourceConfig):
+        return section_fingerprint(dataset.source.model_dump(exclude={"token", "client_secret"}))
+    return section_fingerprint(dataset.source)
+
+
+def _extract(dataset: Dataset, source: Source, force: bool) -> StageResult:
     out = dataset.raw_dir
-    config_fp = section_fingerprint(dataset.source)
+    config_fp = _config_fingerprint(dataset)
     input_fp = source.input_fingerprint()
     existing = up_to_date(out, config_fp, input_fp)
     if existing is not None and not force:
         return StageResult(existing, out, skipped=True)
 
+    previous = None
+    if isinstance(source, IncrementalSource):
+        previous = None if force else _saved_state(out, source)
+        read = source.read(previous)
+    else:
+        read = Read(source.batches(), changes=False, state=dict)
     invalidate(out)
     started = time.perf_counter()
     description = source.describe()
-    digest = hashlib.sha256()
-    rows = text_bytes = 0
-    malformed: dict[str, int] = {}
-    schema: pa.Schema | None = None
+    applied = Applied()
     with atomic_path(out / SNAPSHOT) as tmp, progress_bar(f"extract {dataset.name}", None) as advance:
-        writer: pq.ParquetWriter | None = None
-        try:
-            for batch in source.batches():
-                if schema is None:
-                    schema = batch.schema
-                    writer = pq.ParquetWriter(tmp, schema, compression="zstd")
-                elif batch.schema != schema:
-                    batch = batch.cast(schema)
-                assert writer is not None
-                writer.write_batch(batch)
-                rows += batch.num_rows
-                text_bytes += int(pc.sum(pc.binary_length(batch.column(TEXT))).as_py() or 0)
-                _update_digest(digest, batch)
-                for reason in batch.column(ERROR).drop_null().to_pylist():
-                    malformed[reason] = malformed.get(reason, 0) + 1
-                advance(batch.num_rows)
-            if writer is None:  # an empty source still leaves a valid, empty snapshot
-                empty = pa.schema([(ID, pa.string()), (TEXT, pa.large_string()), (ERROR, pa.string())])
-                writer = pq.ParquetWriter(tmp, empty, compression="zstd")
-        finally:
-            if writer is not None:
-                writer.close()
+        if read.changes:
+            spool = out / f".changes.{os.getpid()}.tmp"  # a killed run's spool is removed by invalidate()
+            try:
+                final, changed_rows = spool_changes(_counted(read.batches, advance), spool)
+                batches = apply_changes(out / SNAPSHOT, spool if changed_rows else None, final, applied)
+                stats = _write_snapshot(tmp, batches, lambda n: None)
+            finally:
+                spool.unlink(missing_ok=True)
+        else:
+            stats = _write_snapshot(tmp, read.batches, advance)
+    state = read.state()
+    if state:
+        write_json_atomic(out / STATE, state)  # only now: the snapshot it describes is in place
 
     manifest = new_manifest("extract", config_fp, input_fp)
     manifest.update(
         dataset=dataset.name,
         source=description,
         delta_version=source.table_version(),
-        rows=rows,
-        bytes=text_bytes,
-        malformed_rows=malformed,
-        content_fingerprint=digest.hexdigest()[:32],
+        rows=stats["rows"],
+        bytes=stats["bytes"],
+        malformed_rows=stats["malformed"],
+        content_fingerprint=stats["digest"],
         outputs=describe_outputs(out, [SNAPSHOT]),
         seconds=round(time.perf_counter() - started, 3),
     )
+    if read.query is not None:
+        manifest["query"] = read.query
+    if isinstance(source, IncrementalSource):
+        manifest["incremental"] = {
+            "mode": description.get("mode"),
+            "from_state": previous,
+            "applied_changes": read.changes,
+            "upserted": applied.upserted if read.changes else stats["rows"],
+            "deleted": applied.deleted,
+            "unchanged": applied.unchanged,
+            "state": state,
+            **read.details,
+        }
     write_json_atomic(out / MANIFEST, manifest)
     return StageResult(manifest, out, skipped=False)
+
+
+def _counted(batches: Iterator[pa.RecordBatch], advance: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        advance(batch.num_rows)
+        yield batch
+
+
+def _write_snapshot(tmp: Path, batches: Iterator[pa.RecordBatch], advance: Callable[[int], None]) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    rows = text_bytes = 0
+    malformed: dict[str, int] = {}
+    schema: pa.Schema | None = None
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in batches:
+            if schema is None:
+                schema = batch.schema
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+            elif batch.schema != schema:
+                batch = batch.cast(schema)
+            assert writer is not None
+            writer.write_batch(batch)
+            rows += batch.num_rows
+            text_bytes += int(pc.sum(pc.binary_length(batch.column(TEXT))).as_py() or 0)
+            _update_digest(digest, batch)
+            for reason in batch.column(ERROR).drop_null().to_pylist():
+                malformed[reason] = malformed.get(reason, 0) + 1
+            advance(batch.num_rows)
+        if writer is None:  # an empty source still leaves a valid, empty snapshot
+            empty = pa.schema([(ID, pa.string()), (TEXT, pa.large_string()), (ERROR, pa.string())])
+            writer = pq.ParquetWriter(tmp, empty, compression="zstd")
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"rows": rows, "bytes": text_bytes, "malformed": malformed, "digest": digest.hexdigest()[:32]}
 
 
 def _update_digest(digest: Any, batch: pa.RecordBatch) -> None:

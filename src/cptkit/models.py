@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from cptkit.artifacts import replace_dir
 from cptkit.config import TrainingConfig
 from cptkit.errors import CptkitError
 from cptkit.tokenization import SMOLLM2, cache_dir, smollm2_gguf
@@ -543,16 +544,21 @@ def save_trained(model: torch.nn.Module, out_dir: Path) -> None:
                 inner.save_pretrained(str(tmp))
             finally:
                 inner.config.use_cache = use_cache
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_trained(
-    model_dir_base: Path, trained_dir: Path, training: TrainingConfig, device: torch.device | str = "cpu"
+    model_dir_base: Path,
+    trained_dir: Path,
+    training: TrainingConfig,
+    device: torch.device | str = "cpu",
+    dequantize: bool = False,
 ) -> torch.nn.Module:
     """The model `save_trained` saved, in eval mode: the base loaded as for training (4-bit for qlora)
-    with the adapters and trained embeddings applied, or the fully trained weights."""
+    with the adapters and trained embeddings applied, or the fully trained weights. `dequantize` gives a
+    qlora model's base as float weights holding exactly the 4-bit values the adapters were trained on."""
     import torch
 
     device = torch.device(device)
@@ -568,11 +574,60 @@ def load_trained(
     from peft import PeftModel
 
     base = load_base(model_dir_base, training, device, bf16)
+    if dequantize and training.method == "qlora":
+        base = _dequantized(base, torch.bfloat16 if bf16 else torch.float32)
     _load_embeddings(base, trained_dir / EMBEDDINGS_FILE)
     with _load_errors(trained_dir):
         model = PeftModel.from_pretrained(base, str(trained_dir), is_trainable=False)
     model.eval()
     return model
+
+
+def _dequantized(model: Any, dtype: torch.dtype) -> Any:
+    """A 4-bit model turned back into float weights: each weight is its NF4 value times its scale, so the
+    float model computes what the 4-bit one does, without bitsandbytes."""
+    model = model.dequantize()
+    model.to(dtype)
+    model.config.use_cache = False
+    return model
+
+
+def dequantized_base_dir(model_dir: Path, training: TrainingConfig) -> Path:
+    """A float32 model folder (weights and tokenizer) holding the 4-bit-quantized values of the base in
+    `model_dir`, as qlora quantized it: what a qlora adapter was trained on. Written once into the cache,
+    keyed by the base folder's weights, and renamed into place complete."""
+    import torch
+
+    weights = sorted(model_dir.glob("*.safetensors"))
+    stamp = f"nf4-dq-v1:{model_dir.resolve()}:" + ":".join(
+        f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights
+    )
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{model_dir.name[:60]}-nf4-dequantized-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        fp32 = training.model_copy(update={"method": "qlora", "precision": "fp32"})
+        model = _dequantized(load_base(model_dir, fp32, torch.device("cpu"), bf16=False), torch.float32)
+        model.config.use_cache = True
+        model.save_pretrained(str(tmp))
+        with _load_errors(model_dir):
+            AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(tmp))
+        source = {"base": str(model_dir.resolve()), "quantization": "nf4, double quantization", "dtype": "float32"}
+        (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process wrote the same folder first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _save_embeddings(model: Any, path: Path) -> None:
@@ -615,17 +670,6 @@ def _is_peft(model: Any) -> bool:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place, replacing an older one."""
-    if not final.exists():
-        os.rename(tmp, final)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-    os.rename(final, old / final.name)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- formatting

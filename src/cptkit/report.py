@@ -169,6 +169,8 @@ def _tasks_note(results: dict[str, Any]) -> str:
         return "No lm-evaluation-harness tasks were requested (`--tasks` or `evaluate.tasks`)."
     if tasks["status"] == "not_run":
         return f"lm-evaluation-harness tasks {', '.join(tasks['tasks'])} were NOT run: {tasks['reason']}."
+    if tasks["status"] == "partial":  # the reason names each task not run
+        return f"lm-evaluation-harness tasks {', '.join(tasks['not_run'])} were NOT run: {tasks['reason']}."
     return ""
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from cptkit.config import (
     CsvSourceConfig,
+    DatabricksSourceConfig,
     DeltaSourceConfig,
     FilesSourceConfig,
     JsonlSourceConfig,
@@ -14,11 +18,25 @@ from cptkit.sources.local import CsvSource, DeltaSource, FilesSource, JsonlSourc
 
 __all__ = ["ERROR", "ID", "TEXT", "Source", "open_source"]
 
-SourceConfigType = JsonlSourceConfig | ParquetSourceConfig | CsvSourceConfig | DeltaSourceConfig | FilesSourceConfig
+SourceConfigType = (
+    JsonlSourceConfig
+    | ParquetSourceConfig
+    | CsvSourceConfig
+    | DeltaSourceConfig
+    | FilesSourceConfig
+    | DatabricksSourceConfig
+)
 
 
-def open_source(config: SourceConfigType) -> Source:
-    """The Source for a config section. A new source type is one more branch here."""
+def open_source(
+    config: SourceConfigType,
+    *,
+    connect: Callable[[], Any] | None = None,
+    workspace: Callable[[], Any] | None = None,
+) -> Source:
+    """The Source for a config section. A new source type is one more branch here. `connect` (a DB-API
+    connection factory) and `workspace` (a databricks-sdk WorkspaceClient factory) replace the default
+    Databricks connections; other sources ignore them."""
     if isinstance(config, JsonlSourceConfig):
         return JsonlSource(config)
     if isinstance(config, ParquetSourceConfig):
@@ -27,4 +45,8 @@ def open_source(config: SourceConfigType) -> Source:
         return CsvSource(config)
     if isinstance(config, DeltaSourceConfig):
         return DeltaSource(config)
+    if isinstance(config, DatabricksSourceConfig):
+        from cptkit.sources.databricks import DatabricksSource
+
+        return DatabricksSource(config, connect=connect, workspace=workspace)
     return FilesSource(config)

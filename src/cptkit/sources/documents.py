@@ -7,13 +7,18 @@ from pathlib import Path
 
 def read_document(path: Path) -> tuple[str | None, str | None]:
     """Return (text, None), or (None, reason) when the file cannot be turned into text."""
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".pdf":
-            return _pdf_text(path)
         raw = path.read_bytes()
     except OSError as exc:
         return None, f"unreadable_file ({exc.strerror or type(exc).__name__})"
+    return document_text(path.name, raw)
+
+
+def document_text(name: str, raw: bytes) -> tuple[str | None, str | None]:
+    """The text of a document's bytes, by the suffix of its name (for files that are not on local disk)."""
+    suffix = Path(name).suffix.lower()
+    if suffix == ".pdf":
+        return _pdf_text(raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -33,12 +38,14 @@ def html_text(html: str) -> str:
     return soup.get_text("\n")
 
 
-def _pdf_text(path: Path) -> tuple[str | None, str | None]:
+def _pdf_text(raw: bytes) -> tuple[str | None, str | None]:
+    import io
+
     from pypdf import PdfReader
     from pypdf.errors import PyPdfError
 
     try:
-        reader = PdfReader(path)
+        reader = PdfReader(io.BytesIO(raw))
         if reader.is_encrypted:
             return None, "encrypted_pdf"
         pages = [page.extract_text() or "" for page in reader.pages]

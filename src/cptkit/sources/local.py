@@ -102,25 +102,29 @@ class JsonlSource(_FileBased):
                 offset += len(buf)
 
     def _parse(self, line: bytes, file: Path, lineno: int) -> tuple[Any, Any, dict[str, Any], str | None]:
-        try:
-            decoded = line.decode("utf-8")
-        except UnicodeDecodeError:
-            return None, f"{file.name}:{lineno}", {}, "undecodable_bytes"
-        try:
-            obj = json.loads(decoded)
-        except json.JSONDecodeError:
-            return None, f"{file.name}:{lineno}", {}, "invalid_json"
-        if not isinstance(obj, dict):
-            return None, f"{file.name}:{lineno}", {}, "not_a_json_object"
-        c = self.config
-        raw_id = obj.get(c.id_column) if c.id_column else None
-        if c.text_column not in obj:
-            return None, raw_id or f"{file.name}:{lineno}", obj, f"missing_column ({c.text_column})"
-        return obj[c.text_column], raw_id, obj, None
+        return parse_json_line(line, f"{file.name}:{lineno}", self.config)
 
     def _batch(self, rows: list[tuple[Any, Any, dict[str, Any], str | None]], offset: int) -> pa.RecordBatch:
         meta = {m: strings_column([r[2].get(m) for r in rows]) for m in self.config.metadata_columns}
         return canonical_batch([r[0] for r in rows], [r[1] for r in rows], meta, offset, errors=[r[3] for r in rows])
+
+
+def parse_json_line(line: bytes, where: str, config: SourceBase) -> tuple[Any, Any, dict[str, Any], str | None]:
+    """One JSONL line as (raw text, raw id, object, error); `where` (file:line) is the id of a bad line."""
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, where, {}, "undecodable_bytes"
+    try:
+        obj = json.loads(decoded)
+    except json.JSONDecodeError:
+        return None, where, {}, "invalid_json"
+    if not isinstance(obj, dict):
+        return None, where, {}, "not_a_json_object"
+    raw_id = obj.get(config.id_column) if config.id_column else None
+    if config.text_column not in obj:
+        return None, raw_id or where, obj, f"missing_column ({config.text_column})"
+    return obj[config.text_column], raw_id, obj, None
 
 
 class CsvSource(_FileBased):
@@ -170,12 +174,18 @@ def _arrow_batches(batches: Iterator[pa.RecordBatch], config: SourceBase, where:
         texts = batch.column(config.text_column)
         ids = batch.column(config.id_column) if config.id_column else None
         meta = {m: batch.column(m) for m in config.metadata_columns}
-        if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):
-            yield _fast_string_batch(texts, ids, meta, offset)
-        else:
-            id_values = ids.to_pylist() if ids is not None else None
-            yield canonical_batch(texts.to_pylist(), id_values, meta, offset)
+        yield canonical_from_arrow(texts, ids, meta, offset)
         offset += batch.num_rows
+
+
+def canonical_from_arrow(
+    texts: pa.Array, ids: pa.Array | None, meta: dict[str, pa.Array], offset: int
+) -> pa.RecordBatch:
+    """A canonical batch from typed Arrow columns (Parquet, Delta, a SQL warehouse's results)."""
+    if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):
+        return _fast_string_batch(texts, ids, meta, offset)
+    id_values = ids.to_pylist() if ids is not None else None
+    return canonical_batch(texts.to_pylist(), id_values, meta, offset)
 
 
 def _fast_string_batch(texts: pa.Array, ids: pa.Array | None, meta: dict[str, pa.Array], offset: int) -> pa.RecordBatch:

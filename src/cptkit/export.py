@@ -1,0 +1,258 @@
+"""cptkit export: the trained model as a standalone model that other tools load as-is.
+
+`hf` writes a Hugging Face folder (config, safetensors weights, tokenizer) that transformers and vLLM
+load directly. `gguf` writes one GGUF file for llama.cpp. Either way an adapter is merged into its base
+in float32 first (a qlora base as the dequantized 4-bit values it was trained on; never into 4-bit
+weights), then cast to `register.export_dtype`. The written model is loaded back and its logits compared
+with the model in memory and with the trained model, so a broken export is caught here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cptkit.artifacts import atomic_dir
+from cptkit.config import Config
+from cptkit.errors import CptkitError, StageError
+from cptkit.evaluate import trained_training_config
+from cptkit.models import resolve_model
+from cptkit.register import ROUNDTRIP_TEXTS, load_float_model, reference_logits, roundtrip_difference
+
+FORMATS = ("hf", "gguf")
+EXPORT_DIR = "export"
+GGUF_FILE = "model.gguf"
+# GGUF writing is done here because no maintained library converts a transformers model in memory: the
+# gguf package has the writer and the tensor-name tables, and llama.cpp's convert script is not
+# installable. It covers the Llama architecture (Llama, SmolLM, Mistral-style without sliding window).
+_GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    format: str
+    path: Path
+    dtype: str
+    bytes: int
+    reload_max_diff: float  # weights loaded back vs the weights written (0 when the file is right)
+    trained_max_diff: float  # the written model loaded back vs the trained model, float32
+    notes: list[str] = field(default_factory=list)
+
+
+def export(config: Config, fmt: str, output: Path | None = None) -> ExportResult:
+    if fmt not in FORMATS:
+        raise CptkitError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    cpt_dir = config.output_dir
+    if not (cpt_dir / "adapter_config.json").is_file() and not (cpt_dir / "config.json").is_file():
+        raise StageError(f"{cpt_dir}: no trained model there; run cptkit train first")
+    training = trained_training_config(cpt_dir, config.training)
+    base_dir = resolve_model(config.model.name)
+    model, tokenizer = load_float_model(base_dir, cpt_dir, training)
+    texts = list(ROUNDTRIP_TEXTS)
+    trained = reference_logits(model, tokenizer, texts)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    target = output or cpt_dir / EXPORT_DIR / fmt
+    if fmt == "hf":
+        return _export_hf(model, tokenizer, target, config.register_.export_dtype, texts, trained)
+    return _export_gguf(model, tokenizer, base_dir, target, config.register_.export_dtype, texts, trained)
+
+
+def _export_hf(
+    model: Any, tokenizer: Any, target: Path, dtype_name: str, texts: list[str], trained: Any
+) -> ExportResult:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    model.to(dtype)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype)
+        weight_diff = _weight_difference(reloaded, model, half=False)
+        trained_diff = _logit_difference(reloaded, tokenizer, texts, trained, target)
+        size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+    return ExportResult("hf", target, dtype_name, size, weight_diff, trained_diff)
+
+
+def _export_gguf(
+    model: Any, tokenizer: Any, base_dir: Path, target: Path, dtype_name: str, texts: list[str], trained: Any
+) -> ExportResult:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    arch_name = (model.config.architectures or [type(model).__name__])[0]
+    arch = _GGUF_ARCHITECTURES.get(arch_name)
+    if arch is None:
+        raise CptkitError(
+            f"export --format gguf: {arch_name} is not supported by cptkit's GGUF writer (supported: "
+            f"{', '.join(_GGUF_ARCHITECTURES)}); export --format hf and convert it with llama.cpp's "
+            "convert_hf_to_gguf.py"
+        )
+    # 16-bit GGUF weights are float16 (what llama.cpp computes with); norms stay float32.
+    half = dtype_name != "float32"
+    with atomic_dir(target) as tmp:
+        notes = _write_llama_gguf(model, tokenizer, base_dir, tmp / GGUF_FILE, half)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=GGUF_FILE, dtype=torch.float32)
+        weight_diff = _weight_difference(reloaded, model, half=half)
+        trained_diff = _logit_difference(reloaded, tokenizer, texts, trained, target)
+        size = (tmp / GGUF_FILE).stat().st_size
+    dtype = "float16" if half else "float32"
+    return ExportResult("gguf", target / GGUF_FILE, dtype, size, weight_diff, trained_diff, notes)
+
+
+def _weight_difference(reloaded: Any, written: Any, half: bool) -> float:
+    """The largest difference between the weights loaded back and those written (matrices rounded to
+    float16 first where the file holds them so); anything but 0 means the file is not the model."""
+    expected = written.state_dict()
+    loaded = reloaded.state_dict()
+    if set(expected) != set(loaded):
+        missing = sorted(set(expected) ^ set(loaded))[:3]
+        raise CptkitError(f"export is broken: loaded back, its tensors differ from the model's ({missing} ...)")
+    worst = 0.0
+    for name, tensor in expected.items():
+        want = tensor.detach().float()
+        if half and want.ndim > 1:
+            want = want.half().float()
+        worst = max(worst, float((loaded[name].float() - want).abs().max()))
+    if worst != 0.0:
+        raise CptkitError(f"export is broken: loaded back, its weights differ from the model's by up to {worst:.3g}")
+    return worst
+
+
+def _logit_difference(reloaded: Any, tokenizer: Any, texts: list[str], trained: Any, target: Path) -> float:
+    """How far the exported model, computed in float32, is from the trained model (the export precision's
+    rounding, and the merge)."""
+    import torch
+
+    if reloaded.dtype != torch.float32:
+        reloaded = reloaded.float()
+    diff = roundtrip_difference(reloaded, tokenizer, texts, trained)
+    if diff is None:
+        raise CptkitError(f"export to {target} is broken: its tokenizer encodes text differently")
+    return diff
+
+
+def _write_llama_gguf(model: Any, tokenizer: Any, base_dir: Path, path: Path, half: bool) -> list[str]:
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(Path(str(cfg.name_or_path)).name or "cptkit-model")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(_rope_theta(cfg)))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
+    notes = _add_tokenizer(writer, tokenizer, base_dir, cfg.vocab_size)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    state = model.state_dict()
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    for name, tensor in state.items():
+        if tied and name == "lm_head.weight":
+            continue  # llama.cpp reads a missing output.weight as tied to token_embd
+        if "rotary_emb" in name:
+            continue
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise CptkitError(f"export --format gguf: no GGUF name for tensor {name}")
+        data = tensor.detach().float().cpu().numpy()
+        # llama.cpp's rotary embedding pairs adjacent dimensions; transformers pairs the two halves.
+        if name.endswith("q_proj.weight"):
+            data = _permute_for_rope(data, n_head, n_head)
+        elif name.endswith("k_proj.weight"):
+            data = _permute_for_rope(data, n_head, n_kv)
+        data = data.astype(np.float16 if half and data.ndim > 1 else np.float32)
+        writer.add_tensor(gguf_name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return notes
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, base_dir: Path, vocab_size: int) -> list[str]:
+    """A byte-level BPE tokenizer (GPT-2 style, as Llama 3, SmolLM and Qwen use) as GGUF metadata."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model_data = json.loads(backend.to_str())["model"] if backend is not None else {}
+    if model_data.get("type") != "BPE":
+        raise CptkitError("export --format gguf: only byte-level BPE tokenizers are supported; use --format hf")
+    special = set(tokenizer.all_special_ids)
+    added = {tid for tid in tokenizer.added_tokens_decoder}
+    tokens, types = [], []
+    for tid in range(vocab_size):
+        token = tokenizer.convert_ids_to_tokens(tid) if tid < len(tokenizer) else None
+        if token is None:
+            tokens.append(f"[PAD{tid}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(token)
+        if tid in special or (tid in added and tokenizer.added_tokens_decoder[tid].special):
+            types.append(gguf.TokenType.CONTROL)
+        elif tid in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model_data.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    pre, notes = _pre_tokenizer(base_dir)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    special_ids = {
+        writer.add_bos_token_id: tokenizer.bos_token_id,
+        writer.add_eos_token_id: tokenizer.eos_token_id,
+        writer.add_unk_token_id: tokenizer.unk_token_id,
+        writer.add_pad_token_id: tokenizer.pad_token_id,
+    }
+    for add, tid in special_ids.items():
+        if tid is not None:
+            add(tid)
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        writer.add_chat_template(template)
+    return notes
+
+
+def _pre_tokenizer(base_dir: Path) -> tuple[str, list[str]]:
+    """llama.cpp's name for the pre-tokenizer: taken from the GGUF file the base came from, when it did."""
+    source = base_dir / "cptkit_source.json"
+    if source.is_file():
+        gguf_path = json.loads(source.read_text(encoding="utf-8")).get("gguf")
+        if gguf_path and Path(gguf_path).is_file():
+            import gguf
+
+            field_ = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+            if field_ is not None:
+                return str(field_.contents()), []
+    return "default", ["tokenizer.ggml.pre is 'default': llama.cpp may split text before BPE differently"]
+
+
+def _rope_theta(cfg: Any) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
+    return float(theta)
+
+
+def _permute_for_rope(weights: Any, n_head: int, n_head_kv: int) -> Any:
+    heads = n_head_kv if n_head != n_head_kv else n_head
+    shape = weights.shape
+    return weights.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)

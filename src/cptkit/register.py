@@ -1,0 +1,457 @@
+"""The register stage: put the adapted model in MLflow's model registry, prove that the registered copy is
+the model that was trained, and promote it only when its evaluation passes the gate.
+
+Order of work: the trained model is loaded in float32 (an adapter's 4-bit QLoRA base is replaced by the
+float base it was quantized from: a registered model must not need bitsandbytes, and adapters are never
+merged into 4-bit weights); its logits on fixed inputs are the reference. It is logged to the training's
+MLflow run with the transformers flavor and registered as a new version. The version is then loaded
+back through MLflow (`models:/name/version`) and its logits compared with the reference: beyond
+`register.roundtrip_tolerance` the version is tagged broken and the command fails. Only a version that
+round-trips gets the alias `challenger`, and only one that passes the gate gets `champion`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from cptkit import __version__
+from cptkit.artifacts import MANIFEST, new_manifest, read_json, up_to_date, write_json_atomic
+from cptkit.config import Config, RegisterConfig, TrainingConfig, section_fingerprint
+from cptkit.errors import CptkitError, StageError
+from cptkit.evaluate import (
+    DOMAIN,
+    RESULTS,
+    eval_sources,
+    evaluation_dir,
+    read_set,
+    trained_training_config,
+    verdict,
+)
+from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, load_trained, resolve_model
+from cptkit.registry import UNITY_CATALOG, Registry, resolve_registry_uri
+
+log = logging.getLogger(__name__)
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+TAG_PREFIX = "cptkit."
+REGISTRATION_DIR = "registration"  # its manifest.json records the last registration of this model
+_SUMMARY = "training_summary.json"
+# Fixed inputs of the round-trip check: prose, code and numbers, so that every part of the vocabulary
+# the domain is likely to use is exercised. The config's domain prompts are added to them.
+ROUNDTRIP_TEXTS = (
+    "The committee published its annual report on the state of the nation's rivers in March.",
+    "def mean(values):\n    return sum(values) / len(values)\n",
+    "In 1969, 600 million people watched the first Moon landing; 53 years later, 12 people had walked there.",
+)
+# Packages a registered model needs to load; their versions are the ones that trained it.
+_RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "sentencepiece")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    checks: list[dict[str, Any]]
+    champion: dict[str, Any] | None = None
+
+    def failures(self) -> list[str]:
+        return [_describe_check(c) for c in self.checks if c["passed"] is False]
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    name: str
+    version: str
+    model_uri: str
+    registry: str
+    merged: bool
+    roundtrip_max_diff: float
+    gate: GateResult
+    promoted: bool
+    forced: bool
+    run_id: str
+    float_base_gap: dict[str, float] | None = None
+    notes: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+    @property
+    def champion_uri(self) -> str:
+        return f"models:/{self.name}@{CHAMPION}"
+
+
+RegistryFactory = Callable[..., Registry]
+
+
+def register(config: Config, force: bool = False, registry_factory: RegistryFactory = Registry.open) -> RegisterResult:
+    """Register the model in `config.output_dir` under `tracking.registered_model_name`. Raises
+    CptkitError when the round-trip check fails; a version that fails the gate is registered as
+    challenger and returned with `promoted=False` (unless `force`)."""
+    cpt_dir = config.output_dir
+    name = config.tracking.registered_model_name
+    if not config.tracking.enabled:
+        raise StageError("register needs MLflow: tracking.enabled is false")
+    train_manifest = read_json(cpt_dir / MANIFEST)
+    if train_manifest is None or train_manifest.get("stage") != "train":
+        raise StageError(f"{cpt_dir}: no finished training there (no train manifest.json); run cptkit train first")
+    results, eval_manifest = _current_evaluation(config, train_manifest)
+    # Registered already: the same trained model and evaluation, under the same name, store and gate.
+    out = cpt_dir / REGISTRATION_DIR
+    config_fp = section_fingerprint(
+        config.register_,
+        name,
+        config.tracking.tracking_uri,
+        [config.evaluate.min_adaptation, config.evaluate.max_forgetting, config.evaluate.max_drift_kl],
+    )
+    input_fp = section_fingerprint(train_manifest.get("created_at"), eval_manifest.get("created_at"))
+    existing = up_to_date(out, config_fp, input_fp)
+    if existing is not None and not force:
+        return _result_from(existing["result"], skipped=True)
+    summary = read_json(cpt_dir / _SUMMARY) or {}
+    training = trained_training_config(cpt_dir, config.training)
+    merged = decide_merge(config.register_, training, cpt_dir)
+
+    registry = registry_factory(config.tracking, config.register_)  # opened before the slow part: fails fast
+    base_dir = resolve_model(config.model.name)
+    model, tokenizer = load_float_model(base_dir, cpt_dir, training)
+    texts = [*ROUNDTRIP_TEXTS, *config.evaluate.generation.domain_prompts[:2]]
+    reference = reference_logits(model, tokenizer, texts)
+    gap = float_base_gap(base_dir, cpt_dir, training, tokenizer, texts, reference)
+    if merged and _is_peft(model):
+        model = model.merge_and_unload()
+    base_reference = None
+    if _is_peft(model):
+        base_reference = dequantized_base_dir(base_dir, training) if training.method == "qlora" else base_dir
+
+    gate = promotion_gate(results, config, registry, name)
+    logged = registry.log_transformers_model(
+        summary.get("mlflow_run_id"),
+        config.tracking.experiment_name,
+        model,
+        tokenizer,
+        base_model_path=str(base_reference) if base_reference is not None else None,
+        pip_requirements=pip_requirements(peft=_is_peft(model)),
+        metadata=model_metadata(config, training, summary, results, merged),
+        input_example=([texts[0]], {"max_new_tokens": config.register_.max_new_tokens}),
+    )
+    del model
+    version = registry.create_version(
+        name,
+        logged,
+        tags=version_tags(config, training, results, merged, gap),
+        description=f"cptkit {training.method} of {config.model.name} (run {logged.run_id})",
+    )
+    model_uri = f"models:/{name}/{version}"
+
+    loaded, loaded_tokenizer = registry.load_components(model_uri)
+    diff = roundtrip_difference(loaded, loaded_tokenizer, texts, reference)
+    del loaded
+    tolerance = config.register_.roundtrip_tolerance
+    if diff is None or diff > tolerance:
+        what = "its tokenizer encodes the check inputs differently" if diff is None else f"max |Δlogit| {diff:.3g}"
+        registry.set_version_tags(name, version, {f"{TAG_PREFIX}status": "broken", f"{TAG_PREFIX}roundtrip": what})
+        registry.describe_version(name, version, f"BROKEN: loaded back from the registry, {what} > {tolerance:g}")
+        raise CptkitError(
+            f"{name} version {version} is broken: loaded back from the registry, {what} "
+            f"(tolerance {tolerance:g}); it was tagged broken and not given an alias"
+        )
+    registry.set_version_tags(
+        name, version, {f"{TAG_PREFIX}status": "ok", f"{TAG_PREFIX}roundtrip_max_abs_logit_diff": f"{diff:.3g}"}
+    )
+    registry.set_alias(name, CHALLENGER, version)
+
+    promoted = gate.passed or force
+    forced = force and not gate.passed
+    gate_tags = {f"{TAG_PREFIX}gate": "passed" if gate.passed else "failed: " + "; ".join(gate.failures())}
+    if forced:
+        gate_tags[f"{TAG_PREFIX}forced"] = "true: promoted with --force despite the failed gate"
+    registry.set_version_tags(name, version, gate_tags)
+    if promoted:
+        registry.set_alias(name, CHAMPION, version)
+    result = RegisterResult(
+        name=name,
+        version=version,
+        model_uri=model_uri,
+        registry=registry.where(),
+        merged=merged,
+        roundtrip_max_diff=diff,
+        gate=gate,
+        promoted=promoted,
+        forced=forced,
+        run_id=logged.run_id,
+        float_base_gap=gap,
+    )
+    manifest = new_manifest("register", config_fp, input_fp)
+    manifest["result"] = asdict(result)
+    write_json_atomic(out / MANIFEST, manifest)
+    return result
+
+
+def _result_from(data: dict[str, Any], skipped: bool) -> RegisterResult:
+    gate = GateResult(**data.pop("gate"))
+    data.pop("skipped", None)
+    return RegisterResult(gate=gate, skipped=skipped, **data)
+
+
+# ---------------------------------------------------------------- what is registered
+
+
+def _current_evaluation(config: Config, train_manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The evaluation results of the trained model now in output_dir; an error when there are none, or
+    when they were computed before this model was trained."""
+    out = evaluation_dir(config)
+    results = read_json(out / RESULTS)
+    eval_manifest = read_json(out / MANIFEST)
+    if results is None or eval_manifest is None:
+        raise StageError(
+            f"{out}: no evaluation of the trained model; run cptkit evaluate first (the promotion gate needs it)"
+        )
+    if str(eval_manifest.get("created_at", "")) < str(train_manifest.get("created_at", "")):
+        raise StageError(f"{out}: the evaluation is older than the trained model; run cptkit evaluate again")
+    return results, eval_manifest
+
+
+def decide_merge(rc: RegisterConfig, training: TrainingConfig, cpt_dir: Path) -> bool:
+    """Whether the registered model is the adapter merged into its base (full weights)."""
+    import os
+
+    if training.method == "full":
+        return False  # already full weights
+    unity_catalog = resolve_registry_uri(rc.registry_uri, os.environ) == UNITY_CATALOG
+    embeddings = (cpt_dir / EMBEDDINGS_FILE).is_file()
+    if rc.merge is False:
+        if embeddings:
+            raise CptkitError(
+                "register.merge: false cannot register this model: its embeddings were trained and a peft "
+                "adapter does not hold them; set register.merge: true (or leave it unset)"
+            )
+        if unity_catalog:
+            raise CptkitError(
+                "register.merge: false: Unity Catalog needs the model's weights in the registry, not a "
+                "reference to a local base; set register.merge: true (or leave it unset)"
+            )
+        return False
+    return rc.merge is True or embeddings or unity_catalog
+
+
+def load_float_model(base_dir: Path, cpt_dir: Path, training: TrainingConfig) -> tuple[Any, Any]:
+    """The trained model in float32 on the CPU, with the KV cache on (it is for inference now). A qlora
+    base is the dequantized 4-bit weights: the function that was trained and evaluated, not the float
+    base it was quantized from."""
+    from transformers import AutoTokenizer
+
+    float_training = training.model_copy(update={"precision": "fp32"})
+    model = load_trained(base_dir, cpt_dir, float_training, "cpu", dequantize=True)
+    _inner(model).config.use_cache = True
+    tokenizer_dir = cpt_dir if (cpt_dir / "tokenizer_config.json").is_file() else base_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as exc:
+        raise CptkitError(f"{tokenizer_dir}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def pip_requirements(peft: bool) -> list[str]:
+    """Pinned requirements of the registered model: the installed versions that trained it (without a
+    local build label such as +cpu, which no index serves)."""
+    packages = [*_RUNTIME_PACKAGES, *(["peft"] if peft else [])]
+    pins = []
+    for package in packages:
+        try:
+            version = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{package}=={version.split('+')[0]}")
+    return pins
+
+
+def model_metadata(
+    config: Config, training: TrainingConfig, summary: dict[str, Any], results: dict[str, Any], merged: bool
+) -> dict[str, Any]:
+    """What the registered model is, in its MLmodel file: base, method, data, training and evaluation."""
+    return {
+        "cptkit_version": __version__,
+        "base_model": config.model.name,
+        "method": training.method,
+        "merged": merged,
+        "data": _data_fingerprints(config),
+        "training": {k: summary.get(k) for k in ("steps", "tokens", "replay_share", "final_loss", "mlflow_run_id")},
+        "evaluation": {
+            "adaptation": results.get("adaptation"),
+            "forgetting": results.get("forgetting"),
+            "drift_kl": results.get("drift_kl"),
+            "top1_agreement": results.get("top1_agreement"),
+            "passed": (results.get("verdict") or {}).get("passed"),
+            "settings": results.get("settings"),
+        },
+    }
+
+
+def version_tags(
+    config: Config,
+    training: TrainingConfig,
+    results: dict[str, Any],
+    merged: bool,
+    gap: dict[str, float] | None,
+) -> dict[str, str]:
+    tags = {
+        f"{TAG_PREFIX}base_model": config.model.name,
+        f"{TAG_PREFIX}method": training.method,
+        f"{TAG_PREFIX}merged": str(merged).lower(),
+        f"{TAG_PREFIX}status": "checking",
+    }
+    for key in ("adaptation", "forgetting", "drift_kl", "top1_agreement"):
+        if results.get(key) is not None:
+            tags[f"{TAG_PREFIX}eval.{key}"] = f"{results[key]:.6g}"
+    domain = (results.get("cpt") or {}).get(DOMAIN) or {}
+    if domain.get("bits_per_byte") is not None:
+        tags[f"{TAG_PREFIX}eval.domain_bits_per_byte"] = repr(float(domain["bits_per_byte"]))
+        tags[f"{TAG_PREFIX}eval.domain_set"] = domain_set_id(config, results)
+    if gap is not None:
+        tags[f"{TAG_PREFIX}qlora.on_float_base.max_abs_logit_diff"] = f"{gap['max_abs_logit_diff']:.3g}"
+        tags[f"{TAG_PREFIX}qlora.on_float_base.top1_agreement"] = f"{gap['top1_agreement']:.4f}"
+    return tags
+
+
+def _data_fingerprints(config: Config) -> dict[str, Any]:
+    """The identity of the data the model was trained on: extract's content fingerprint (what was read)
+    and prepare's config fingerprint (what was done to it) of each dataset."""
+    from cptkit.datasets import datasets
+
+    out: dict[str, Any] = {}
+    if config.source is None:
+        return out
+    for dataset in datasets(config):
+        raw = read_json(dataset.raw_dir / MANIFEST) or {}
+        prepared = read_json(dataset.directory / MANIFEST) or {}
+        out[dataset.name] = {
+            "content": raw.get("content_fingerprint"),
+            "delta_version": raw.get("delta_version"),
+            "prepare_config": prepared.get("config_fingerprint"),
+        }
+    return out
+
+
+# ---------------------------------------------------------------- the round-trip check
+
+
+def reference_logits(model: Any, tokenizer: Any, texts: Sequence[str]) -> list[tuple[list[int], Any]]:
+    """Token ids and float32 logits of each text, scored alone (no padding to get wrong)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            out.append((ids[0].tolist(), logits[0]))
+    return out
+
+
+def roundtrip_difference(model: Any, tokenizer: Any, texts: Sequence[str], reference: Sequence[Any]) -> float | None:
+    """The largest absolute logit difference between `model` and the reference over the fixed inputs;
+    None when the tokenizer does not encode them to the same ids."""
+    loaded = reference_logits(model.eval(), tokenizer, texts)
+    worst = 0.0
+    for (ids, logits), (ref_ids, ref_logits) in zip(loaded, reference, strict=True):
+        if ids != ref_ids or logits.shape != ref_logits.shape:
+            return None
+        worst = max(worst, float((logits - ref_logits).abs().max()))
+    return worst
+
+
+def float_base_gap(
+    base_dir: Path, cpt_dir: Path, training: TrainingConfig, tokenizer: Any, texts: Sequence[str], reference: Any
+) -> dict[str, float] | None:
+    """For QLoRA: how far the adapter on the original float base (what `vllm --enable-lora` or
+    PeftModel.from_pretrained on the hub base would serve) is from the model that was trained, evaluated
+    and registered (the adapter on the 4-bit base's values). Reported, not gated."""
+    if training.method != "qlora":
+        return None
+    on_float = training.model_copy(update={"method": "lora", "precision": "fp32"})
+    model = load_trained(base_dir, cpt_dir, on_float, "cpu")
+    other = reference_logits(model, tokenizer, texts)
+    del model
+    worst, agree, total = 0.0, 0, 0
+    for (_, q), (_, f) in zip(other, reference, strict=True):
+        worst = max(worst, float((q - f).abs().max()))
+        agree += int((q.argmax(-1) == f.argmax(-1)).sum())
+        total += q.shape[0]
+    return {"max_abs_logit_diff": worst, "top1_agreement": agree / max(total, 1)}
+
+
+# ---------------------------------------------------------------- the promotion gate
+
+
+def promotion_gate(results: dict[str, Any], config: Config, registry: Registry, name: str) -> GateResult:
+    """The evaluation's verdict against the config's thresholds (minimum adaptation, maximum forgetting
+    and drift), and, when a champion exists and was evaluated on the same domain text, no worse than it
+    on the domain (bits per byte, which does not depend on the tokenizer)."""
+    checks = list(verdict(results, config.evaluate)["checks"])
+    champion_version = registry.alias_version(name, CHAMPION)
+    champion = None
+    if champion_version is not None:
+        tags = registry.version_tags(name, champion_version)
+        ours = (results.get("cpt") or {}).get(DOMAIN, {}).get("bits_per_byte")
+        theirs = tags.get(f"{TAG_PREFIX}eval.domain_bits_per_byte")
+        same_set = tags.get(f"{TAG_PREFIX}eval.domain_set") == domain_set_id(config, results)
+        champion = {"version": champion_version, "domain_bits_per_byte": theirs, "same_domain_set": same_set}
+        if ours is None or theirs is None or not same_set:
+            checks.append(
+                {
+                    "name": f"domain vs champion (version {champion_version})",
+                    "value": ours,
+                    "threshold": None,
+                    "passed": None,
+                    "note": "not compared: the champion was evaluated on other domain text or settings",
+                }
+            )
+        else:
+            checks.append(
+                {
+                    "name": f"domain bits/byte vs champion (version {champion_version})",
+                    "value": float(ours),
+                    "threshold": float(theirs),
+                    "passed": float(ours) <= float(theirs),
+                }
+            )
+    decided = [c["passed"] for c in checks if c["passed"] is not None]
+    return GateResult(passed=all(decided), checks=checks, champion=champion)
+
+
+def domain_set_id(config: Config, results: dict[str, Any]) -> str:
+    """An identity of the domain evaluation text and the scoring settings: two versions' domain scores
+    are comparable only when it is equal."""
+    source = eval_sources(config)[DOMAIN]
+    texts = read_set(DOMAIN, source, config.evaluate.max_documents).texts
+    settings = {k: (results.get("settings") or {}).get(k) for k in ("context_length", "stride", "max_documents")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _describe_check(check: dict[str, Any]) -> str:
+    name, value, threshold = check["name"], check["value"], check["threshold"]
+    if name == "adaptation":
+        return f"adaptation {value:.1%} < minimum {threshold:.1%}"
+    if name.startswith("forgetting"):
+        return f"{name} {value:+.1%} > maximum {threshold:.1%}"
+    if name == "drift_kl":
+        return f"drift KL {value:.4f} > maximum {threshold:.4f}"
+    return f"{name}: {value:.4f} worse than {threshold:.4f}"
+
+
+def _inner(model: Any) -> Any:
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")

@@ -1,0 +1,142 @@
+"""cptkit serve: a local HTTP endpoint for a registered or exported model.
+
+The server is MLflow's own scoring server (`mlflow models serve`, POST /invocations), the same one
+`mlflow models build-docker` and Databricks Model Serving build on, so what works here works there.
+It runs as a child process in its own process group, pointed at the config's tracking and registry
+stores, and is stopped with everything it started when cptkit is interrupted or terminated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cptkit.artifacts import atomic_dir
+from cptkit.config import Config
+from cptkit.errors import CptkitError
+from cptkit.register import CHAMPION, pip_requirements
+from cptkit.registry import resolve_registry_uri
+from cptkit.tracking import resolve_tracking_uri
+
+MLFLOW_WRAPPER_SUFFIX = ".mlflow"
+_STOP_SECONDS = 10
+
+
+def model_uri_for(config: Config, model: str | None) -> str:
+    """What MLflow serves: a models:/ or runs:/ URI as given, an MLflow model folder, or a cptkit export
+    folder (wrapped once into an MLflow model folder beside it)."""
+    if model is None:
+        return f"models:/{config.tracking.registered_model_name}@{CHAMPION}"
+    if model.startswith(("models:/", "runs:/")):
+        return model
+    path = Path(model).expanduser()
+    if (path / "MLmodel").is_file():
+        return str(path.resolve())
+    if (path / "config.json").is_file():
+        return str(mlflow_wrapper(path))
+    raise CptkitError(
+        f"--model {model}: expected models:/name@alias, models:/name/version, runs:/..., an MLflow model folder "
+        "(with MLmodel) or a cptkit export folder (with config.json)"
+    )
+
+
+def mlflow_wrapper(folder: Path) -> Path:
+    """An MLflow transformers model folder holding the Hugging Face model in `folder`, written next to it
+    once (and again when the folder changes)."""
+    import mlflow
+
+    target = folder.with_name(folder.name + MLFLOW_WRAPPER_SUFFIX)
+    stamp = json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
+    stamp_file = target / "cptkit_source.json"
+    if stamp_file.is_file() and stamp_file.read_text(encoding="utf-8") == stamp:
+        return target.resolve()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise CptkitError(
+            f"--model {folder}: cannot load it as a transformers model: {str(exc).splitlines()[0]}"
+        ) from None
+    with atomic_dir(target) as tmp:
+        model_dir = tmp / ".saving"
+        # The in-memory model, not the folder path: MLflow's local-checkpoint mode fails with transformers 5.
+        mlflow.transformers.save_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            path=str(model_dir),
+            task="text-generation",
+            pip_requirements=pip_requirements(peft=False),
+        )
+        for item in model_dir.iterdir():
+            item.rename(tmp / item.name)
+        model_dir.rmdir()
+        (tmp / "cptkit_source.json").write_text(stamp, encoding="utf-8")
+    return target.resolve()
+
+
+def serve_command(model_uri: str, host: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "--model-uri",
+        model_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        # Serve with the packages installed here (the ones that trained the model), not a new virtualenv.
+        "--env-manager",
+        "local",
+    ]
+
+
+def serve(config: Config, model: str | None, host: str, port: int, announce: Callable[[str], None]) -> int:
+    """Run the scoring server until it exits or cptkit is interrupted; returns its exit code."""
+    model_uri = model_uri_for(config, model)
+    env = dict(os.environ)
+    # MLflow starts uvicorn by name: find the one installed beside this Python even when the environment
+    # is not activated (.venv/bin/cptkit serve).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri, env)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["MLFLOW_REGISTRY_URI"] = resolve_registry_uri(config.register_.registry_uri, env) or tracking_uri
+    announce(f"serve: {model_uri} at http://{host}:{port} (Ctrl-C stops it); try:")
+    example = json.dumps({"inputs": ["The json module"], "params": {"max_new_tokens": 32}})
+    announce(f"  curl -s http://{host}:{port}/invocations -H 'Content-Type: application/json' -d '{example}'")
+    process = subprocess.Popen(serve_command(model_uri, host, port), env=env, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(process)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server and every process it started (uvicorn workers)."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -1,0 +1,244 @@
+"""The edge to a Databricks workspace: authentication through the SDK's unified configuration, the one
+place vendor errors become cptkit errors, bounded retries, and the secrets every message is scrubbed of.
+
+Every other Databricks module calls the workspace through here, so that no credential reaches a log line,
+an exception message or a manifest by another route.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cptkit.config import SECRET_MASK, DatabricksSourceConfig
+from cptkit.errors import CptkitError, SourceError
+
+T = TypeVar("T")
+
+INSTALL_SQL_CONNECTOR = "pip install databricks-sql-connector"
+# Variables whose values are credentials wherever they appear (the SDK reads them from the environment).
+_SECRET_ENV_VARS = (
+    "DATABRICKS_TOKEN",
+    "DATABRICKS_CLIENT_SECRET",
+    "DATABRICKS_PASSWORD",
+    "ARM_CLIENT_SECRET",
+    "GOOGLE_CREDENTIALS",
+)
+# Seconds slept between retries; tests replace it to run fast.
+SLEEP: Callable[[float], None] = time.sleep
+
+
+class Secrets:
+    """Credential values to scrub from any text that leaves the adapter; grows as short-lived credentials
+    (temporary table credentials, presigned URLs) are issued during a read."""
+
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self._values: set[str] = set()
+        self.add(*values)
+
+    def add(self, *values: str | None) -> None:
+        for value in values:
+            if value and len(value) >= 6:  # masking "1" would mangle every number
+                self._values.add(value)
+
+    def scrub(self, text: str) -> str:
+        for value in sorted(self._values, key=len, reverse=True):
+            text = text.replace(value, SECRET_MASK)
+        # Bearer headers and signed URLs can carry credentials the adapter never saw.
+        text = re.sub(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}", rf"\1{SECRET_MASK}", text)
+        return re.sub(
+            r"(?i)([?&](?:sig|signature|x-amz-signature|x-amz-security-token|token)=)[^&\s]+", rf"\1{SECRET_MASK}", text
+        )
+
+
+def config_secrets(config: DatabricksSourceConfig) -> Secrets:
+    values = [os.environ.get(var, "") for var in _SECRET_ENV_VARS]
+    values += [s.get_secret_value() for s in (config.token, config.client_secret) if s is not None]
+    values += [v.get_secret_value() for v in config.storage_options.values()]
+    return Secrets(values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Authentication.
+
+
+def sdk_config(config: DatabricksSourceConfig, secrets: Secrets) -> Any:
+    """The SDK's unified configuration for this source: explicit keys win, then DATABRICKS_* variables,
+    then ~/.databrickscfg (a profile). PAT, OAuth M2M and profiles all resolve here, nowhere else."""
+    from databricks.sdk.core import Config
+
+    kwargs: dict[str, Any] = {
+        "host": config.host,
+        "token": config.token.get_secret_value() if config.token is not None else None,
+        "profile": config.profile,
+        "client_id": config.client_id,
+        "client_secret": config.client_secret.get_secret_value() if config.client_secret is not None else None,
+        "warehouse_id": config.warehouse_id,
+        # The SDK retries network failures within this budget (also its host-metadata probe at start-up).
+        "retry_timeout_seconds": max(1, int(min(config.timeout_seconds, 120))),
+        "http_timeout_seconds": min(60.0, config.timeout_seconds),
+        "product": "cptkit",
+    }
+    try:
+        return Config(**{k: v for k, v in kwargs.items() if v is not None})
+    except Exception as exc:  # the SDK raises ValueError for every resolution problem
+        first = _first_line(exc, secrets)
+        raise SourceError(
+            f"Databricks authentication is not configured ({first}); set DATABRICKS_HOST and DATABRICKS_TOKEN, "
+            "or DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET, or DATABRICKS_CONFIG_PROFILE"
+        ) from None
+
+
+def workspace_client(config: DatabricksSourceConfig, secrets: Secrets) -> Any:
+    from databricks.sdk import WorkspaceClient
+
+    return WorkspaceClient(config=sdk_config(config, secrets))
+
+
+def warehouse_http_path(config: DatabricksSourceConfig, sdk_cfg: Any) -> str:
+    if config.http_path:
+        return config.http_path
+    warehouse = config.warehouse_id or getattr(sdk_cfg, "warehouse_id", None)
+    if warehouse:
+        return f"/sql/1.0/warehouses/{warehouse}"
+    raise SourceError("method sql needs a SQL warehouse: set DATABRICKS_HTTP_PATH or DATABRICKS_WAREHOUSE_ID")
+
+
+def warehouse_id(config: DatabricksSourceConfig, sdk_cfg: Any) -> str:
+    warehouse = config.warehouse_id or getattr(sdk_cfg, "warehouse_id", None)
+    if not warehouse and config.http_path:
+        match = re.search(r"/warehouses/([A-Za-z0-9]+)", config.http_path)
+        warehouse = match.group(1) if match else None
+    if not warehouse:
+        raise SourceError(
+            "method statement needs a SQL warehouse id: set DATABRICKS_WAREHOUSE_ID (or a /sql/1.0/warehouses/ "
+            "http_path)"
+        )
+    return str(warehouse)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: translated once, here.
+
+_NOT_FOUND = re.compile(
+    r"TABLE_OR_VIEW_NOT_FOUND|SCHEMA_NOT_FOUND|CATALOG_NOT_FOUND|NOT_FOUND|does not exist|cannot be found|"
+    r"not found",
+    re.IGNORECASE,
+)
+_NO_COLUMN = re.compile(r"UNRESOLVED_COLUMN|column .*(?:not found|does not exist|cannot be resolved)", re.IGNORECASE)
+_STOPPED = re.compile(r"warehouse.*(?:stopped|stopping|not running|is starting|not ready)", re.IGNORECASE)
+_TRANSIENT = re.compile(
+    r"TEMPORARILY_UNAVAILABLE|temporarily unavailable|\btimed out\b|\btimeout\b|connection reset|"
+    r"connection refused|\b503\b|\b429\b|try again later|is starting",
+    re.IGNORECASE,
+)
+
+
+def _first_line(exc: BaseException, secrets: Secrets) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    # The SDK appends its whole resolved config (". Config: host=..., token=***"): noise in one line.
+    text = text.splitlines()[0].split(". Config: ")[0]
+    return secrets.scrub(text)[:300]
+
+
+def translate(exc: BaseException, what: str, secrets: Secrets) -> CptkitError:
+    """One clear line for a vendor error (SDK, SQL connector, deltalake, requests, DB-API), scrubbed."""
+    if isinstance(exc, CptkitError):
+        return exc
+    from databricks.sdk import errors as sdk_errors
+
+    line = _first_line(exc, secrets)
+    if isinstance(exc, sdk_errors.Unauthenticated) or _status(exc) == 401:
+        return SourceError(f"{what}: not authenticated (HTTP 401): the token is missing, wrong or expired ({line})")
+    if isinstance(exc, sdk_errors.PermissionDenied) or _status(exc) == 403:
+        return SourceError(f"{what}: permission denied (HTTP 403): {line}")
+    if _NO_COLUMN.search(line):
+        return SourceError(f"{what}: a configured column does not exist ({line})")
+    if isinstance(exc, sdk_errors.NotFound) or _status(exc) == 404 or _NOT_FOUND.search(line):
+        return SourceError(f"{what}: not found ({line})")
+    if _STOPPED.search(line):
+        return SourceError(f"{what}: the SQL warehouse is not running ({line}); start it or raise timeout_seconds")
+    if _is_connection_error(exc):
+        return SourceError(f"{what}: cannot reach the Databricks host ({line}); check DATABRICKS_HOST")
+    if isinstance(exc, TimeoutError):
+        return SourceError(f"{what}: timed out ({line})")
+    return SourceError(f"{what}: {type(exc).__name__}: {line}")
+
+
+def _status(exc: BaseException) -> int | None:
+    for attr in ("status_code", "http_status_code", "status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int):
+            return value
+    context = getattr(exc, "context", None)  # databricks-sql-connector RequestError
+    if isinstance(context, dict) and isinstance(context.get("http-code"), int):
+        return int(context["http-code"])
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, requests.ConnectionError | ConnectionError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: a network time-out or reset, throttling, a warehouse still starting."""
+    if isinstance(exc, CptkitError):
+        return False
+    if _status(exc) in (401, 403, 404):
+        return False
+    if _status(exc) in (429, 503) or _is_connection_error(exc) or isinstance(exc, TimeoutError):
+        return True
+    return bool(_TRANSIENT.search(str(exc).split(". Config: ")[0]))
+
+
+@dataclass
+class Retrying:
+    """Bounded retries with exponential backoff (1, 2, 4, ... seconds, capped at 30) within a deadline.
+    Keeps count of attempts and seconds waited so the manifest and any final error can say so."""
+
+    max_retries: int
+    timeout_seconds: float
+    secrets: Secrets
+    base_delay: float = 1.0
+    retries: int = 0
+    waited: float = 0.0
+    log: list[str] = field(default_factory=list)
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                elapsed = time.monotonic() - started
+                delay = min(30.0, self.base_delay * 2**attempt)
+                if not is_transient(exc) or attempt >= self.max_retries or elapsed + delay > self.timeout_seconds:
+                    error = translate(exc, what, self.secrets)
+                    if is_transient(exc):
+                        error = SourceError(
+                            f"{error} (gave up after {attempt + 1} attempt(s) over {elapsed:.1f}s, "
+                            f"{self.waited:.1f}s of it waiting between retries)"
+                        )
+                    raise error from None
+                attempt += 1
+                self.retries += 1
+                self.waited += delay
+                self.log.append(f"{what}: {_first_line(exc, self.secrets)}; retry {attempt} in {delay:.1f}s")
+                SLEEP(delay)
+
+    def summary(self) -> dict[str, Any]:
+        return {"retries": self.retries, "waited_seconds": round(self.waited, 3)}
