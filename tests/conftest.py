@@ -215,6 +215,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
     return out
 
 
+# A small evaluation (news.jsonl as a further set) with loose gate thresholds, for the tests of the stages
+# after evaluate: they are not about the tiny run's numbers, and tighten the thresholds with --set.
+SMALL_EVALUATION: dict[str, Any] = {
+    "context_length": 48,
+    "stride": 48,
+    "max_documents": 4,
+    "min_adaptation": None,
+    "max_forgetting": 10.0,
+    "sets": {"news": {"type": "jsonl", "path": "news.jsonl"}},
+    "generation": {"max_new_tokens": 0},
+}
+
+
 def prepared_run(
     tmp_path: Path,
     model_dir: Path,

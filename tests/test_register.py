@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import make_doc, prepared_run, write_jsonl
+from conftest import SMALL_EVALUATION, make_doc, prepared_run, write_jsonl
 
 NAME = "tiny-cpt"
 
@@ -46,15 +46,7 @@ def evaluated_run(tmp_path: Path, model_dir: Path, training: dict[str, Any] | No
         },
         domain_docs=40,
         general_texts=[make_doc(1000 + i) for i in range(20)],
-        evaluate={
-            "context_length": 48,
-            "stride": 48,
-            "max_documents": 4,
-            "min_adaptation": None,
-            "max_forgetting": 10.0,
-            "sets": {"news": {"type": "jsonl", "path": "news.jsonl"}},
-            "generation": {"max_new_tokens": 0},
-        },
+        evaluate=SMALL_EVALUATION,
         register={"max_new_tokens": 4, **register},
         # Absolute: MLflow caches stores by URI, and a relative one would reach another test's database.
         tracking={"tracking_uri": store_uri(tmp_path), "log_system_metrics": False, "registered_model_name": NAME},

@@ -44,6 +44,7 @@ from cptkit.config import Config, TrainingConfig, masked_dict, section_fingerpri
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import ConfigError, StageError
 from cptkit.extract import StageResult
+from cptkit.memory import PeakMemory
 from cptkit.packing import Blocks, BlockStream, TokenDocs, sequence_blocks
 from cptkit.prepare import TRAIN_TOKENS, VAL_TOKENS
 from cptkit.progress import console
@@ -102,7 +103,7 @@ def separator_id(tokenizer_info: dict[str, Any]) -> int:
     raise StageError(f"tokenizer {tokenizer_info['name']} has neither {SEPARATOR_TOKEN} nor an eos token")
 
 
-def load_train_data(config: Config) -> TrainData:
+def require_replay_source(config: Config) -> None:
     if config.data.replay_ratio > 0 and config.data.replay is None:
         raise ConfigError(
             [
@@ -110,6 +111,10 @@ def load_train_data(config: Config) -> TrainData:
                 "set a replay source, or data.replay_ratio: 0 to train on domain text only"
             ]
         )
+
+
+def load_train_data(config: Config) -> TrainData:
+    require_replay_source(config)
     sets = {d.name: d for d in datasets(config)}
     domain_train, domain_val, domain_manifest = _dataset_tokens(sets["domain"])
     manifests = {"domain": domain_manifest}
@@ -133,6 +138,12 @@ def load_train_data(config: Config) -> TrainData:
 def train_fingerprint(config: Config, data: TrainData) -> str:
     inputs = {name: (m["config_fingerprint"], m["input_fingerprint"]) for name, m in data.manifests.items()}
     return section_fingerprint(config.training, config.model, config.data.replay_ratio, inputs)
+
+
+def planned_steps(tc: TrainingConfig, blocks_per_epoch: int, num_processes: int = 1) -> int:
+    """Optimizer steps of a run: training.max_steps, else enough for num_epochs passes over the epoch's blocks."""
+    global_blocks_per_step = tc.micro_batch_size * tc.gradient_accumulation_steps * num_processes
+    return tc.max_steps or max(1, math.ceil(tc.num_epochs * blocks_per_epoch / global_blocks_per_step))
 
 
 # ---------------------------------------------------------------- precision and device
@@ -220,6 +231,8 @@ def train(
     from cptkit.models import load_for_training, resolve_model
 
     model_dir = resolve_model(config.model.name)
+    memory = PeakMemory(accelerator.device)
+    memory.reset()
     torch.manual_seed(tc.seed)
     loaded = load_for_training(model_dir, tc, accelerator.device)
     model = CausalLMLoss(loaded.model)
@@ -231,7 +244,7 @@ def train(
     blocks_per_step = tc.micro_batch_size * tc.gradient_accumulation_steps
     global_blocks_per_step = blocks_per_step * accelerator.num_processes
     per_epoch = stream.blocks_per_epoch()
-    total_steps = tc.max_steps or max(1, math.ceil(tc.num_epochs * per_epoch / global_blocks_per_step))
+    total_steps = planned_steps(tc, per_epoch, accelerator.num_processes)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, tc))
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -359,6 +372,8 @@ def train(
 
         _load_trainable(trainable, load_file(str(ckpt_root / BEST)))
     summary = _summary(state, tc, epoch0, total_steps, loaded.description, accelerator.mixed_precision)
+    # This process's part of the run (a resumed run's earlier part is not included).
+    summary.update(peak_memory_bytes=memory.peak_bytes(), peak_memory_kind=memory.kind)
     if accelerator.is_main_process:
         _write_outputs(config, loaded.model, model_dir, summary, fingerprint)
         if tracker is not None:

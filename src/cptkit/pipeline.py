@@ -1,0 +1,186 @@
+"""`cptkit run`: extract, prepare, train, evaluate and register in order, with the preflight just before
+training. Each stage skips itself when its manifest matches, so a rerun redoes only what a change touched,
+and a run stopped by a failure continues where it stopped (training from its last checkpoint)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from cptkit.config import Config
+from cptkit.datasets import datasets
+from cptkit.errors import ConfigError, CptkitError
+from cptkit.progress import console
+
+if TYPE_CHECKING:
+    from cptkit.preflight import Plan
+
+
+class Stage(StrEnum):
+    extract = "extract"
+    prepare = "prepare"
+    train = "train"
+    evaluate = "evaluate"
+    register = "register"
+
+
+STAGES = list(Stage)
+
+
+class StageFailed(CptkitError):
+    """A stage of the run failed: its cause, with the stage named; the cause's exit code."""
+
+    def __init__(self, stage: str, cause: CptkitError) -> None:
+        self.stage = stage
+        self.exit_code = cause.exit_code
+        text = "; ".join(cause.problems) if isinstance(cause, ConfigError) else str(cause)
+        super().__init__(f"{stage} failed: {text}")
+
+
+@dataclass(frozen=True)
+class Reporters:
+    """How each stage's result is shown (the CLI's print functions)."""
+
+    extract: Callable[[Any], None]
+    prepare: Callable[[Any], None]
+    preflight: Callable[[Plan], None]
+    train: Callable[[Any], None]
+    evaluate: Callable[[Any], None]
+    register: Callable[[Any], None]
+
+
+@dataclass
+class RunResult:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    plan: Plan | None = None
+    registered: Any = None  # register.RegisterResult
+
+
+def select(first: Stage | None, last: Stage | None) -> list[Stage]:
+    """The stages from `first` to `last`, in order."""
+    start = STAGES.index(first) if first is not None else 0
+    end = STAGES.index(last) if last is not None else len(STAGES) - 1
+    if start > end:
+        raise CptkitError(f"--from {STAGES[start].value} comes after --until {STAGES[end].value}")
+    return STAGES[start : end + 1]
+
+
+def run_pipeline(config: Config, stages: list[Stage], report: Reporters) -> RunResult:
+    """Run `stages` in order; raise StageFailed naming the stage that failed."""
+    result = RunResult()
+    started = time.perf_counter()
+    try:
+        for stage in stages:
+            _run_stage(stage, config, report, result)
+    finally:
+        if result.timings:
+            result.timings["total"] = time.perf_counter() - started
+            _print_summary(result)
+    return result
+
+
+def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResult) -> None:
+    name = stage.value
+    try:
+        if stage is Stage.extract:
+            from cptkit.extract import extract
+
+            done = [_timed(result, f"extract {d.name}", report.extract, partial(extract, d)) for d in datasets(config)]
+            skipped = all(r.skipped for r in done)
+        elif stage is Stage.prepare:
+            from cptkit.prepare import prepare
+
+            done = [
+                _timed(result, f"prepare {d.name}", report.prepare, partial(prepare, config, d))
+                for d in datasets(config)
+            ]
+            skipped = all(r.skipped for r in done)
+        elif stage is Stage.train:
+            from cptkit.preflight import preflight
+            from cptkit.train import train
+
+            name = "preflight"
+            started = time.perf_counter()
+            # Timing steps of a training that is up to date would only cost time.
+            result.plan = plan = preflight(config, measure=not _train_up_to_date(config))
+            report.preflight(plan)
+            result.timings["preflight"] = time.perf_counter() - started
+            name = "train"
+            skipped = _timed(result, "train", report.train, lambda: train(config)).skipped
+        elif stage is Stage.evaluate:
+            from cptkit.evaluate import evaluate
+
+            skipped = _timed(result, "evaluate", report.evaluate, lambda: evaluate(config)).skipped
+        else:
+            if not config.tracking.enabled:
+                console.print("register: not run: tracking.enabled is false (registering needs MLflow)", style="yellow")
+                return
+            from cptkit.register import register
+
+            registered = _timed(result, "register", report.register, lambda: register(config))
+            result.registered = registered
+            skipped = registered.skipped
+    except StageFailed:
+        raise
+    except CptkitError as exc:
+        raise StageFailed(name, exc) from exc
+    except Exception:
+        console.print(f"run: {name} failed", style="red", highlight=False)
+        raise
+    (result.skipped if skipped else result.ran).append(stage.value)
+
+
+def dry_run(config: Config) -> Plan:
+    """The preflight alone: counts from the source where the data is not prepared yet; writes nothing."""
+    from cptkit.preflight import preflight
+
+    try:
+        return preflight(config, measure=True, dry_run=True)
+    except CptkitError as exc:
+        raise StageFailed("preflight", exc) from exc
+
+
+def _train_up_to_date(config: Config) -> bool:
+    from cptkit.artifacts import up_to_date
+    from cptkit.train import load_train_data, train_fingerprint
+
+    fingerprint = train_fingerprint(config, load_train_data(config))
+    return up_to_date(config.output_dir, fingerprint, fingerprint) is not None
+
+
+def _timed(result: RunResult, key: str, show: Callable[[Any], None], fn: Callable[[], Any]) -> Any:
+    started = time.perf_counter()
+    out = fn()
+    result.timings[key] = time.perf_counter() - started
+    show(out)
+    return out
+
+
+def _print_summary(result: RunResult) -> None:
+    parts = []
+    if result.ran:
+        parts.append("ran " + ", ".join(result.ran))
+    if result.skipped:
+        parts.append("skipped (up to date) " + ", ".join(result.skipped))
+    if parts:
+        console.print("run: " + "; ".join(parts), highlight=False, soft_wrap=True)
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    console.print(f"run: stage times {times}", highlight=False, soft_wrap=True)
+
+
+def not_promoted(result: RunResult) -> str | None:
+    """Why the registered model was not promoted to champion, or None."""
+    registered = result.registered
+    if registered is None or registered.promoted:
+        return None
+    failures = "; ".join(registered.gate.failures()) or "the gate failed"
+    return (
+        f"register: not promoted: {failures} (version {registered.version} stays challenger; "
+        "cptkit register --force promotes it anyway)"
+    )

@@ -1,0 +1,427 @@
+"""The preflight of `cptkit run`: what training will do and cost, worked out before it starts.
+
+Data counts come from the prepare manifests when they are current, else from the source itself (rows and
+text bytes counted, tokens estimated from a tokenized sample). Steps use train's own computation on the
+same packed stream, so they are exact once the data is prepared. Speed and peak memory come from a few
+real optimizer steps on the model loaded as train loads it. Problems that would fail later (a sequence
+length above the model's, a tokenizer the model's embedding cannot hold, a model that does not fit,
+replay without a replay source) are raised here as one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cptkit.artifacts import MANIFEST, read_json, up_to_date
+from cptkit.config import Config, TrainingConfig
+from cptkit.datasets import Dataset, datasets
+from cptkit.errors import CptkitError
+from cptkit.models import ModelDescription, load_for_training, resolve_model
+from cptkit.packing import BlockStream, TokenDocs
+from cptkit.schedule import lr_factor, warmup_steps
+from cptkit.tokenization import TokenizerInfo, resolve_tokenizer
+from cptkit.train import (
+    TrainData,
+    load_train_data,
+    planned_steps,
+    require_replay_source,
+    resolve_precision,
+    separator_id,
+    train_fingerprint,
+)
+
+WARMUP_STEPS, TIMED_STEPS = 1, 2
+SAMPLE_DOCUMENTS = 256  # documents tokenized to estimate tokens per byte of a source not prepared yet
+# A forward pass without the backward costs about a third of a training step (per token).
+_FORWARD_SHARE = 1 / 3
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    name: str
+    estimated: bool  # True: counted in the source before prepare; tokens from a tokenized sample
+    documents: int  # kept documents (prepared), or source rows (estimated)
+    train_documents: int
+    val_documents: int
+    train_tokens: int
+    val_tokens: int
+    text_bytes: int | None = None  # estimated only
+    sampled_documents: int | None = None  # estimated only
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Measured:
+    device: str
+    precision: str
+    warmup_steps: int
+    timed_steps: int
+    seconds_per_step: float
+    tokens_per_second: float  # real (non-padding) tokens, as training_summary.json counts them
+    load_seconds: float
+    peak_memory_bytes: int
+    memory_kind: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    datasets: list[DatasetFacts]
+    estimated: bool  # the step plan rests on estimated token counts
+    seq_len: int
+    blocks_per_step: int
+    blocks_per_epoch: int
+    steps: int
+    epochs: float
+    domain_tokens_per_epoch: int
+    replay_tokens_per_epoch: int
+    replay_share: float
+    learning_rates: list[tuple[str, int, float]]  # (what, step (1-based), rate)
+    train_up_to_date: bool = False
+    description: ModelDescription | None = None
+    measured: Measured | None = None
+    estimated_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["description"] = self.description.as_dict() if self.description else None
+        return data
+
+
+def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Plan:
+    """Check the configuration against the model and the data, and plan the run; with `measure`, time a
+    few optimizer steps and measure their peak memory. In a dry run, data that is not prepared (or not
+    current) is counted in its source and its tokens estimated; otherwise it must be prepared. Writes no
+    stage output."""
+    require_replay_source(config)
+    if not config.prepare.tokenize:
+        raise CptkitError("prepare.tokenize is false, but training needs the tokens; set prepare.tokenize: true")
+    tc = config.training
+    model_dir = resolve_model(config.model.name)
+    model_vocab = _check_model(config, model_dir)
+    tokenizer = resolve_tokenizer(config.model.tokenizer or config.model.name)
+    if tokenizer.vocab_size > model_vocab:
+        raise CptkitError(
+            f"the tokenizer of {tokenizer.name} has {tokenizer.vocab_size:,} tokens but the model's embedding has "
+            f"{model_vocab:,} rows: ids from {model_vocab:,} up would fail in training; use the model's own "
+            "tokenizer (model.tokenizer)"
+        )
+    sets = datasets(config)
+    facts = {d.name: _prepared_facts(config, d, tokenizer, check_current=dry_run) for d in sets}
+    prepared = all(f is not None for f in facts.values())
+    if not prepared and not dry_run:
+        load_train_data(config)  # says which data is not prepared
+    samples: dict[str, TokenDocs] = {}
+    for d in sets:
+        if facts[d.name] is None:
+            facts[d.name], samples[d.name] = _source_facts(config, d, tokenizer)
+    found = [f for f in facts.values() if f is not None]
+
+    blocks_per_step = tc.micro_batch_size * tc.gradient_accumulation_steps
+    notes: list[str] = []
+    train_up_to_date = False
+    if prepared:
+        data = load_train_data(config)
+        _check_token_ids(data, model_vocab)
+        fingerprint = train_fingerprint(config, data)
+        train_up_to_date = up_to_date(config.output_dir, fingerprint, fingerprint) is not None
+        stream = BlockStream(
+            data.domain_train, data.replay_train, config.data.replay_ratio, tc.seed, data.separator, tc.max_seq_length
+        )
+        epoch0 = stream.epoch_blocks(0)
+        per_epoch = len(epoch0)
+        replay_share = epoch0.replay_share
+        replay_tokens = round(epoch0.real_tokens * replay_share)
+        domain_tokens = epoch0.real_tokens - replay_tokens
+    else:
+        domain, replay = facts["domain"], facts.get("replay")
+        assert domain is not None
+        domain_blocks = math.ceil((domain.train_tokens + domain.train_documents) / tc.max_seq_length)
+        replay_blocks = 0
+        if replay is not None and config.data.replay_ratio > 0:
+            replay_blocks = round(domain_blocks * config.data.replay_ratio / (1 - config.data.replay_ratio))
+        per_epoch = domain_blocks + replay_blocks
+        domain_tokens, replay_tokens = domain.train_tokens, replay_blocks * tc.max_seq_length
+        replay_share = replay_tokens / max(domain_tokens + replay_tokens, 1)
+        sample = samples.get("domain") or TokenDocs.from_lists([])
+        separator = separator_id(asdict(tokenizer))
+        if len(sample) == 0:
+            raise CptkitError("the domain source holds no text to train on")
+        stream = BlockStream(sample, None, 0.0, tc.seed, separator, tc.max_seq_length)
+    replay_facts = facts.get("replay")
+    if replay_facts is not None and replay_tokens > replay_facts.train_tokens:
+        notes.append(
+            f"replay text repeats: an epoch uses {replay_tokens:,} replay tokens, the replay data has "
+            f"{replay_facts.train_tokens:,}"
+        )
+
+    steps = planned_steps(tc, per_epoch)
+    plan = Plan(
+        datasets=found,
+        estimated=not prepared,
+        seq_len=tc.max_seq_length,
+        blocks_per_step=blocks_per_step,
+        blocks_per_epoch=per_epoch,
+        steps=steps,
+        epochs=steps * blocks_per_step / max(per_epoch, 1),
+        domain_tokens_per_epoch=domain_tokens,
+        replay_tokens_per_epoch=replay_tokens,
+        replay_share=replay_share,
+        learning_rates=learning_rate_points(tc, steps),
+        train_up_to_date=train_up_to_date,
+        notes=notes,
+    )
+    if not measure:
+        return plan
+    description, measured = measure_steps(config, model_dir, stream)
+    return _with_estimates(plan, description, measured, config, facts)
+
+
+def learning_rate_points(tc: TrainingConfig, steps: int) -> list[tuple[str, int, float]]:
+    """The schedule's key points: first update, end of warmup (the peak), start of the wsd decay, last update."""
+    warm = warmup_steps(tc, steps)
+
+    def rate(step: int) -> float:  # step is 1-based, as train prints it
+        return tc.learning_rate * lr_factor(step - 1, steps, tc)
+
+    points = [("first step", 1, rate(1))]
+    if warm > 1:
+        points.append(("end of warmup", warm, rate(warm)))
+    if tc.lr_scheduler == "wsd":
+        decay_start = steps - max(round(tc.decay_ratio * steps), 1)
+        if warm < decay_start < steps:
+            points.append(("decay starts", decay_start + 1, rate(decay_start + 1)))
+    if steps > max(warm, 1):
+        points.append(("last step", steps, rate(steps)))
+    return points
+
+
+def _check_model(config: Config, model_dir: Path) -> int:
+    """Check the sequence length against the model's; return the model's vocabulary (embedding rows)."""
+    from transformers import AutoConfig
+
+    try:
+        text = AutoConfig.from_pretrained(str(model_dir)).get_text_config()
+    except (OSError, ValueError, KeyError) as exc:
+        raise CptkitError(f"cannot read the model config in {model_dir}: {exc}") from None
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is not None and config.training.max_seq_length > limit:
+        raise CptkitError(
+            f"training.max_seq_length {config.training.max_seq_length} is above the {limit} positions "
+            f"{config.model.name} was trained for (max_position_embeddings); set training.max_seq_length <= {limit}"
+        )
+    return int(text.vocab_size)
+
+
+def _check_token_ids(data: TrainData, model_vocab: int) -> None:
+    for name, docs in (
+        ("domain", data.domain_train),
+        ("domain", data.domain_val),
+        ("replay", data.replay_train),
+        ("replay", data.general_val),
+    ):
+        if docs is not None and len(docs.values) and int(docs.values.max()) >= model_vocab:
+            raise CptkitError(
+                f"the prepared {name} data holds token id {int(docs.values.max()):,} but the model's embedding has "
+                f"{model_vocab:,} rows: it was tokenized with another tokenizer; rerun prepare with the model's"
+            )
+
+
+# ---------------------------------------------------------------- data counts
+
+
+def _prepared_facts(
+    config: Config, dataset: Dataset, tokenizer: TokenizerInfo, check_current: bool
+) -> DatasetFacts | None:
+    """The prepare manifest's counts. With `check_current`, only when it matches the config, the tokenizer
+    and the raw snapshot, and the snapshot matches the source (where the source can tell without being read)."""
+    from cptkit.extract import _config_fingerprint
+    from cptkit.prepare import prepare_fingerprint
+    from cptkit.sources import open_source
+
+    extracted = read_json(dataset.raw_dir / MANIFEST)
+    manifest = read_json(dataset.directory / MANIFEST)
+    if extracted is None or manifest is None or manifest.get("stage") != "prepare":
+        return None
+    if not check_current:
+        return _facts_from(dataset.name, manifest, None)
+    content = str(extracted.get("content_fingerprint"))
+    if up_to_date(dataset.directory, prepare_fingerprint(config, tokenizer), content) is None:
+        return None
+    source = open_source(dataset.source)
+    try:
+        source_fp = source.input_fingerprint()
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    note = None
+    if source_fp is None:
+        note = f"as of the last extract ({extracted.get('created_at')}); the source cannot say whether it changed"
+    elif up_to_date(dataset.raw_dir, _config_fingerprint(dataset), source_fp) is None:
+        return None
+    return _facts_from(dataset.name, manifest, note)
+
+
+def _facts_from(name: str, manifest: dict[str, Any], note: str | None) -> DatasetFacts:
+    return DatasetFacts(
+        name=name,
+        estimated=False,
+        documents=int(manifest["documents_kept"]),
+        train_documents=int(manifest["train_documents"]),
+        val_documents=int(manifest["val_documents"]),
+        train_tokens=int(manifest["train_tokens"]),
+        val_tokens=int(manifest["val_tokens"]),
+        note=note,
+    )
+
+
+def _source_facts(config: Config, dataset: Dataset, tokenizer: TokenizerInfo) -> tuple[DatasetFacts, TokenDocs]:
+    """Rows and text bytes counted in the source, tokens estimated from the first documents tokenized
+    (before quality filters and dedup, which only remove). Also returns the sample's tokens."""
+    from tokenizers import Tokenizer
+
+    from cptkit.sources import TEXT, open_source
+
+    rows = text_bytes = 0
+    sample: list[str] = []
+    source = open_source(dataset.source)
+    try:
+        for batch in source.batches():
+            rows += batch.num_rows
+            for text in batch.column(TEXT).to_pylist():
+                if text is None:
+                    continue
+                text_bytes += len(text.encode("utf-8", "surrogatepass"))
+                if len(sample) < SAMPLE_DOCUMENTS:
+                    sample.append(text)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    encoded = [e.ids for e in Tokenizer.from_file(tokenizer.path).encode_batch(sample, add_special_tokens=False)]
+    sample_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in sample)
+    tokens = round(text_bytes * sum(map(len, encoded)) / sample_bytes) if sample_bytes else 0
+    val = config.prepare.split.val_ratio
+    facts = DatasetFacts(
+        name=dataset.name,
+        estimated=True,
+        documents=rows,
+        train_documents=round(rows * (1 - val)),
+        val_documents=round(rows * val),
+        train_tokens=round(tokens * (1 - val)),
+        val_tokens=round(tokens * val),
+        text_bytes=text_bytes,
+        sampled_documents=len(sample),
+    )
+    return facts, TokenDocs.from_lists(encoded)
+
+
+# ---------------------------------------------------------------- timed steps
+
+
+def measure_steps(config: Config, model_dir: Path, stream: BlockStream) -> tuple[ModelDescription, Measured]:
+    """Load the model as train does, run WARMUP_STEPS + TIMED_STEPS optimizer steps on the stream's first
+    blocks, and measure their time and the peak memory (the same measure train records); then free it all."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cptkit.loss import CausalLMLoss
+    from cptkit.memory import PeakMemory
+
+    tc = config.training
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision=resolve_precision(tc, device), cpu=device.type == "cpu")
+    memory = PeakMemory(accelerator.device)
+    memory.reset()
+    started = time.perf_counter()
+    torch.manual_seed(tc.seed)
+    loaded = load_for_training(model_dir, tc, accelerator.device)
+    load_seconds = time.perf_counter() - started
+    model = CausalLMLoss(loaded.model)
+    optimizer = torch.optim.AdamW(loaded.param_groups, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    per_step = tc.micro_batch_size * tc.gradient_accumulation_steps
+    seconds, tokens = 0.0, 0
+    try:
+        for step in range(WARMUP_STEPS + TIMED_STEPS):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            rows = list(stream.batch(step * per_step, per_step))
+            labels = sum(int((r[2][1:] != -100).sum()) for r in rows)
+            for k in range(0, len(rows), tc.micro_batch_size):
+                group = rows[k : k + tc.micro_batch_size]
+                ids, pos, lab = (torch.from_numpy(np.stack([r[i] for r in group])).to(device) for i in range(3))
+                total, _ = model(ids, pos, lab)
+                accelerator.backward(total / max(labels, 1))
+            if tc.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= WARMUP_STEPS:
+                seconds += time.perf_counter() - t
+                tokens += sum(r[3] for r in rows)
+    except torch.OutOfMemoryError:
+        raise CptkitError(
+            f"training does not fit in {device} memory ({loaded.description}); lower training.micro_batch_size or "
+            "training.max_seq_length, set training.gradient_checkpointing=true, or use training.method qlora"
+        ) from None
+    peak = memory.peak_bytes()
+    description = loaded.description
+    del model, optimizer, loaded
+    accelerator.free_memory()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    measured = Measured(
+        device=str(device),
+        precision={"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision)),
+        warmup_steps=WARMUP_STEPS,
+        timed_steps=TIMED_STEPS,
+        seconds_per_step=seconds / TIMED_STEPS,
+        tokens_per_second=tokens / max(seconds, 1e-9),
+        load_seconds=load_seconds,
+        peak_memory_bytes=peak,
+        memory_kind=memory.kind,
+    )
+    return description, measured
+
+
+def _with_estimates(
+    plan: Plan,
+    description: ModelDescription,
+    measured: Measured,
+    config: Config,
+    facts: dict[str, DatasetFacts | None],
+) -> Plan:
+    """The plan with the measured model and an estimated duration: the steps at the measured speed, plus
+    the validation passes (forward only) and loading the model."""
+    tc = config.training
+    evals = 1 + sum(1 for s in range(1, plan.steps + 1) if s % tc.eval_steps == 0 or s == plan.steps)
+    blocks = 0
+    for name in ("domain", "replay"):
+        f = facts.get(name)
+        if f is not None:
+            n = math.ceil((f.val_tokens + f.val_documents) / tc.max_seq_length)
+            blocks += n if tc.eval_max_sequences is None else min(n, tc.eval_max_sequences)
+    per_block = measured.seconds_per_step / plan.blocks_per_step
+    estimate = {
+        "load": measured.load_seconds,
+        "steps": plan.steps * measured.seconds_per_step,
+        "validation": evals * blocks * per_block * _FORWARD_SHARE,
+    }
+    estimate["total"] = sum(estimate.values())
+    return dataclasses.replace(plan, description=description, measured=measured, estimated_seconds=estimate)
