@@ -388,3 +388,65 @@ def test_missing_sql_connector_says_how_to_install(tmp_path: Path, monkeypatch: 
     cfg = load(tmp_path, {**SOURCE})
     with pytest.raises(SourceError, match="pip install databricks-sql-connector"):
         extract(datasets(cfg)[0])
+
+
+# -- into the pipeline ----------------------------------------------------------------------------
+
+
+def test_cptkit_run_on_a_databricks_table_trains_like_the_same_table_read_locally(
+    tmp_path: Path, cli: Any, monkeypatch: pytest.MonkeyPatch, workspace: Workspace, tiny_model_dir: Path
+) -> None:
+    """The warehouse path feeds prepare, train and evaluate: the prepared data equals that of the same
+    Delta table read as a local `type: delta` source, and `cptkit run` goes through evaluation."""
+    from conftest import SMALL_EVALUATION, make_doc, write_jsonl
+
+    table = tmp_path / "pages"
+    write_pages(table, [page(i, body=make_doc(i)) for i in range(30)])
+    wh = DuckWarehouse({TABLE: table})
+    monkeypatch.setattr("databricks.sql.connect", lambda **kwargs: wh())
+    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": make_doc(1000 + i)} for i in range(12)])
+    write_jsonl(tmp_path / "news.jsonl", [{"text": make_doc(2000 + i)} for i in range(3)])
+    columns = {"id_column": "id", "text_column": "body", "metadata_columns": ["title"]}
+
+    def config(name: str, source: dict[str, Any]) -> Path:
+        return write_config(
+            tmp_path / f"{name}.yaml",
+            {
+                "model": {"name": str(tiny_model_dir)},
+                "databricks": {"host": workspace.url, "token": TOKEN},
+                "source": {**source, **columns},
+                "data": {
+                    "output_dir": f"{name}/data",
+                    "replay_ratio": 0.25,
+                    "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"},
+                },
+                "prepare": {"split": {"val_ratio": 0.2}},
+                "output_dir": f"{name}/model",
+                "training": {
+                    "method": "lora",
+                    "max_steps": 3,
+                    "max_seq_length": 64,
+                    "micro_batch_size": 4,
+                    "eval_steps": 3,
+                    "warmup_steps": 1,
+                    "precision": "fp32",
+                    "eval_max_sequences": 2,
+                },
+                "evaluate": SMALL_EVALUATION,
+                "tracking": {"enabled": False},
+            },
+        )
+
+    remote = config("remote", {"type": "databricks", "table": TABLE, "http_path": "/sql/1.0/warehouses/w1"})
+    local = config("local", {"type": "delta", "path": str(table)})
+    assert cli("run", "--config", str(local), "--until", "prepare").exit_code == 0
+    result = cli("run", "--config", str(remote), "--until", "evaluate")
+    assert result.exit_code == 0, result.output
+    assert "run: ran extract, prepare, train, evaluate" in " ".join(result.output.split())
+    for split in ("train.jsonl", "val.jsonl"):
+        assert (tmp_path / "remote/data" / split).read_bytes() == (tmp_path / "local/data" / split).read_bytes()
+    manifest = json.loads((tmp_path / "remote/data/raw/manifest.json").read_text())
+    assert manifest["rows"] == 30 and manifest["delta_version"] == 0
+    results = json.loads((tmp_path / "remote/model/evaluation/results.json").read_text())
+    assert results["sets"]["domain"]["documents"] > 0 and results["cpt"]["domain"]["perplexity"] > 0
+    assert TOKEN not in result.output

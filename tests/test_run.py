@@ -229,3 +229,30 @@ def test_preflight_errors_stop_before_training(
     result = cli("run", "--config", cfg, "--dry-run")
     assert result.exit_code == 1
     assert "error: preflight failed: training needs about" in " ".join(result.output.split())
+
+
+def test_log_formats_json_for_schedulers_and_quiet_for_ci(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    cfg = str(run_config(tmp_path, tiny_model_dir))
+    result = cli("--log-format", "json", "run", "--config", cfg)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]  # stdout holds JSON lines only
+    stages = [e["stage"] for e in events if e["event"] == "stage"]
+    assert sorted(set(stages)) == ["evaluate", "extract", "prepare", "register", "train"]
+    assert stages.index("train") < stages.index("evaluate") < stages.index("register")
+    steps = [e for e in events if e["event"] == "train_step"]
+    assert steps and all({"loss", "learning_rate", "tokens_per_second", "eta_seconds"} <= set(e) for e in steps)
+    assert steps[-1]["step"] == steps[-1]["total_steps"] and steps[-1]["eta_seconds"] == 0
+    assert any(e["event"] == "preflight" and e["steps"] == steps[-1]["total_steps"] for e in events)
+    assert events[-1]["event"] == "run" and events[-1]["ran"][-1] == "register"
+    assert "train: step" not in result.stderr and "run: ran" not in result.stderr  # no human lines
+
+    quiet = cli("--log-format", "quiet", "run", "--config", cfg, "--set", "training.learning_rate=4e-3")
+    assert quiet.exit_code == 0, quiet.output
+    assert "train: step" not in quiet.output  # stage results, not per-step lines
+    assert "run: ran train, evaluate, register" in " ".join(quiet.output.split())
+
+    failed = cli("--log-format", "json", "run", "--config", cfg, "--set", "source.path=missing.jsonl")
+    assert failed.exit_code == 1
+    last = json.loads(failed.stdout.splitlines()[-1])
+    assert last["event"] == "error" and last["message"].startswith("extract failed") and last["exit_code"] == 1
+    assert "error: extract failed" in " ".join(failed.stderr.split())  # the one line, on stderr too

@@ -3,6 +3,7 @@ errors into one clear line and a non-zero exit (tracebacks only with --debug).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from cptkit.config import Config, load_config, masked_dict
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.extract import DryRunResult, StageResult
 from cptkit.pipeline import Stage
-from cptkit.progress import console
+from cptkit.progress import LOG_FORMATS, console, duration, error_console, event, set_log_format
 
 DEFAULT_CONFIG = Path("configs/cpt_config.yaml")
 
@@ -56,8 +57,9 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # mlflow sets its loggers' level from this variable when it is imported, after this function runs.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # mlflow sets its loggers' level from this variable when it is imported, after this function runs. Its
+    # warnings are about its own internals (pipeline params, devices), not about anything the user can change.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     for name in ("mlflow", "bitsandbytes", "accelerate", "peft", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # Deprecation notices libraries raise about each other (peft calling a renamed transformers method)
@@ -74,27 +76,31 @@ def _run(debug: bool, fn: Any, *args: Any) -> Any:
         return fn(*args)
     except ConfigError as exc:
         for line in exc.problems:
-            console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
+            error_console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
+        event("error", kind="config", problems=exc.problems, exit_code=exc.exit_code)
         if debug:
             raise
         raise typer.Exit(exc.exit_code) from None
     except CptkitError as exc:
-        console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        error_console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        event("error", kind="error", message=str(exc), exit_code=exc.exit_code)
         if debug:
             raise
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        console.print("interrupted; no partial output was kept", style="yellow")
+        error_console.print("interrupted; no partial output was kept", style="yellow")
+        event("error", kind="interrupted", exit_code=130)
         raise typer.Exit(130) from None
     except Exception as exc:
         if debug:
             raise
-        console.print(
+        error_console.print(
             f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
             style="red",
             markup=False,
             highlight=False,
         )
+        event("error", kind="internal", message=f"{type(exc).__name__}: {exc}", exit_code=1)
         raise typer.Exit(1) from None
 
 
@@ -373,8 +379,15 @@ def config_reference() -> None:
     sys.stdout.write(reference_markdown())
 
 
+def _stage_event(stage: str, result: Any, **fields: Any) -> None:
+    manifest = getattr(result, "manifest", None) or {}
+    name = manifest.get("dataset")
+    event("stage", stage=stage, **({"dataset": name} if name else {}), skipped=result.skipped, **fields)
+
+
 def print_extract(result: StageResult | DryRunResult) -> None:
     if isinstance(result, DryRunResult):
+        event("extract_dry_run", **result.plan)
         plan = result.plan
         out = console.print
         head = f"extract {plan['dataset']} (dry run, nothing written): {plan.get('source')}"
@@ -391,6 +404,8 @@ def print_extract(result: StageResult | DryRunResult) -> None:
         return
     m = result.manifest
     name = m.get("dataset", "domain")
+    keys = ("rows", "bytes", "delta_version", "malformed_rows", "incremental", "seconds")
+    _stage_event("extract", result, directory=result.directory, **{k: m.get(k) for k in keys})
     if result.skipped:
         console.print(f"extract {name}: up to date, skipped ({result.directory}/manifest.json matches)")
         return
@@ -413,6 +428,9 @@ def print_extract(result: StageResult | DryRunResult) -> None:
 def print_prepare(result: StageResult) -> None:
     m = result.manifest
     name = m.get("dataset", "domain")
+    keys: tuple[str, ...] = ("documents_in", "documents_kept", "dropped", "quarantined_by_reason", "train_documents")
+    keys += ("val_documents", "train_tokens", "val_tokens", "redactions", "seconds")
+    _stage_event("prepare", result, directory=result.directory, **{k: m.get(k) for k in keys})
     if result.skipped:
         console.print(f"prepare {name}: up to date, skipped ({result.directory}/manifest.json matches)")
         return
@@ -435,6 +453,9 @@ def print_prepare(result: StageResult) -> None:
 
 
 def print_train(result: Any) -> None:
+    keys = ("steps", "tokens", "replay_share", "tokens_per_second", "final_loss", "final_eval", "peak_memory_bytes")
+    summary = getattr(result, "summary", None) or {}
+    _stage_event("train", result, directory=result.directory, **{k: summary.get(k) for k in keys})
     if result.skipped:
         console.print(f"train: up to date, skipped ({result.directory}/manifest.json matches)")
         return
@@ -453,6 +474,12 @@ def print_train(result: Any) -> None:
 def print_evaluate(result: Any) -> None:
     from cptkit.report import REPORT_HTML, headline
 
+    r = result.results or {}
+    keys = ("adaptation", "forgetting", "forgetting_by_set", "drift_kl", "top1_agreement")
+    verdict = (r.get("verdict") or {}).get("passed")
+    _stage_event(
+        "evaluate", result, report=result.directory / REPORT_HTML, passed=verdict, **{k: r.get(k) for k in keys}
+    )
     if result.skipped:
         console.print(f"evaluate: up to date, skipped ({result.directory}/manifest.json matches)")
     if result.results is None:
@@ -469,6 +496,8 @@ def print_evaluate(result: Any) -> None:
 
 
 def print_register(result: Any) -> None:
+    event("stage", stage="register", **dataclasses.asdict(result))
+
     def out(line: str, style: str | None = None) -> None:
         console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
 
@@ -503,6 +532,8 @@ def print_register(result: Any) -> None:
 
 def print_preflight(plan: Any) -> None:
     from cptkit.models import _size
+
+    event("preflight", **plan.as_dict())
 
     def out(line: str, style: str | None = None) -> None:
         console.print(f"preflight: {line}", style=style, highlight=False, markup=False, soft_wrap=True)
@@ -552,20 +583,13 @@ def print_preflight(plan: Any) -> None:
     )
     e = plan.estimated_seconds
     out(
-        f"estimated duration: {_duration(e['total'])} (steps {_duration(e['steps'])}, validation "
-        f"{_duration(e['validation'])}, loading {_duration(e['load'])})"
+        f"estimated duration: {duration(e['total'])} (steps {duration(e['steps'])}, validation "
+        f"{duration(e['validation'])}, loading {duration(e['load'])})"
     )
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def print_export(result: Any) -> None:
+    event("stage", stage="export", skipped=False, **dataclasses.asdict(result))
     for note in result.notes:
         console.print(f"export: note: {note}", style="yellow", highlight=False, markup=False, soft_wrap=True)
     console.print(
@@ -588,8 +612,22 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            envvar="CPTKIT_LOG_FORMAT",
+            help=f"{' | '.join(LOG_FORMATS)}: rich shows stage results, each training step with its loss, speed "
+            "and ETA, and progress bars on a terminal; quiet shows stage results and errors only; json writes one "
+            "JSON object per event on stdout (errors also go to stderr).",
+        ),
+    ] = "rich",
 ) -> None:
     """Continual pretraining of small language models on your own domain documents."""
+    if log_format not in LOG_FORMATS:
+        error_console.print(f"error: --log-format {log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
+        raise typer.Exit(2)
+    set_log_format(log_format)
 
 
 def main() -> None:

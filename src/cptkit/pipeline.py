@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from cptkit.config import Config
 from cptkit.datasets import datasets
 from cptkit.errors import ConfigError, CptkitError
-from cptkit.progress import console
+from cptkit.progress import console, event
 
 if TYPE_CHECKING:
     from cptkit.preflight import Plan
@@ -172,6 +172,7 @@ def _print_summary(result: RunResult) -> None:
         console.print("run: " + "; ".join(parts), highlight=False, soft_wrap=True)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     console.print(f"run: stage times {times}", highlight=False, soft_wrap=True)
+    event("run", ran=result.ran, skipped=result.skipped, seconds=result.timings)
 
 
 def not_promoted(result: RunResult) -> str | None:

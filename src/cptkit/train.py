@@ -47,7 +47,7 @@ from cptkit.extract import StageResult
 from cptkit.memory import PeakMemory
 from cptkit.packing import Blocks, BlockStream, TokenDocs, sequence_blocks
 from cptkit.prepare import TRAIN_TOKENS, VAL_TOKENS
-from cptkit.progress import console
+from cptkit.progress import console, detail, duration, event
 from cptkit.schedule import lr_factor
 from cptkit.tracking import Tracker, open_tracker
 
@@ -297,6 +297,7 @@ def train(
     model.train()
     started = time.perf_counter()
     seconds_before = state.train_seconds
+    steps_before = state.step
     try:
         while state.step < total_steps:
             step_started = time.perf_counter()
@@ -340,16 +341,28 @@ def train(
                     },
                     state.step,
                 )
-            console.print(
+            speed = real / max(elapsed, 1e-9)
+            # From this process's own steps so far (validation passes included: they recur).
+            eta = (time.perf_counter() - started) / (state.step - steps_before) * (total_steps - state.step)
+            detail(
                 f"train: step {state.step}/{total_steps} loss {state.losses[-1]:.4f} lr {lr:.2e} "
-                f"{real / max(elapsed, 1e-9):,.0f} tok/s",
-                highlight=False,
+                f"{speed:,.0f} tok/s, ETA {duration(eta)}"
+            )
+            event(
+                "train_step",
+                step=state.step,
+                total_steps=total_steps,
+                loss=state.losses[-1],
+                learning_rate=lr,
+                tokens_per_second=speed,
+                eta_seconds=eta,
             )
             if state.step % tc.eval_steps == 0 or state.step == total_steps:
                 eval_started = time.perf_counter()
                 result = evaluate(state.step)
                 state.eval_seconds += time.perf_counter() - eval_started
-                console.print(f"train: step {state.step} " + _format_eval(result))
+                detail(f"train: step {state.step} " + _format_eval(result))
+                event("train_eval", step=state.step, **{k.split("/")[-1]: v for k, v in result.items()})
                 if _forgetting_check(state, result, tc, trainable, ckpt_root):
                     break
             if state.step % tc.save_steps == 0 and state.step < total_steps:
