@@ -531,7 +531,7 @@ def print_register(result: Any) -> None:
 
 
 def print_preflight(plan: Any) -> None:
-    from cptkit.models import _size
+    from cptkit.models import human_size
 
     event("preflight", **plan.as_dict())
 
@@ -568,8 +568,8 @@ def print_preflight(plan: Any) -> None:
         d = plan.description
         out(
             f"model: {d.method}, {d.trainable_params:,} trainable of {d.total_params:,} parameters "
-            f"({d.trainable_params / max(d.total_params, 1):.2%}), {_size(d.saved_bytes)} saved; memory estimated "
-            f"from the parameter counts {_size(d.estimated_memory_bytes)}"
+            f"({d.trainable_params / max(d.total_params, 1):.2%}), {human_size(d.saved_bytes)} saved; memory estimated "
+            f"from the parameter counts {human_size(d.estimated_memory_bytes)}"
         )
     m = plan.measured
     if m is None:
@@ -579,7 +579,7 @@ def print_preflight(plan: Any) -> None:
     out(
         f"measured on {m.device} ({m.precision}), {m.timed_steps} timed steps after {m.warmup_steps} warm-up: "
         f"{m.tokens_per_second:,.0f} tokens/s, {m.seconds_per_step:.2f} s/step; peak memory "
-        f"{_size(m.peak_memory_bytes)} ({m.memory_kind})"
+        f"{human_size(m.peak_memory_bytes)} ({m.memory_kind})"
     )
     e = plan.estimated_seconds
     out(

@@ -105,7 +105,7 @@ def _saved_state(out: Path, source: IncrementalSource) -> dict[str, Any] | None:
     return state if state is not None and state.get("key") == source.state_key() else None
 
 
-def _config_fingerprint(dataset: Dataset) -> str:
+def extract_fingerprint(dataset: Dataset) -> str:
     # A rotated token or client secret does not change what is read.
     if isinstance(dataset.source, DatabricksSourceConfig):
         return section_fingerprint(dataset.source.model_dump(exclude={"token", "client_secret"}))
@@ -114,7 +114,7 @@ def _config_fingerprint(dataset: Dataset) -> str:
 
 def _extract(dataset: Dataset, source: Source, force: bool) -> StageResult:
     out = dataset.raw_dir
-    config_fp = _config_fingerprint(dataset)
+    config_fp = extract_fingerprint(dataset)
     input_fp = source.input_fingerprint()
     existing = up_to_date(out, config_fp, input_fp)
     if existing is not None and not force:

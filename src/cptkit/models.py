@@ -245,10 +245,10 @@ class ModelDescription:
         share = self.trainable_params / max(self.total_params, 1)
         return (
             f"{self.method}: {_count(self.trainable_params)} trainable of {_count(self.total_params)} parameters "
-            f"({share:.2%}), {_size(self.saved_bytes)} saved; training memory about "
-            f"{_size(self.estimated_memory_bytes)} (weights {_size(self.weights_bytes)}, optimizer "
-            f"{_size(self.optimizer_bytes)}, activations {_size(self.activation_bytes)}, logits "
-            f"{_size(self.logits_bytes)})"
+            f"({share:.2%}), {human_size(self.saved_bytes)} saved; training memory about "
+            f"{human_size(self.estimated_memory_bytes)} (weights {human_size(self.weights_bytes)}, optimizer "
+            f"{human_size(self.optimizer_bytes)}, activations {human_size(self.activation_bytes)}, logits "
+            f"{human_size(self.logits_bytes)})"
         )
 
 
@@ -503,7 +503,7 @@ def _check_fits(description: ModelDescription, device: torch.device) -> None:
     need = description.estimated_memory_bytes
     if available is not None and need > available:
         raise CptkitError(
-            f"training needs about {_size(need)} ({description}) but {device} has {_size(available)}; lower "
+            f"training needs about {human_size(need)} ({description}) but {device} has {human_size(available)}; lower "
             "training.micro_batch_size or training.max_seq_length, set training.gradient_checkpointing=true, "
             "or use training.method qlora"
         )
@@ -687,7 +687,7 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"

@@ -243,7 +243,7 @@ def _prepared_facts(
 ) -> DatasetFacts | None:
     """The prepare manifest's counts. With `check_current`, only when it matches the config, the tokenizer
     and the raw snapshot, and the snapshot matches the source (where the source can tell without being read)."""
-    from cptkit.extract import _config_fingerprint
+    from cptkit.extract import extract_fingerprint
     from cptkit.prepare import prepare_fingerprint
     from cptkit.sources import open_source
 
@@ -265,7 +265,7 @@ def _prepared_facts(
     note = None
     if source_fp is None:
         note = f"as of the last extract ({extracted.get('created_at')}); the source cannot say whether it changed"
-    elif up_to_date(dataset.raw_dir, _config_fingerprint(dataset), source_fp) is None:
+    elif up_to_date(dataset.raw_dir, extract_fingerprint(dataset), source_fp) is None:
         return None
     return _facts_from(dataset.name, manifest, note)
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 from cptkit.errors import CptkitError
 from cptkit.tracking import (
     MAX_TAG_VALUE_LENGTH,
-    _create_run,
-    _truncate,
-    _vendor_errors,
+    create_run,
     display_uri,
     mask_secrets,
     resolve_tracking_uri,
     secret_values,
+    truncate,
+    vendor_errors,
 )
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class Registry:
         registry_uri = resolve_registry_uri(register.registry_uri, env)
         check_model_name(tracking.registered_model_name, registry_uri)
         secrets = secret_values(env)
-        with _vendor_errors(uri, "open the tracking store", secrets):
+        with vendor_errors(uri, "open the tracking store", secrets):
             # Explicit: left None, MLflow would take the process-wide default, not this store's registry.
             client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri or uri)
         return cls(client, uri, registry_uri, secrets)
@@ -107,7 +107,7 @@ class Registry:
 
         with self._errors("log the model"), self._bound():
             if run_id is None:
-                run_id = _create_run(self.client, self.tracking_uri, experiment_name, "register")
+                run_id = create_run(self.client, self.tracking_uri, experiment_name, "register")
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.transformers.log_model(
                     transformers_model={"model": model, "tokenizer": tokenizer},
@@ -191,10 +191,10 @@ class Registry:
 
     def _tags(self, tags: Mapping[str, str]) -> dict[str, str]:
         masked = mask_secrets(dict(tags), self._secrets)
-        return {k: _truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in masked.items()}
+        return {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in masked.items()}
 
     def _errors(self, action: str) -> Any:
-        return _vendor_errors(self.registry_uri or self.tracking_uri, action, self._secrets)
+        return vendor_errors(self.registry_uri or self.tracking_uri, action, self._secrets)
 
     @contextmanager
     def _bound(self) -> Iterator[None]:

@@ -187,7 +187,7 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
     MLflow's limit."""
     flat: dict[str, str] = {}
     _flatten(params, "", flat)
-    return {k: _truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in flat.items()}
+    return {k: truncate(v, MAX_PARAM_VALUE_LENGTH) for k, v in flat.items()}
 
 
 def _flatten(value: Mapping[str, Any], prefix: str, out: dict[str, str]) -> None:
@@ -203,7 +203,7 @@ def _flatten(value: Mapping[str, Any], prefix: str, out: dict[str, str]) -> None
             out[key] = str(item)
 
 
-def _truncate(text: str, limit: int) -> str:
+def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -246,10 +246,10 @@ class MlflowTracker:
 
         uri = resolve_tracking_uri(config.tracking_uri, env)
         secrets = secret_values(env)
-        with _vendor_errors(uri, "open the tracking store", secrets):
+        with vendor_errors(uri, "open the tracking store", secrets):
             client = MlflowClient(tracking_uri=uri)  # builds the store: connects, creates or migrates a database
             if run_id is None:
-                run_id = _create_run(client, uri, config.experiment_name, _scrub(run_name, secrets))
+                run_id = create_run(client, uri, config.experiment_name, _scrub(run_name, secrets))
                 resumed = False
             else:
                 _continue_run(client, uri, run_id)
@@ -319,7 +319,7 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         masked = mask_secrets(dict(tags), self._secrets)
-        batch = [RunTag(k, _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in masked.items()]
+        batch = [RunTag(k, truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in masked.items()]
         with self._errors("set tags"):
             self._client.log_batch(self._run_id, tags=batch)
 
@@ -338,10 +338,10 @@ class MlflowTracker:
             self._client.set_terminated(self._run_id, status)
 
     def _errors(self, action: str) -> AbstractContextManager[None]:
-        return _vendor_errors(self.tracking_uri, action, self._secrets)
+        return vendor_errors(self.tracking_uri, action, self._secrets)
 
 
-def _create_run(client: MlflowClient, uri: str, experiment_name: str, run_name: str) -> str:
+def create_run(client: MlflowClient, uri: str, experiment_name: str, run_name: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking.context.registry import resolve_tags
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
@@ -407,7 +407,7 @@ def _is_vendor_error(exc: BaseException) -> bool:
 
 
 @contextmanager
-def _vendor_errors(uri: str, action: str, secrets: tuple[str, ...]) -> Iterator[None]:
+def vendor_errors(uri: str, action: str, secrets: tuple[str, ...]) -> Iterator[None]:
     """Turn an MLflow, database, network or file error into one CptkitError line that names the URI."""
     try:
         yield
@@ -431,4 +431,4 @@ def _reason(exc: BaseException, secrets: tuple[str, ...]) -> str:
         cause = cause.__cause__ or cause.__context__
     lines = [line.strip() for line in str(chosen).splitlines() if line.strip()]
     text = lines[0] if lines else type(chosen).__name__
-    return _truncate(_scrub(" ".join(text.split()), secrets), 300)
+    return truncate(_scrub(" ".join(text.split()), secrets), 300)
