@@ -271,19 +271,12 @@ def storage_options_for(creds: Any, location: str) -> dict[str, str]:
     """deltalake (object_store) options from Unity Catalog temporary credentials, per cloud."""
     if location.startswith("file:") or location.startswith("/"):
         return {}  # a local table needs no credentials
-    if creds.aws_temp_credentials is not None:
-        aws = creds.aws_temp_credentials
+    s3 = creds.aws_temp_credentials or creds.r2_temp_credentials  # R2 speaks the S3 protocol
+    if s3 is not None:
         return _present(
-            AWS_ACCESS_KEY_ID=aws.access_key_id,
-            AWS_SECRET_ACCESS_KEY=aws.secret_access_key,
-            AWS_SESSION_TOKEN=aws.session_token,
-        )
-    if creds.r2_temp_credentials is not None:
-        r2 = creds.r2_temp_credentials
-        return _present(
-            AWS_ACCESS_KEY_ID=r2.access_key_id,
-            AWS_SECRET_ACCESS_KEY=r2.secret_access_key,
-            AWS_SESSION_TOKEN=r2.session_token,
+            AWS_ACCESS_KEY_ID=s3.access_key_id,
+            AWS_SECRET_ACCESS_KEY=s3.secret_access_key,
+            AWS_SESSION_TOKEN=s3.session_token,
         )
     if creds.azure_user_delegation_sas is not None:
         return _present(AZURE_STORAGE_SAS_TOKEN=creds.azure_user_delegation_sas.sas_token)

@@ -12,6 +12,7 @@ import datetime as dt
 import decimal
 import io
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,17 +138,17 @@ def count_query(query: Query) -> Query:
 # Runners: one interface (rows for small results, stream for big ones) over two transports.
 
 
-class Warehouse:
+class Warehouse(ABC):
     """Runs a query and returns Arrow."""
 
     def rows(self, query: Query) -> pa.Table:
         return pa.Table.from_batches(list(self.stream(query)))
 
-    def stream(self, query: Query) -> Iterator[pa.RecordBatch]:
-        raise NotImplementedError
+    @abstractmethod
+    def stream(self, query: Query) -> Iterator[pa.RecordBatch]: ...
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # most transports hold nothing to close
+        return None
 
 
 class ConnectorWarehouse(Warehouse):
