@@ -181,6 +181,48 @@ def test_the_gate_refuses_a_model_over_the_forgetting_budget_and_accepts_one_wit
     assert c.get_model_version(NAME, "3").tags["cptkit.forced"].startswith("true")
 
 
+def test_force_promotes_the_refused_version_instead_of_registering_it_again(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any
+) -> None:
+    cfg = evaluated_run(tmp_path, tiny_model_dir)
+    results = json.loads((tmp_path / "outputs/cpt_model/evaluation/results.json").read_text())
+    strict = f"evaluate.max_forgetting={results['forgetting_by_set']['general'] - 0.01}"
+    assert cli("register", "--config", str(cfg), "--set", strict).exit_code == 1
+    # Unchanged and still refused: a rerun says so and fails again (a CI step must not turn green).
+    again = cli("register", "--config", str(cfg), "--set", strict)
+    assert again.exit_code == 1 and "up to date, skipped" in again.output
+    forced = cli("register", "--config", str(cfg), "--set", strict, "--force")
+    assert forced.exit_code == 0, forced.output
+    c = client()
+    assert len(c.search_model_versions(f"name='{NAME}'")) == 1
+    assert c.get_model_version_by_alias(NAME, "champion").version == 1
+    assert c.get_model_version(NAME, "1").tags["cptkit.forced"].startswith("true")
+
+
+def test_differences_with_nan_or_infinity_never_pass() -> None:
+    import torch
+
+    from cptkit.register import max_abs_difference
+
+    a = torch.zeros(3)
+    assert max_abs_difference(a, torch.tensor([0.0, 1e-6, 0.0])) == pytest.approx(1e-6)
+    assert max_abs_difference(a, torch.tensor([0.0, float("nan"), 0.0])) == float("inf")
+    assert max_abs_difference(torch.tensor([float("inf")]), torch.tensor([float("inf")])) == float("inf")
+
+
+def test_export_never_replaces_a_folder_it_did_not_write(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    cfg = evaluated_run(tmp_path, tiny_model_dir)
+    mine = tmp_path / "my_models"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    result = cli("export", "--config", str(cfg), "--output", str(mine))
+    assert result.exit_code == 1 and "was not written by cptkit export" in " ".join(result.output.split())
+    assert (mine / "keep.txt").read_text() == "precious"
+    # Its own earlier export is replaced.
+    assert cli("export", "--config", str(cfg), "--output", str(tmp_path / "out")).exit_code == 0
+    assert cli("export", "--config", str(cfg), "--output", str(tmp_path / "out")).exit_code == 0
+
+
 def test_a_new_version_must_not_be_worse_than_the_champion_on_the_domain(
     tmp_path: Path, tiny_model_dir: Path, cli: Any
 ) -> None:

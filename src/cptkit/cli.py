@@ -231,11 +231,9 @@ def register(
         cfg = _load(config, set_)
         result = run_register(cfg, force=force)
         print_register(result)
-        if not result.promoted and not result.skipped:
-            raise CptkitError(
-                f"not promoted: {'; '.join(result.gate.failures())} (version {result.version} stays challenger; "
-                "--force promotes it anyway)"
-            )
+        reason = result.not_promoted()
+        if reason is not None:  # also when skipped: a refused model must not pass a CI step on a rerun
+            raise CptkitError(reason)
 
     _run(debug, go)
 

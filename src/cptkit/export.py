@@ -14,19 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cptkit.artifacts import atomic_dir
+from cptkit.artifacts import atomic_dir, write_json_atomic
 from cptkit.config import Config
 from cptkit.errors import CptkitError, StageError
 from cptkit.evaluate import trained_training_config
-from cptkit.models import resolve_model
-from cptkit.register import ROUNDTRIP_TEXTS, load_float_model, reference_logits, roundtrip_difference
+from cptkit.models import is_peft, resolve_model
+from cptkit.register import (
+    ROUNDTRIP_TEXTS,
+    load_float_model,
+    max_abs_difference,
+    reference_logits,
+    roundtrip_difference,
+)
 
 FORMATS = ("hf", "gguf")
 EXPORT_DIR = "export"
 GGUF_FILE = "model.gguf"
+MARKER = "cptkit_export.json"  # in every folder export writes; only such a folder is ever replaced
 # GGUF writing is done here because no maintained library converts a transformers model in memory: the
 # gguf package has the writer and the tensor-name tables, and llama.cpp's convert script is not
-# installable. It covers the Llama architecture (Llama, SmolLM, Mistral-style without sliding window).
+# installable. It covers LlamaForCausalLM models with byte-level BPE tokenizers (Llama 3, SmolLM).
 _GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
 
 
@@ -47,15 +54,18 @@ def export(config: Config, fmt: str, output: Path | None = None) -> ExportResult
     cpt_dir = config.output_dir
     if not (cpt_dir / "adapter_config.json").is_file() and not (cpt_dir / "config.json").is_file():
         raise StageError(f"{cpt_dir}: no trained model there; run cptkit train first")
+    target = output or cpt_dir / EXPORT_DIR / fmt
+    if target.exists() and not (target / MARKER).is_file():
+        # Replacing is only safe for a folder an earlier export wrote: anything else may be the user's.
+        raise CptkitError(f"--output {target}: exists and was not written by cptkit export; choose a new path")
     training = trained_training_config(cpt_dir, config.training)
     base_dir = resolve_model(config.model.name)
     model, tokenizer = load_float_model(base_dir, cpt_dir, training)
     texts = list(ROUNDTRIP_TEXTS)
     trained = reference_logits(model, tokenizer, texts)
-    if hasattr(model, "merge_and_unload"):
+    if is_peft(model):
         model = model.merge_and_unload()
     model.config.use_cache = True
-    target = output or cpt_dir / EXPORT_DIR / fmt
     if fmt == "hf":
         return _export_hf(model, tokenizer, target, config.register_.export_dtype, texts, trained)
     return _export_gguf(model, tokenizer, base_dir, target, config.register_.export_dtype, texts, trained)
@@ -72,10 +82,11 @@ def _export_hf(
     with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        write_json_atomic(tmp / MARKER, {"format": "hf", "dtype": dtype_name})
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype)
         weight_diff = _weight_difference(reloaded, model, half=False)
         trained_diff = _logit_difference(reloaded, tokenizer, texts, trained, target)
-        size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file() and p.name != MARKER)
     return ExportResult("hf", target, dtype_name, size, weight_diff, trained_diff)
 
 
@@ -97,6 +108,7 @@ def _export_gguf(
     half = dtype_name != "float32"
     with atomic_dir(target) as tmp:
         notes = _write_llama_gguf(model, tokenizer, base_dir, tmp / GGUF_FILE, half)
+        write_json_atomic(tmp / MARKER, {"format": "gguf", "dtype": "float16" if half else "float32"})
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=GGUF_FILE, dtype=torch.float32)
         weight_diff = _weight_difference(reloaded, model, half=half)
         trained_diff = _logit_difference(reloaded, tokenizer, texts, trained, target)
@@ -118,7 +130,7 @@ def _weight_difference(reloaded: Any, written: Any, half: bool) -> float:
         want = tensor.detach().float()
         if half and want.ndim > 1:
             want = want.half().float()
-        worst = max(worst, float((loaded[name].float() - want).abs().max()))
+        worst = max(worst, max_abs_difference(loaded[name], want))
     if worst != 0.0:
         raise CptkitError(f"export is broken: loaded back, its weights differ from the model's by up to {worst:.3g}")
     return worst
@@ -191,8 +203,14 @@ def _add_tokenizer(writer: Any, tokenizer: Any, base_dir: Path, vocab_size: int)
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model_data = json.loads(backend.to_str())["model"] if backend is not None else {}
-    if model_data.get("type") != "BPE":
-        raise CptkitError("export --format gguf: only byte-level BPE tokenizers are supported; use --format hf")
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
+    byte_level = "ByteLevel" in json.dumps(pre)
+    if model_data.get("type") != "BPE" or model_data.get("byte_fallback") or not byte_level:
+        # SentencePiece-style BPE (Llama 2, TinyLlama) would need llama.cpp's "llama" tokenizer model.
+        raise CptkitError(
+            "export --format gguf: only byte-level BPE tokenizers (GPT-2 style: Llama 3, SmolLM, Qwen) are "
+            "supported; use --format hf and llama.cpp's convert_hf_to_gguf.py"
+        )
     special = set(tokenizer.all_special_ids)
     added = {tid for tid in tokenizer.added_tokens_decoder}
     tokens, types = [], []

@@ -82,7 +82,10 @@ def dry_run(
     """The query, column mapping and row count a real extract would use; writes nothing."""
     source = open_source(dataset.source, connect=connect, workspace=workspace)
     if isinstance(source, IncrementalSource):
-        plan = source.dry_run(_saved_state(dataset.raw_dir, source))
+        try:
+            plan = source.dry_run(_saved_state(dataset.raw_dir, source))
+        finally:
+            source.close()
     else:
         c = dataset.source
         plan = {

@@ -533,7 +533,7 @@ def save_trained(model: torch.nn.Module, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        if _is_peft(inner):
+        if is_peft(inner):
             inner.save_pretrained(str(tmp), save_embedding_layers=False)
             _save_embeddings(inner, tmp / EMBEDDINGS_FILE)
         else:
@@ -664,7 +664,7 @@ def _unwrap(model: Any) -> Any:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _is_peft(model: Any) -> bool:
+def is_peft(model: Any) -> bool:
     if importlib.util.find_spec("peft") is None:
         return False
     from peft import PeftModel

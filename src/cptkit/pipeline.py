@@ -177,11 +177,4 @@ def _print_summary(result: RunResult) -> None:
 
 def not_promoted(result: RunResult) -> str | None:
     """Why the registered model was not promoted to champion, or None."""
-    registered = result.registered
-    if registered is None or registered.promoted:
-        return None
-    failures = "; ".join(registered.gate.failures()) or "the gate failed"
-    return (
-        f"register: not promoted: {failures} (version {registered.version} stays challenger; "
-        "cptkit register --force promotes it anyway)"
-    )
+    return None if result.registered is None else result.registered.not_promoted()

@@ -1,8 +1,8 @@
 """The register stage: put the adapted model in MLflow's model registry, prove that the registered copy is
 the model that was trained, and promote it only when its evaluation passes the gate.
 
-Order of work: the trained model is loaded in float32 (an adapter's 4-bit QLoRA base is replaced by the
-float base it was quantized from: a registered model must not need bitsandbytes, and adapters are never
+Order of work: the trained model is loaded in float32 (a QLoRA adapter on its base's dequantized 4-bit
+values: the function that was trained and evaluated, which loads without bitsandbytes; adapters are never
 merged into 4-bit weights); its logits on fixed inputs are the reference. It is logged to the training's
 MLflow run with the transformers flavor and registered as a new version. The version is then loaded
 back through MLflow (`models:/name/version`) and its logits compared with the reference: beyond
@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from cptkit.evaluate import (
     trained_training_config,
     verdict,
 )
-from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, load_trained, resolve_model
+from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, is_peft, load_trained, resolve_model
 from cptkit.registry import UNITY_CATALOG, Registry, resolve_registry_uri
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 TAG_PREFIX = "cptkit."
+FORCED_TAG = "true: promoted with --force despite the failed gate"
 REGISTRATION_DIR = "registration"  # its manifest.json records the last registration of this model
 _SUMMARY = "training_summary.json"
 # Fixed inputs of the round-trip check: prose, code and numbers, so that every part of the vocabulary
@@ -85,6 +86,16 @@ class RegisterResult:
     def champion_uri(self) -> str:
         return f"models:/{self.name}@{CHAMPION}"
 
+    def not_promoted(self) -> str | None:
+        """Why this version is not the champion, or None when it is."""
+        if self.promoted:
+            return None
+        failures = "; ".join(self.gate.failures()) or "the gate failed"
+        return (
+            f"register: not promoted: {failures} (version {self.version} stays challenger; "
+            "cptkit register --force promotes it anyway)"
+        )
+
 
 RegistryFactory = Callable[..., Registry]
 
@@ -111,8 +122,18 @@ def register(config: Config, force: bool = False, registry_factory: RegistryFact
     )
     input_fp = section_fingerprint(train_manifest.get("created_at"), eval_manifest.get("created_at"))
     existing = up_to_date(out, config_fp, input_fp)
-    if existing is not None and not force:
-        return _result_from(existing["result"], skipped=True)
+    if existing is not None:
+        previous = _result_from(existing["result"], skipped=True)
+        if not force or previous.promoted:
+            return previous
+        # --force on the version the gate refused: promote that version rather than register it again.
+        registry = registry_factory(config.tracking, config.register_)
+        registry.set_version_tags(name, previous.version, {f"{TAG_PREFIX}forced": FORCED_TAG})
+        registry.set_alias(name, CHAMPION, previous.version)
+        forced_now = replace(previous, promoted=True, forced=True, skipped=False)
+        existing["result"] = asdict(forced_now)
+        write_json_atomic(out / MANIFEST, existing)
+        return forced_now
     summary = read_json(cpt_dir / _SUMMARY) or {}
     training = trained_training_config(cpt_dir, config.training)
     merged = decide_merge(config.register_, training, cpt_dir)
@@ -123,10 +144,10 @@ def register(config: Config, force: bool = False, registry_factory: RegistryFact
     texts = [*ROUNDTRIP_TEXTS, *config.evaluate.generation.domain_prompts[:2]]
     reference = reference_logits(model, tokenizer, texts)
     gap = float_base_gap(base_dir, cpt_dir, training, tokenizer, texts, reference)
-    if merged and _is_peft(model):
+    if merged and is_peft(model):
         model = model.merge_and_unload()
     base_reference = None
-    if _is_peft(model):
+    if is_peft(model):
         base_reference = dequantized_base_dir(base_dir, training) if training.method == "qlora" else base_dir
 
     gate = promotion_gate(results, config, registry, name)
@@ -136,7 +157,7 @@ def register(config: Config, force: bool = False, registry_factory: RegistryFact
         model,
         tokenizer,
         base_model_path=str(base_reference) if base_reference is not None else None,
-        pip_requirements=pip_requirements(peft=_is_peft(model)),
+        pip_requirements=pip_requirements(peft=is_peft(model)),
         metadata=model_metadata(config, training, summary, results, merged),
         input_example=([texts[0]], {"max_new_tokens": config.register_.max_new_tokens}),
     )
@@ -170,7 +191,7 @@ def register(config: Config, force: bool = False, registry_factory: RegistryFact
     forced = force and not gate.passed
     gate_tags = {f"{TAG_PREFIX}gate": "passed" if gate.passed else "failed: " + "; ".join(gate.failures())}
     if forced:
-        gate_tags[f"{TAG_PREFIX}forced"] = "true: promoted with --force despite the failed gate"
+        gate_tags[f"{TAG_PREFIX}forced"] = FORCED_TAG
     registry.set_version_tags(name, version, gate_tags)
     if promoted:
         registry.set_alias(name, CHAMPION, version)
@@ -362,7 +383,7 @@ def roundtrip_difference(model: Any, tokenizer: Any, texts: Sequence[str], refer
     for (ids, logits), (ref_ids, ref_logits) in zip(loaded, reference, strict=True):
         if ids != ref_ids or logits.shape != ref_logits.shape:
             return None
-        worst = max(worst, float((logits - ref_logits).abs().max()))
+        worst = max(worst, max_abs_difference(logits, ref_logits))
     return worst
 
 
@@ -380,7 +401,7 @@ def float_base_gap(
     del model
     worst, agree, total = 0.0, 0, 0
     for (_, q), (_, f) in zip(other, reference, strict=True):
-        worst = max(worst, float((q - f).abs().max()))
+        worst = max(worst, max_abs_difference(q, f))
         agree += int((q.argmax(-1) == f.argmax(-1)).sum())
         total += q.shape[0]
     return {"max_abs_logit_diff": worst, "top1_agreement": agree / max(total, 1)}
@@ -450,8 +471,13 @@ def _describe_check(check: dict[str, Any]) -> str:
 
 
 def _inner(model: Any) -> Any:
-    return model.get_base_model() if _is_peft(model) else model
+    return model.get_base_model() if is_peft(model) else model
 
 
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+def max_abs_difference(a: Any, b: Any) -> float:
+    """The largest absolute difference of two tensors; infinite when either holds a NaN or an infinity
+    (a NaN would otherwise vanish from a max and pass every check)."""
+    diff = (a.float() - b.float()).abs()
+    if not bool(diff.isfinite().all()):
+        return float("inf")
+    return float(diff.max()) if diff.numel() else 0.0

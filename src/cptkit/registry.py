@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cptkit.errors import CptkitError
@@ -218,3 +219,20 @@ class Registry:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def save_transformers_model(folder: Path, model: Any, tokenizer: Any, pip_requirements: list[str]) -> None:
+    """Write `model` as an MLflow transformers model (text-generation) into the existing, empty `folder`.
+    The in-memory model, not a folder path: MLflow's local-checkpoint mode fails with transformers 5."""
+    import mlflow
+
+    staging = folder / ".saving"  # save_model wants a path that does not exist yet
+    mlflow.transformers.save_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        path=str(staging),
+        task="text-generation",
+        pip_requirements=pip_requirements,
+    )
+    for item in staging.iterdir():
+        item.rename(folder / item.name)
+    staging.rmdir()

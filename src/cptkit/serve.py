@@ -3,7 +3,8 @@
 The server is MLflow's own scoring server (`mlflow models serve`, POST /invocations), the same one
 `mlflow models build-docker` and Databricks Model Serving build on, so what works here works there.
 It runs as a child process in its own process group, pointed at the config's tracking and registry
-stores, and is stopped with everything it started when cptkit is interrupted or terminated.
+stores, and is stopped with everything it started when cptkit is interrupted, terminated, loses its
+terminal or (on Linux) is killed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cptkit.artifacts import atomic_dir
 from cptkit.config import Config
 from cptkit.errors import CptkitError
 from cptkit.register import CHAMPION, pip_requirements
-from cptkit.registry import resolve_registry_uri
+from cptkit.registry import resolve_registry_uri, save_transformers_model
 from cptkit.tracking import resolve_tracking_uri
 
 MLFLOW_WRAPPER_SUFFIX = ".mlflow"
@@ -35,7 +36,7 @@ def model_uri_for(config: Config, model: str | None) -> str:
         return f"models:/{config.tracking.registered_model_name}@{CHAMPION}"
     if model.startswith(("models:/", "runs:/")):
         return model
-    path = Path(model).expanduser()
+    path = Path(model).expanduser().resolve()
     if (path / "MLmodel").is_file():
         return str(path.resolve())
     if (path / "config.json").is_file():
@@ -49,13 +50,13 @@ def model_uri_for(config: Config, model: str | None) -> str:
 def mlflow_wrapper(folder: Path) -> Path:
     """An MLflow transformers model folder holding the Hugging Face model in `folder`, written next to it
     once (and again when the folder changes)."""
-    import mlflow
-
     target = folder.with_name(folder.name + MLFLOW_WRAPPER_SUFFIX)
     stamp = json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
     stamp_file = target / "cptkit_source.json"
     if stamp_file.is_file() and stamp_file.read_text(encoding="utf-8") == stamp:
         return target.resolve()
+    if target.exists() and not stamp_file.is_file():
+        raise CptkitError(f"{target} exists and was not written by cptkit serve; move it, or serve another folder")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -66,17 +67,7 @@ def mlflow_wrapper(folder: Path) -> Path:
             f"--model {folder}: cannot load it as a transformers model: {str(exc).splitlines()[0]}"
         ) from None
     with atomic_dir(target) as tmp:
-        model_dir = tmp / ".saving"
-        # The in-memory model, not the folder path: MLflow's local-checkpoint mode fails with transformers 5.
-        mlflow.transformers.save_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            path=str(model_dir),
-            task="text-generation",
-            pip_requirements=pip_requirements(peft=False),
-        )
-        for item in model_dir.iterdir():
-            item.rename(tmp / item.name)
-        model_dir.rmdir()
+        save_transformers_model(tmp, model, tokenizer, pip_requirements(peft=False))
         (tmp / "cptkit_source.json").write_text(stamp, encoding="utf-8")
     return target.resolve()
 
@@ -113,15 +104,33 @@ def serve(config: Config, model: str | None, host: str, port: int, announce: Cal
     announce(f"serve: {model_uri} at http://{host}:{port} (Ctrl-C stops it); try:")
     example = json.dumps({"inputs": ["The json module"], "params": {"max_new_tokens": 32}})
     announce(f"  curl -s http://{host}:{port}/invocations -H 'Content-Type: application/json' -d '{example}'")
-    process = subprocess.Popen(serve_command(model_uri, host, port), env=env, start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Installed before the server starts, so that no moment leaves it running without us: SIGTERM and a
+    # closed terminal (SIGHUP) stop it like Ctrl-C; if cptkit is killed outright, Linux stops it
+    # (PR_SET_PDEATHSIG), since its own process group no longer gets the terminal's signals.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    process: subprocess.Popen[bytes] | None = None
     try:
+        process = subprocess.Popen(
+            serve_command(model_uri, host, port), env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
         return process.wait()
     except KeyboardInterrupt:
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        _stop(process)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if process is not None:
+            _stop(process)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies (nothing elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
