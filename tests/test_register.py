@@ -459,3 +459,15 @@ def test_serve_answers_a_request_on_loopback_and_stops(tmp_path: Path, tiny_mode
     predictions = serve_and_ask(["--config", str(cfg), "--model", "outputs/cpt_model/export/hf"])
     assert len(predictions) == 1
     assert (tmp_path / "outputs/cpt_model/export/hf.mlflow/MLmodel").is_file()
+
+
+def test_an_adapter_is_merged_where_a_local_base_reference_would_not_load(tmp_path: Path) -> None:
+    from cptkit.config import RegisterConfig, TrainingConfig
+    from cptkit.register import decide_merge
+
+    lora, unset = TrainingConfig(method="lora"), RegisterConfig()
+    assert not decide_merge(unset, lora, tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    assert decide_merge(unset, lora, tmp_path, "http://mlflow.internal:5000")
+    assert decide_merge(unset, lora, tmp_path, "databricks-uc")
+    assert not decide_merge(RegisterConfig(merge=False), lora, tmp_path, "http://mlflow.internal:5000")
+    assert not decide_merge(unset, TrainingConfig(method="full"), tmp_path, "databricks-uc")

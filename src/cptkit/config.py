@@ -526,7 +526,9 @@ class RegisterConfig(Section):
     merge: bool | None = Field(
         None,
         description="Log the adapter merged into its base (full weights, portable) instead of the adapter plus a "
-        "reference to the base. Null: merged where an adapter alone cannot work (Unity Catalog, trained embeddings).",
+        "reference to the base folder on this machine. Null: merged where that reference would not load (a "
+        "registry that is not a local file: a tracking server, Databricks, Unity Catalog) or cannot hold what was "
+        "trained (trained embeddings).",
     )
     max_new_tokens: int = Field(
         64, gt=0, description="Default completion length of the registered text-generation model."

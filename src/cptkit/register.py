@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as importlib_metadata
@@ -36,6 +37,7 @@ from cptkit.evaluate import (
 )
 from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, is_peft, load_trained, resolve_model
 from cptkit.registry import UNITY_CATALOG, Registry, resolve_registry_uri
+from cptkit.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,11 @@ def register(config: Config, force: bool = False, registry_factory: RegistryFact
         return forced_now
     summary = read_json(cpt_dir / _SUMMARY) or {}
     training = trained_training_config(cpt_dir, config.training)
-    merged = decide_merge(config.register_, training, cpt_dir)
+    env = os.environ
+    registry_uri = resolve_registry_uri(config.register_.registry_uri, env) or resolve_tracking_uri(
+        config.tracking.tracking_uri, env
+    )
+    merged = decide_merge(config.register_, training, cpt_dir, registry_uri)
 
     registry = registry_factory(config.tracking, config.register_)  # opened before the slow part: fails fast
     base_dir = resolve_model(config.model.name)
@@ -238,13 +244,13 @@ def _current_evaluation(config: Config, train_manifest: dict[str, Any]) -> tuple
     return results, eval_manifest
 
 
-def decide_merge(rc: RegisterConfig, training: TrainingConfig, cpt_dir: Path) -> bool:
-    """Whether the registered model is the adapter merged into its base (full weights)."""
-    import os
-
+def decide_merge(rc: RegisterConfig, training: TrainingConfig, cpt_dir: Path, registry_uri: str) -> bool:
+    """Whether the registered model is the adapter merged into its base (full weights). Unset, an adapter
+    is merged where a reference to a base folder on this machine would not load: a registry that is not a
+    local file (a tracking server, Databricks, Unity Catalog), and trained embeddings (not in an adapter)."""
     if training.method == "full":
         return False  # already full weights
-    unity_catalog = resolve_registry_uri(rc.registry_uri, os.environ) == UNITY_CATALOG
+    remote = not registry_uri.startswith(("sqlite:", "file:", "/", "."))
     embeddings = (cpt_dir / EMBEDDINGS_FILE).is_file()
     if rc.merge is False:
         if embeddings:
@@ -252,13 +258,13 @@ def decide_merge(rc: RegisterConfig, training: TrainingConfig, cpt_dir: Path) ->
                 "register.merge: false cannot register this model: its embeddings were trained and a peft "
                 "adapter does not hold them; set register.merge: true (or leave it unset)"
             )
-        if unity_catalog:
+        if registry_uri == UNITY_CATALOG:
             raise CptkitError(
                 "register.merge: false: Unity Catalog needs the model's weights in the registry, not a "
                 "reference to a local base; set register.merge: true (or leave it unset)"
             )
         return False
-    return rc.merge is True or embeddings or unity_catalog
+    return rc.merge is True or embeddings or remote
 
 
 def load_float_model(base_dir: Path, cpt_dir: Path, training: TrainingConfig) -> tuple[Any, Any]:
