@@ -19,7 +19,7 @@ from cptkit.config import Config, load_config, masked_dict
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.extract import DryRunResult, StageResult
 from cptkit.pipeline import Stage
-from cptkit.progress import LOG_FORMATS, console, duration, error_console, event, set_log_format
+from cptkit.progress import LogFormat, console, duration, error_console, event, set_log_format
 
 DEFAULT_CONFIG = Path("configs/cpt_config.yaml")
 
@@ -611,20 +611,18 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
     log_format: Annotated[
-        str,
+        LogFormat,
         typer.Option(
             "--log-format",
             envvar="CPTKIT_LOG_FORMAT",
-            help=f"{' | '.join(LOG_FORMATS)}: rich shows stage results, each training step with its loss, speed "
-            "and ETA, and progress bars on a terminal; quiet shows stage results and errors only; json writes one "
-            "JSON object per event on stdout (errors also go to stderr).",
+            case_sensitive=False,
+            help="rich shows stage results, each training step with its loss, speed and ETA, and progress bars "
+            "on a terminal; quiet shows stage results and errors only; json writes one JSON object per event on "
+            "stdout (errors also go to stderr).",
         ),
-    ] = "rich",
+    ] = LogFormat.rich,
 ) -> None:
     """Continual pretraining of small language models on your own domain documents."""
-    if log_format not in LOG_FORMATS:
-        error_console.print(f"error: --log-format {log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
-        raise typer.Exit(2)
     set_log_format(log_format)
 
 

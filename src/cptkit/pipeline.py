@@ -107,8 +107,7 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
 
             name = "preflight"
             started = time.perf_counter()
-            # Timing steps of a training that is up to date would only cost time.
-            result.plan = plan = preflight(config, measure=not _train_up_to_date(config))
+            result.plan = plan = preflight(config)
             report.preflight(plan)
             result.timings["preflight"] = time.perf_counter() - started
             name = "train"
@@ -144,14 +143,6 @@ def dry_run(config: Config) -> Plan:
         return preflight(config, measure=True, dry_run=True)
     except CptkitError as exc:
         raise StageFailed("preflight", exc) from exc
-
-
-def _train_up_to_date(config: Config) -> bool:
-    from cptkit.artifacts import up_to_date
-    from cptkit.train import load_train_data, train_fingerprint
-
-    fingerprint = train_fingerprint(config, load_train_data(config))
-    return up_to_date(config.output_dir, fingerprint, fingerprint) is not None
 
 
 def _timed(result: RunResult, key: str, show: Callable[[Any], None], fn: Callable[[], Any]) -> Any:

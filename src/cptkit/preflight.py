@@ -179,8 +179,8 @@ def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Pl
         train_up_to_date=train_up_to_date,
         notes=notes,
     )
-    if not measure:
-        return plan
+    if not measure or (train_up_to_date and not dry_run):
+        return plan  # timing steps of a training that will be skipped would only cost time
     description, measured = measure_steps(config, model_dir, stream)
     return _with_estimates(plan, description, measured, config, facts)
 

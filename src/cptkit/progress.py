@@ -13,12 +13,18 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-LOG_FORMATS = ("rich", "quiet", "json")
+
+class LogFormat(StrEnum):
+    rich = "rich"
+    quiet = "quiet"
+    json = "json"
+
 
 console = Console(stderr=True)
 # Errors are shown in every format, on stderr.
@@ -26,11 +32,9 @@ error_console = Console(stderr=True)
 _format = "rich"
 
 
-def set_log_format(fmt: str) -> None:
+def set_log_format(fmt: LogFormat) -> None:
     global _format
-    if fmt not in LOG_FORMATS:
-        raise ValueError(f"log format must be one of {LOG_FORMATS}, got {fmt!r}")
-    _format = fmt
+    _format = LogFormat(fmt).value
     console.quiet = fmt == "json"
 
 
