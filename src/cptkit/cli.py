@@ -18,6 +18,7 @@ from cptkit import __version__
 from cptkit.config import Config, load_config, masked_dict
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.extract import DryRunResult, StageResult
+from cptkit.folders import wait_for_lock
 from cptkit.pipeline import Stage
 from cptkit.progress import LogFormat, console, duration, error_console, event, set_log_format
 
@@ -42,6 +43,12 @@ SetOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even when the outputs are up to date.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait", help="When another cptkit run is writing the same output folder, wait for it instead of failing."
+    ),
+]
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> Config:
@@ -68,10 +75,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def _run(debug: bool, fn: Any, *args: Any) -> Any:
+def _run(debug: bool, fn: Any, *args: Any, wait: bool = False) -> Any:
     """Call fn, translating errors into a message and an exit code."""
     if not debug:
         _quiet_libraries()
+    wait_for_lock.set(wait)
     try:
         return fn(*args)
     except ConfigError as exc:
@@ -112,6 +120,7 @@ def extract(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the query, column mapping and row count; write nothing.")
     ] = False,
+    wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Copy the configured source into a raw Parquet snapshot with a manifest (incremental sources: only
@@ -126,11 +135,17 @@ def extract(
         for dataset in datasets(cfg):
             print_extract(plan_extract(dataset) if dry_run else run_extract(dataset, force=force))
 
-    _run(debug, go)
+    _run(debug, go, wait=wait)
 
 
 @app.command()
-def prepare(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
+def prepare(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    wait: WaitOpt = False,
+    debug: DebugOpt = False,
+) -> None:
     """Normalize, filter, deduplicate, redact, split and tokenize the raw snapshot."""
     from cptkit.prepare import prepare as run_prepare
 
@@ -141,11 +156,17 @@ def prepare(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = Fal
         for dataset in datasets(cfg):
             print_prepare(run_prepare(cfg, dataset, force=force))
 
-    _run(debug, go)
+    _run(debug, go, wait=wait)
 
 
 @app.command()
-def train(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    wait: WaitOpt = False,
+    debug: DebugOpt = False,
+) -> None:
     """Continual pretraining on the prepared data (resumes from the latest checkpoint of the same run)."""
     from cptkit.train import train as run_train
 
@@ -153,7 +174,7 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, force: ForceOpt = False
         cfg = _load(config, set_)
         print_train(run_train(cfg, force=force))
 
-    _run(debug, go)
+    _run(debug, go, wait=wait)
 
 
 @app.command()
@@ -182,6 +203,7 @@ def evaluate(
         str | None, typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval).")
     ] = None,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Base vs adapted model: perplexity, bits per byte and drift on domain and general text, generations,
@@ -211,7 +233,7 @@ def evaluate(
         cfg = _load(config, overrides)
         print_evaluate(run_evaluate(cfg, force=force, output=output))
 
-    _run(debug, go)
+    _run(debug, go, wait=wait)
 
 
 @app.command()
@@ -221,6 +243,7 @@ def register(
     force: Annotated[
         bool, typer.Option("--force", help="Promote to champion even when the gate fails (recorded in a tag).")
     ] = False,
+    wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Register the evaluated model in MLflow as a new version (alias challenger), check that the registry
@@ -235,7 +258,7 @@ def register(
         if reason is not None:  # also when skipped: a refused model must not pass a CI step on a rerun
             raise CptkitError(reason)
 
-    _run(debug, go)
+    _run(debug, go, wait=wait)
 
 
 @app.command()
@@ -304,6 +327,7 @@ def run_all(
             help="Print the preflight (data, steps, learning rate, model, measured speed and memory); run no stage.",
         ),
     ] = False,
+    wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """The whole pipeline: extract, prepare, train, evaluate, register. Stages that are up to date are
@@ -329,7 +353,7 @@ def run_all(
         if reason is not None:
             raise CptkitError(reason)
 
-    _run(debug, go)
+    _run(debug, go, wait=wait)
 
 
 @app.command()
@@ -337,6 +361,7 @@ def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo config.")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """The whole pipeline on real text that ships with Python and on PyPI: stdlib docs as the domain (a
@@ -355,7 +380,7 @@ def demo(
             report_register=print_register,
         )
 
-    _run(debug, go)
+    _run(debug, go, wait=wait)
 
 
 @config_app.command("show")

@@ -43,6 +43,7 @@ from cptkit.config import (
 from cptkit.datasets import domain_dir, replay_dir
 from cptkit.errors import ConfigError, CptkitError, StageError
 from cptkit.extract import StageResult
+from cptkit.folders import claim
 from cptkit.models import EMBEDDINGS_FILE
 from cptkit.progress import console, progress_bar
 from cptkit.tracking import Tracker, open_tracker
@@ -713,10 +714,17 @@ def evaluate(
     """Evaluate the model in `config.output_dir` against its base `config.model.name`; write results.json,
     report.md and report.html to `<output_dir>/evaluation` (and the JSON to `output` too), log them to the
     training's MLflow run, and skip all of it when the model, sets and settings are unchanged."""
+    if not config.output_dir.is_dir():
+        raise CptkitError(f"{config.output_dir}: no such folder; train first (cptkit train) or pass --cpt-model")
+    with claim(evaluation_dir(config), "evaluate"):
+        return _evaluate(config, force, output, tracker_factory)
+
+
+def _evaluate(
+    config: Config, force: bool, output: Path | None, tracker_factory: Callable[..., Tracker]
+) -> EvaluateResult:
     ec = config.evaluate
     cpt_dir = config.output_dir
-    if not cpt_dir.is_dir():
-        raise CptkitError(f"{cpt_dir}: no such folder; train first (cptkit train) or pass --cpt-model")
     sources = eval_sources(config)
     if ec.task_include_path is not None and not ec.task_include_path.is_dir():
         raise CptkitError(f"evaluate.task_include_path: {ec.task_include_path}: no such folder")

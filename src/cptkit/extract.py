@@ -35,6 +35,7 @@ from cptkit.artifacts import (
 )
 from cptkit.config import DatabricksSourceConfig, section_fingerprint
 from cptkit.datasets import Dataset
+from cptkit.folders import check_writable, claim
 from cptkit.progress import progress_bar
 from cptkit.sources import ERROR, ID, TEXT, Source, open_source
 from cptkit.sources.incremental import STATE, Applied, IncrementalSource, Read, apply_changes, spool_changes
@@ -65,9 +66,12 @@ def extract(
 ) -> StageResult:
     """Snapshot one dataset's source into `<dataset dir>/raw`. `connect` / `workspace` replace the default
     Databricks connections (see `open_source`). `force` rereads everything, incremental sources included."""
+    # The prepared data goes to the raw folder's parent: refuse a user's folder before writing anything there.
+    check_writable(dataset.directory, "prepare")
     source = open_source(dataset.source, connect=connect, workspace=workspace)
     try:
-        return _extract(dataset, source, force)
+        with claim(dataset.raw_dir, "extract"):
+            return _extract(dataset, source, force)
     finally:
         if isinstance(source, IncrementalSource):
             source.close()

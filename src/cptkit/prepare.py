@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ from cptkit.datasets import Dataset
 from cptkit.dedup import MinHasher, NearDuplicateIndex, exact_key
 from cptkit.errors import StageError
 from cptkit.extract import SNAPSHOT, StageResult
+from cptkit.folders import claim
+from cptkit.processes import die_with_parent
 from cptkit.progress import progress_bar
 from cptkit.rules.language import detect_language
 from cptkit.rules.normalize import normalize
@@ -151,8 +154,10 @@ class ChunkWorker:
 _WORKER: ChunkWorker | None = None
 
 
-def _init_worker(config: PrepareConfig, tokenizer_path: str | None) -> None:
+def _init_worker(config: PrepareConfig, tokenizer_path: str | None, parent_pid: int) -> None:
     global _WORKER
+    # A killed prepare must not leave its workers running (and holding memory) under init.
+    die_with_parent(signal.SIGKILL, parent_pid)
     # One process per core already; the tokenizer's own thread pool would oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER = ChunkWorker(config, tokenizer_path)
@@ -236,6 +241,11 @@ def prepare_fingerprint(config: Config, tokenizer: TokenizerInfo | None) -> str:
 
 def prepare(config: Config, dataset: Dataset, force: bool = False) -> StageResult:
     """Prepare one dataset's raw snapshot into `dataset.directory`."""
+    with claim(dataset.directory, "prepare"):
+        return _prepare(config, dataset, force)
+
+
+def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
     pc = config.prepare
     raw = dataset.raw_dir
     extract_manifest = read_json(raw / MANIFEST)
@@ -354,7 +364,7 @@ def _process(
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(config, tok_path)
+        workers, mp_context=context, initializer=_init_worker, initargs=(config, tok_path, os.getpid())
     ) as pool:
         window: deque[tuple[pa.RecordBatch, Future[list[DocResult]]]] = deque()
         for batch in batches:

@@ -35,6 +35,7 @@ from cptkit.evaluate import (
     trained_training_config,
     verdict,
 )
+from cptkit.folders import claim
 from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, is_peft, load_trained, resolve_model
 from cptkit.registry import UNITY_CATALOG, Registry, resolve_registry_uri
 from cptkit.tracking import resolve_tracking_uri
@@ -106,6 +107,15 @@ def register(config: Config, force: bool = False, registry_factory: RegistryFact
     """Register the model in `config.output_dir` under `tracking.registered_model_name`. Raises
     CptkitError when the round-trip check fails; a version that fails the gate is registered as
     challenger and returned with `promoted=False` (unless `force`)."""
+    if not (config.output_dir / MANIFEST).is_file():
+        raise StageError(
+            f"{config.output_dir}: no finished training there (no train manifest.json); run cptkit train first"
+        )
+    with claim(config.output_dir / REGISTRATION_DIR, "register"):
+        return _register(config, force, registry_factory)
+
+
+def _register(config: Config, force: bool, registry_factory: RegistryFactory) -> RegisterResult:
     cpt_dir = config.output_dir
     name = config.tracking.registered_model_name
     if not config.tracking.enabled:

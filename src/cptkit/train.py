@@ -44,6 +44,7 @@ from cptkit.config import Config, TrainingConfig, masked_dict, section_fingerpri
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import ConfigError, StageError
 from cptkit.extract import StageResult
+from cptkit.folders import claim
 from cptkit.memory import PeakMemory
 from cptkit.packing import Blocks, BlockStream, TokenDocs, sequence_blocks
 from cptkit.prepare import TRAIN_TOKENS, VAL_TOKENS
@@ -202,6 +203,14 @@ def train(
     tracker_factory: Callable[..., Tracker] = open_tracker,
 ) -> TrainResult:
     """Train, resume from the latest checkpoint of the same configuration, or skip when up to date."""
+    # Under a multi-process launch only the main process writes the outputs, so only it holds the folder.
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(config, force, tracker_factory)
+    with claim(config.output_dir, "train"):
+        return _train(config, force, tracker_factory)
+
+
+def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker]) -> TrainResult:
     import torch
     from accelerate import Accelerator
 
