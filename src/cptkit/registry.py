@@ -221,9 +221,16 @@ class Registry:
                     os.environ[key] = value
 
 
-def save_transformers_model(folder: Path, model: Any, tokenizer: Any, pip_requirements: list[str]) -> None:
+def save_transformers_model(
+    folder: Path,
+    model: Any,
+    tokenizer: Any,
+    pip_requirements: list[str],
+    input_example: tuple[list[str], dict[str, Any]],
+) -> None:
     """Write `model` as an MLflow transformers model (text-generation) into the existing, empty `folder`.
-    The in-memory model, not a folder path: MLflow's local-checkpoint mode fails with transformers 5."""
+    The in-memory model, not a folder path: MLflow's local-checkpoint mode fails with transformers 5.
+    The example's params become the signature's parameters (MLflow ignores any other a request sends)."""
     import mlflow
 
     staging = folder / ".saving"  # save_model wants a path that does not exist yet
@@ -232,6 +239,7 @@ def save_transformers_model(folder: Path, model: Any, tokenizer: Any, pip_requir
         path=str(staging),
         task="text-generation",
         pip_requirements=pip_requirements,
+        input_example=input_example,
     )
     for item in staging.iterdir():
         item.rename(folder / item.name)
