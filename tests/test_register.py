@@ -251,6 +251,64 @@ def test_register_needs_an_evaluation_of_the_trained_model(tmp_path: Path, tiny_
     assert result.exit_code == 1 and "run cptkit evaluate first" in " ".join(result.output.split())
 
 
+def one_line(result: Any) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+    assert result.output.count("error:") == 1, result.output
+    return " ".join(result.output.split())
+
+
+def test_missing_or_damaged_adapter_files_are_named(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    """evaluate, register and export say which file of the trained adapter is missing or damaged."""
+    import shutil
+
+    cfg = evaluated_run(tmp_path, tiny_model_dir)
+    out = Path("outputs/cpt_model")
+    weights, adapter_config = out / "adapter_model.safetensors", out / "adapter_config.json"
+    good_weights, good_config = weights.read_bytes(), adapter_config.read_bytes()
+    shutil.copytree(out / "evaluation", "evaluation-backup")
+    # evaluate last: a rerun starts by removing the evaluation that register needs (restored after it).
+    commands = [["register"], ["export", "--format", "hf"], ["evaluate", "--force"]]
+
+    def each_command(expected: str) -> None:
+        for command in commands:
+            line = one_line(cli(*command, "--config", str(cfg)))
+            assert line.startswith(f"error: {expected}"), (command, line)
+        shutil.rmtree(out / "evaluation")
+        shutil.copytree("evaluation-backup", out / "evaluation")
+
+    weights.unlink()
+    each_command(f"{weights}: adapter weights missing")
+    weights.write_bytes(good_weights[: len(good_weights) // 2])  # a copy cut short
+    each_command(f"{weights}: not a valid safetensors file (")
+    weights.write_bytes(os.urandom(4096))
+    each_command(f"{weights}: not a valid safetensors file (")
+    weights.write_bytes(good_weights)
+    adapter_config.write_text('{"peft_type": "LORA", ', encoding="utf-8")
+    each_command(f"{adapter_config}: not valid JSON (")
+    adapter_config.write_bytes(good_config)
+    assert cli("export", "--config", str(cfg), "--format", "hf").exit_code == 0
+
+
+def test_missing_or_damaged_full_model_weights_are_named(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    import shutil
+
+    write_jsonl(tmp_path / "d.jsonl", [{"text": make_doc(1)}])
+    full = tmp_path / "full"
+    shutil.copytree(tiny_model_dir, full)
+    weights = full / "model.safetensors"
+    good = weights.read_bytes()
+    command = ["evaluate", "--base-model", str(tiny_model_dir), "--cpt-model", str(full), "--domain-data", "d.jsonl"]
+
+    weights.unlink()
+    assert one_line(cli(*command)).startswith(f"error: {full}: model weights missing (no *.safetensors file")
+    weights.write_bytes(good[:1000])
+    assert one_line(cli(*command)).startswith(f"error: {weights}: not a valid safetensors file (")
+    weights.write_bytes(good)
+    (full / "config.json").write_text("{", encoding="utf-8")
+    assert one_line(cli(*command)).startswith(f"error: {full / 'config.json'}: not valid JSON (")
+
+
 def test_merged_registration_holds_full_weights_and_trained_embeddings(tmp_path: Path, tiny_model_dir: Path) -> None:
     from cptkit.config import load_config
     from cptkit.register import register
