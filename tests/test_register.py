@@ -126,6 +126,7 @@ def test_register_logs_registers_and_round_trips_an_adapter(tmp_path: Path, tiny
 def test_a_corrupted_artifact_fails_the_round_trip_and_is_marked_broken(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mlflow.entities import LoggedModelStatus
     from safetensors.torch import load_file, save_file
 
     from cptkit.config import load_config
@@ -150,8 +151,14 @@ def test_a_corrupted_artifact_fails_the_round_trip_and_is_marked_broken(
     with pytest.raises(CptkitError, match=rf"{NAME} version 1 is broken: loaded back from the registry, max"):
         register(load_config(cfg))
     c = client()
-    assert c.get_model_version(NAME, "1").tags["cptkit.status"] == "broken"
+    version = c.get_model_version(NAME, "1")
+    assert version.tags["cptkit.status"] == "broken"
     assert c.get_registered_model(NAME).aliases == {}  # neither challenger nor champion
+    # The model the failed attempt logged to the training run is marked FAILED, not left READY.
+    run = c.get_run(version.run_id)
+    logged = c.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{version.run_id}'")
+    assert [m.status for m in logged] == [LoggedModelStatus.FAILED]
+    assert logged[0].model_id in version.source  # the broken version points to it
 
 
 def test_the_gate_refuses_a_model_over_the_forgetting_budget_and_accepts_one_within(

@@ -125,6 +125,19 @@ class Registry:
                 )
         return LoggedModel(str(info.model_uri), getattr(info, "model_id", None), run_id)
 
+    def mark_failed(self, logged: LoggedModel) -> None:
+        """Set a logged model's status to FAILED (MLflow 3 logged models; nothing to do without an id). A
+        failure here is logged, not raised: it must not hide the error that made the attempt fail."""
+        if logged.model_id is None:
+            return
+        from mlflow.entities import LoggedModelStatus
+
+        try:
+            with self._errors(f"mark logged model {logged.model_id} failed"):
+                self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        except CptkitError as exc:
+            log.warning("%s", exc)
+
     def create_version(self, name: str, logged: LoggedModel, tags: Mapping[str, str], description: str) -> str:
         """Register `logged` as a new version of `name` (creating the registered model if needed)."""
         from mlflow.exceptions import MlflowException
