@@ -110,9 +110,6 @@ def serve(config: Config, model: str | None, host: str, port: int, announce: Cal
     check_port(host, port)
     model_uri = model_uri_for(config, model)
     env = dict(os.environ)
-    # MLflow starts uvicorn by name: find the one installed beside this Python even when the environment
-    # is not activated (.venv/bin/cptkit serve).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri, env)
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     env["MLFLOW_REGISTRY_URI"] = resolve_registry_uri(config.register_.registry_uri, env) or tracking_uri
