@@ -199,11 +199,12 @@ def test_volume_files_one_document_each_and_jsonl_lines(tmp_path: Path, workspac
     root = tmp_path / "volumes"
     folder = root / "lake" / "docs" / "raw" / "manuals"
     (folder / "sub").mkdir(parents=True)
-    (folder / "a.txt").write_text("plain text", encoding="utf-8")
+    (folder / "a.txt").write_text("\ufeffplain text", encoding="utf-8")  # with a byte-order mark
     (folder / "sub" / "b.md").write_text("# Title\n\nbody", encoding="utf-8")
     (folder / "c.pdf").write_bytes(_tiny_pdf("Hello from a PDF"))
     (folder / "d.jsonl").write_text(
-        json.dumps({"id": "x1", "body": "first line"})
+        "\ufeff"  # a byte-order mark before the first line
+        + json.dumps({"id": "x1", "body": "first line"})
         + "\n{broken\n"
         + json.dumps({"id": "x3", "body": "third"})
         + "\n",
@@ -221,6 +222,7 @@ def test_volume_files_one_document_each_and_jsonl_lines(tmp_path: Path, workspac
     rows = snapshot(cfg)
     assert sorted(rows) == ["a.txt", "c.pdf", "d.jsonl:2", "e.txt", "sub/b.md", "x1", "x3"]
     assert rows["c.pdf"]["text"] == "Hello from a PDF" and rows["x3"]["path"] == "d.jsonl"
+    assert rows["a.txt"]["text"] == "plain text" and rows["x1"]["text"] == "first line"
     assert rows["d.jsonl:2"]["error"] == "invalid_json" and rows["e.txt"]["error"] == "undecodable_bytes"
     assert manifest["malformed_rows"] == {"invalid_json": 1, "undecodable_bytes": 1}
     assert extract(datasets(cfg)[0]).skipped  # the listing did not change

@@ -360,8 +360,12 @@ def test_a_folder_without_config_json_is_a_clear_error(tmp_path: Path, tiny_toke
 
 
 def test_a_folder_that_is_not_a_loadable_model_is_a_clear_error(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    save_file({"weight": torch.zeros(1)}, str(tmp_path / "broken" / "model.safetensors"))
     with pytest.raises(CptkitError, match=r"cannot load the model in .*broken"):
         load_for_training(resolve_model(str(tmp_path / "broken")), training_config("lora"), "cpu")
 

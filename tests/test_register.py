@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ def test_register_logs_registers_and_round_trips_an_adapter(tmp_path: Path, tiny
 def test_a_corrupted_artifact_fails_the_round_trip_and_is_marked_broken(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mlflow.entities import LoggedModelStatus
     from safetensors.torch import load_file, save_file
 
     from cptkit.config import load_config
@@ -149,8 +151,14 @@ def test_a_corrupted_artifact_fails_the_round_trip_and_is_marked_broken(
     with pytest.raises(CptkitError, match=rf"{NAME} version 1 is broken: loaded back from the registry, max"):
         register(load_config(cfg))
     c = client()
-    assert c.get_model_version(NAME, "1").tags["cptkit.status"] == "broken"
+    version = c.get_model_version(NAME, "1")
+    assert version.tags["cptkit.status"] == "broken"
     assert c.get_registered_model(NAME).aliases == {}  # neither challenger nor champion
+    # The model the failed attempt logged to the training run is marked FAILED, not left READY.
+    run = c.get_run(version.run_id)
+    logged = c.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{version.run_id}'")
+    assert [m.status for m in logged] == [LoggedModelStatus.FAILED]
+    assert logged[0].model_id in version.source  # the broken version points to it
 
 
 def test_the_gate_refuses_a_model_over_the_forgetting_budget_and_accepts_one_within(
@@ -248,6 +256,64 @@ def test_register_needs_an_evaluation_of_the_trained_model(tmp_path: Path, tiny_
     evaluation.unlink()
     result = cli("register", "--config", str(cfg))
     assert result.exit_code == 1 and "run cptkit evaluate first" in " ".join(result.output.split())
+
+
+def one_line(result: Any) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output, result.output
+    assert result.output.count("error:") == 1, result.output
+    return " ".join(result.output.split())
+
+
+def test_missing_or_damaged_adapter_files_are_named(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    """evaluate, register and export say which file of the trained adapter is missing or damaged."""
+    import shutil
+
+    cfg = evaluated_run(tmp_path, tiny_model_dir)
+    out = Path("outputs/cpt_model")
+    weights, adapter_config = out / "adapter_model.safetensors", out / "adapter_config.json"
+    good_weights, good_config = weights.read_bytes(), adapter_config.read_bytes()
+    shutil.copytree(out / "evaluation", "evaluation-backup")
+    # evaluate last: a rerun starts by removing the evaluation that register needs (restored after it).
+    commands = [["register"], ["export", "--format", "hf"], ["evaluate", "--force"]]
+
+    def each_command(expected: str) -> None:
+        for command in commands:
+            line = one_line(cli(*command, "--config", str(cfg)))
+            assert line.startswith(f"error: {expected}"), (command, line)
+        shutil.rmtree(out / "evaluation")
+        shutil.copytree("evaluation-backup", out / "evaluation")
+
+    weights.unlink()
+    each_command(f"{weights}: adapter weights missing")
+    weights.write_bytes(good_weights[: len(good_weights) // 2])  # a copy cut short
+    each_command(f"{weights}: not a valid safetensors file (")
+    weights.write_bytes(os.urandom(4096))
+    each_command(f"{weights}: not a valid safetensors file (")
+    weights.write_bytes(good_weights)
+    adapter_config.write_text('{"peft_type": "LORA", ', encoding="utf-8")
+    each_command(f"{adapter_config}: not valid JSON (")
+    adapter_config.write_bytes(good_config)
+    assert cli("export", "--config", str(cfg), "--format", "hf").exit_code == 0
+
+
+def test_missing_or_damaged_full_model_weights_are_named(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    import shutil
+
+    write_jsonl(tmp_path / "d.jsonl", [{"text": make_doc(1)}])
+    full = tmp_path / "full"
+    shutil.copytree(tiny_model_dir, full)
+    weights = full / "model.safetensors"
+    good = weights.read_bytes()
+    command = ["evaluate", "--base-model", str(tiny_model_dir), "--cpt-model", str(full), "--domain-data", "d.jsonl"]
+
+    weights.unlink()
+    assert one_line(cli(*command)).startswith(f"error: {full}: model weights missing (no *.safetensors file")
+    weights.write_bytes(good[:1000])
+    assert one_line(cli(*command)).startswith(f"error: {weights}: not a valid safetensors file (")
+    weights.write_bytes(good)
+    (full / "config.json").write_text("{", encoding="utf-8")
+    assert one_line(cli(*command)).startswith(f"error: {full / 'config.json'}: not valid JSON (")
 
 
 def test_merged_registration_holds_full_weights_and_trained_embeddings(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -410,9 +476,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_and_ask(args: list[str]) -> list[Any]:
-    """Start `cptkit serve ARGS` on a free port, send one completion request, stop the server, and
-    check that nothing listens on the port afterwards."""
+def post(port: int, payload: dict[str, Any]) -> tuple[int, str]:
+    """The status and body of one request to /invocations."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def serve_and_ask(args: list[str], requests: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Start `cptkit serve ARGS` on a free port, send `requests` to /invocations, stop the server, check
+    that nothing listens on the port afterwards, and return each request's status and body."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "cptkit", "serve", *args, "--port", str(port)]
@@ -429,20 +509,18 @@ def serve_and_ask(args: list[str]) -> list[Any]:
                 pass
             assert time.monotonic() < deadline, "the server did not come up in 180 s"
             time.sleep(1)
-        body = json.dumps({"inputs": ["Document number 3 describes"], "params": {"max_new_tokens": 3}}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
+        answers = [post(port, payload) for payload in requests]
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     # Stopped with everything it started: nothing listens on the port any more.
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
-    predictions: list[Any] = answer["predictions"]
-    return predictions
+    return answers
+
+
+def completion(prompt: str, max_new_tokens: Any) -> dict[str, Any]:
+    return {"inputs": [prompt], "params": {"max_new_tokens": max_new_tokens}}
 
 
 def test_serve_answers_a_request_on_loopback_and_stops(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
@@ -451,14 +529,81 @@ def test_serve_answers_a_request_on_loopback_and_stops(tmp_path: Path, tiny_mode
 
     cfg = evaluated_run(tmp_path, tiny_model_dir)
     register(load_config(cfg))
-    predictions = serve_and_ask(["--config", str(cfg)])  # models:/NAME@champion
-    assert len(predictions) == 1 and str(predictions[0]).startswith("Document number 3 describes")
+    prompt = "Document number 3 describes"
+    # models:/NAME@champion, with a lower limit on max_new_tokens than the default.
+    answers = serve_and_ask(
+        ["--config", str(cfg), "--set", "serve.max_new_tokens_limit=8"],
+        [
+            completion(prompt, 3),
+            completion(prompt, 9),
+            completion(prompt, 100000000),
+            completion(prompt, "many"),
+            completion(prompt, -1),
+            {"inputs": [prompt], "params": ["max_new_tokens", 3]},
+        ],
+    )
+    status, body = answers[0]
+    predictions = json.loads(body)["predictions"]
+    assert status == 200 and len(predictions) == 1 and str(predictions[0]).startswith(prompt)
+    # Parameters the model cannot use: HTTP 400 and one line naming the parameter, never a stack trace.
+    messages = []
+    for status, body in answers[1:]:
+        assert status == 400, body
+        assert "Traceback" not in body and "stack_trace" not in body, body
+        message = json.loads(body)["message"]
+        assert "\n" not in message
+        messages.append(message)
+    assert messages == [
+        "params.max_new_tokens: 9 is over this server's limit of 8 (serve.max_new_tokens_limit)",
+        "params.max_new_tokens: 100000000 is over this server's limit of 8 (serve.max_new_tokens_limit)",
+        "params.max_new_tokens: 'many' is not a whole number",
+        "params.max_new_tokens: -1 must be at least 1",
+        "params must be a JSON object, got ['max_new_tokens', 3]",
+    ]
 
-    # An export folder is served too.
+    # An export folder is served too, and honours max_new_tokens (its signature declares the parameter).
     assert cli("export", "--config", str(cfg), "--format", "hf").exit_code == 0
-    predictions = serve_and_ask(["--config", str(cfg), "--model", "outputs/cpt_model/export/hf"])
-    assert len(predictions) == 1
+    answers = serve_and_ask(
+        ["--config", str(cfg), "--model", "outputs/cpt_model/export/hf"],
+        [completion(prompt, 2), completion(prompt, 100000000)],
+    )
+    from transformers import AutoTokenizer
+
+    status, body = answers[0]
+    (text,) = json.loads(body)["predictions"]
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "outputs/cpt_model/export/hf"))
+    assert status == 200 and text.startswith(prompt)
+    assert len(tokenizer(text)["input_ids"]) <= len(tokenizer(prompt)["input_ids"]) + 2 + 1  # + a merge at the seam
+    assert answers[1][0] == 400 and "limit of 2048" in answers[1][1]
     assert (tmp_path / "outputs/cpt_model/export/hf.mlflow/MLmodel").is_file()
+
+
+def test_serve_says_at_once_when_the_port_is_in_use(corpus_config: Path, cli: Any) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        result = cli("serve", "--config", str(corpus_config), "--port", str(port))
+        seconds = time.monotonic() - started
+    assert result.exit_code == 1
+    assert " ".join(result.output.split()) == (
+        f"error: serve: port {port} on 127.0.0.1 is in use (choose another with --port)"
+    )
+    assert seconds < 2
+
+
+def test_serve_says_in_one_line_when_the_model_does_not_load(tmp_path: Path, corpus_config: Path) -> None:
+    """The server process exits 1 with one line; cptkit passes that exit on, not as an internal error."""
+    command = [sys.executable, "-m", "cptkit", "serve", "--config", str(corpus_config)]
+    command += ["--model", "models:/nothing@champion", "--port", str(free_port())]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(tmp_path)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: serve: MLflow tracking at sqlite:"), done.stderr
+    assert "cannot load models:/nothing@champion" in errors[0]
 
 
 def test_an_adapter_is_merged_where_a_local_base_reference_would_not_load(tmp_path: Path) -> None:

@@ -101,6 +101,69 @@ def test_csv_with_undecodable_bytes_marks_one_row(tmp_path: Path) -> None:
     ]
 
 
+def test_a_damaged_pdf_is_quarantined_without_pypdf_noise_on_the_console(tmp_path: Path) -> None:
+    """pypdf logs ("EOF marker not found") and warns about a damaged file; the quarantine reason is
+    what the user needs, so the real CLI prints none of pypdf's lines."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "good.pdf").write_bytes(_tiny_pdf("Hello from a PDF"))
+    (root / "cut.pdf").write_bytes(_tiny_pdf("Hello from a PDF")[:200])  # cut short: no xref, no %%EOF
+    (root / "junk.pdf").write_bytes(b"not a pdf at all")
+    config = {
+        "source": {"type": "files", "path": str(root)},
+        "data": {"output_dir": str(tmp_path / "data")},
+        "prepare": {"tokenize": False},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = {**os.environ, "PYTHONWARNINGS": "always"}  # show warnings, as a user's environment might
+    for stage in ("extract", "prepare"):
+        done = subprocess.run(
+            [sys.executable, "-m", "cptkit", stage, "--config", str(tmp_path / "cfg.yaml")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        output = done.stdout + done.stderr
+        for noise in ("EOF marker", "pypdf", "invalid pdf header", "Warning"):
+            assert noise not in output, output
+    quarantined = [json.loads(line) for line in (tmp_path / "data" / "quarantine.jsonl").read_text().splitlines()]
+    reasons = {q["id"]: q["reason"] for q in quarantined}
+    assert set(reasons) == {"cut.pdf", "junk.pdf"}
+    assert all(reason.startswith("unreadable_pdf") for reason in reasons.values()), reasons
+
+
+BOM = "\ufeff"  # what Windows editors and Excel's "CSV UTF-8" put at the start of a file
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path: Path) -> None:
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(BOM + '{"id": "a", "text": "first"}\n{"id": "b", "text": "second"}\n', encoding="utf-8")
+    rows = rows_of({"type": "jsonl", "path": jsonl, "id_column": "id"})
+    assert [(r["id"], r["text"], r["error"]) for r in rows] == [("a", "first", None), ("b", "second", None)]
+
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text(BOM + "id,text\n1,first\n2,second\n", encoding="utf-8")
+    rows = rows_of({"type": "csv", "path": csv_file, "id_column": "id"})
+    assert [(r["id"], r["text"]) for r in rows] == [("1", "first"), ("2", "second")]
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(BOM + "plain text", encoding="utf-8")
+    (folder / "b.md").write_text(BOM + "# Title", encoding="utf-8")
+    (folder / "c.html").write_text(BOM + "<p>Para</p>", encoding="utf-8")
+    rows = rows_of({"type": "files", "path": folder})
+    assert [r["text"] for r in rows] == ["plain text", "# Title", "Para"]
+
+
 def test_delta_table_reads_latest_or_a_pinned_version(tmp_path: Path) -> None:
     from deltalake import write_deltalake
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,98 @@ def test_other_methods_train(tmp_path: Path, tiny_model_dir: Path, cli, method: 
     assert result.exit_code == 0, result.output
     s = summary()
     assert s["method"] == method and s["steps"] == 2 and all(np.isfinite(s["losses"]))
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path, str], Path]]:
+    """Mount a small tmpfs (a real file system that fills up); skips where mounting needs privileges this
+    process does not have (the simulated tests cover the same code)."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+            )
+        except FileNotFoundError:
+            pytest.skip("no mount command here")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
+    tmp_path: Path, tmpfs: Callable[[Path, str], Path]
+) -> None:
+    """torch.save's zip writer says only 'unexpected pos ...' when the disk fills up under it."""
+    import shutil
+
+    import torch
+
+    from cptkit.checkpoints import TrainerState, list_checkpoints, save_checkpoint
+    from cptkit.errors import StageError
+
+    root = tmpfs(tmp_path / "checkpoints", "1m")
+    first = save_checkpoint(root, TrainerState(step=1), {"w": torch.zeros(10)}, {"m": torch.zeros(10)}, keep=3)
+    with pytest.raises(StageError) as info:
+        # The weights fit; the optimizer state (4 MB) does not.
+        save_checkpoint(root, TrainerState(step=2), {"w": torch.zeros(1000)}, {"m": torch.zeros(1_000_000)}, keep=3)
+    assert str(info.value) == f"no space left on device while writing checkpoint {root / 'step-0000002'}"
+    assert list_checkpoints(root) == [first]
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000001"]  # no partial checkpoint left
+    # ... nor held open: the space is free again while the error is still referenced.
+    assert shutil.disk_usage(root).free > (1 << 20) - (64 << 10)
+
+
+def test_train_on_a_full_disk_says_so_in_one_line(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any, tmpfs: Callable[[Path, str], Path]
+) -> None:
+    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=4)
+    checkpoints = tmpfs(tmp_path / "outputs" / "cpt_model" / "checkpoints", "64k")
+    result = cli("train", "-c", str(cfg))
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())
+    assert "error: no space left on device while writing checkpoint outputs/cpt_model/checkpoints/step-0000002" in line
+    assert "internal error" not in line and "Traceback" not in result.output
+    assert list(checkpoints.iterdir()) == []
+
+
+def test_a_simulated_full_disk_in_checkpoints_and_outputs_is_one_line(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=4)
+    out = Path("outputs/cpt_model")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", no_space)
+        result = cli("train", "-c", str(cfg))
+    assert result.exit_code == 1, result.output
+    assert " ".join(result.output.split()).endswith(
+        f"error: no space left on device while writing checkpoint {out / 'checkpoints' / 'step-0000002'}"
+    )
+    assert not list((out / "checkpoints").iterdir())
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedTokenizerBase, "save_pretrained", no_space)
+        result = cli("train", "-c", str(cfg))
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())
+    assert line.endswith(f"error: no space left on device while writing the trained model {out}")
+    assert not (out / "manifest.json").exists()  # nothing there looks complete: a rerun trains again

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cptkit import __version__
+from cptkit.errors import CptkitError, StageError
 
 MANIFEST = "manifest.json"
+# Less free space than this after a failed write means the disk filled up (see disk_full_errors).
+_NEARLY_FULL_BYTES = 16 << 20
+_NO_SPACE = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded"}
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -61,6 +67,59 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.rename(final, old / final.name)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def disk_full_errors(what: str, path: Path) -> Iterator[None]:
+    """Turn a write that failed for want of disk space into one StageError: "no space left on device while
+    writing <what> <path>". torch.save reports a full disk only as a RuntimeError of its zip writer
+    ("unexpected pos ..."), so a RuntimeError with (almost) no space left on `path`'s file system counts as
+    one too: use this inside the cleanup of the partial files, which would free the space again."""
+    try:
+        yield
+    except CptkitError:
+        raise
+    except Exception as exc:
+        reason = _no_space_reason(exc, path)
+        if reason is None:
+            raise
+        # The failed writer's frames hold the partial file open (torch's zip writer is not closed on
+        # error): drop their locals, so that the space is free again while the error is handled.
+        for error in _chain(exc):
+            traceback.clear_frames(error.__traceback__)
+        raise StageError(f"{reason} while writing {what} {path}") from exc
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the errors it was raised from or while handling."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+def _no_space_reason(exc: BaseException, path: Path) -> str | None:
+    for cause in _chain(exc):
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            return _NO_SPACE[cause.errno]
+        text = str(cause)
+        # safetensors and other Rust writers put the OS error in their message.
+        if "No space left on device" in text or "os error 28" in text:
+            return _NO_SPACE[errno.ENOSPC]
+        if "Disk quota exceeded" in text:
+            return "disk quota exceeded"
+    if isinstance(exc, RuntimeError) and _free_bytes(path) < _NEARLY_FULL_BYTES:
+        return _NO_SPACE[errno.ENOSPC]
+    return None
+
+
+def _free_bytes(path: Path) -> int:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return _NEARLY_FULL_BYTES  # nothing to measure: not taken for a full disk
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from cptkit.artifacts import disk_full_errors
+
 STATE = "trainer_state.json"
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -65,10 +67,12 @@ def save_checkpoint(
     final = checkpoint_dir(root, state.step)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
-        torch.save(optimizer_state, tmp / OPTIMIZER)
-        torch.save(rng_states(), tmp / RNG)
-        (tmp / STATE).write_text(json.dumps(asdict(state)), encoding="utf-8")
+        # Inside the cleanup: a full disk is recognized by its free space, before the partial files go.
+        with disk_full_errors("checkpoint", final):
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
+            torch.save(optimizer_state, tmp / OPTIMIZER)
+            torch.save(rng_states(), tmp / RNG)
+            (tmp / STATE).write_text(json.dumps(asdict(state)), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -82,6 +82,8 @@ def _run(debug: bool, fn: Any, *args: Any, wait: bool = False) -> Any:
     wait_for_lock.set(wait)
     try:
         return fn(*args)
+    except (typer.Exit, typer.Abort):
+        raise  # a command's own exit (typer.Exit(code)), not an error of cptkit's
     except ConfigError as exc:
         for line in exc.problems:
             error_console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)

@@ -544,6 +544,17 @@ class RegisterConfig(Section):
     )
 
 
+class ServeConfig(Section):
+    """cptkit serve: a local HTTP endpoint for the registered or exported model."""
+
+    max_new_tokens_limit: int = Field(
+        2048,
+        gt=0,
+        description="Largest max_new_tokens a request may ask for; the server answers a larger one (or one that "
+        "is not a positive whole number) with HTTP 400.",
+    )
+
+
 class GenerationConfig(Section):
     """Completions of fixed prompts by the base and the adapted model, shown side by side in the report."""
 
@@ -640,6 +651,7 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     # Named with an underscore: `register` is a method of every pydantic model's metaclass (ABCMeta).
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     databricks: DatabricksConfig = Field(default_factory=DatabricksConfig)
 
 

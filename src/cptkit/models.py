@@ -323,6 +323,7 @@ def load_base(model_dir: Path, training: TrainingConfig, device: torch.device, b
 
     if not (model_dir / "config.json").is_file():
         raise CptkitError(f"{model_dir}: not a model folder (no config.json)")
+    check_model_files(model_dir)
     # Adapter methods keep the frozen base in bfloat16 where bf16 is the compute precision (the adapters
     # themselves are float32: peft upcasts them); full training keeps float32 master weights.
     dtype = torch.bfloat16 if bf16 and training.method != "full" else torch.float32
@@ -571,6 +572,7 @@ def load_trained(
         return model  # type: ignore[no-any-return]
     if not (trained_dir / "adapter_config.json").is_file():
         raise CptkitError(f"{trained_dir}: no adapter saved there (no adapter_config.json); was it trained with full?")
+    check_adapter_files(trained_dir)
     from peft import PeftModel
 
     base = load_base(model_dir_base, training, device, bf16)
@@ -581,6 +583,81 @@ def load_trained(
         model = PeftModel.from_pretrained(base, str(trained_dir), is_trainable=False)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------- checking saved files
+# Loaders report a missing or damaged file in their own terms: peft takes a folder without adapter weights
+# for a hub id ("Repo id must be in the form..."), safetensors says "invalid header length" without naming
+# the file. These checks read only the JSON files and the safetensors headers, so they cost nothing.
+
+_WEIGHTS_INDEX = "model.safetensors.index.json"
+_ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_model_files(folder: Path) -> None:
+    """A model folder's config.json and every safetensors weights file it has (or its index lists) are
+    present and readable; a folder of pickled weights only (pytorch_model.bin) is left to transformers."""
+    _check_json(folder / "config.json")
+    weights = sorted(folder.glob("*.safetensors"))
+    index = folder / _WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = _check_json(index).get("weight_map")
+        listed = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        for name in listed:
+            if not (folder / name).is_file():
+                raise CptkitError(f"{folder / name}: model weights missing (listed in {index.name})")
+        weights = [folder / name for name in listed] or weights
+    if not weights:
+        if any(folder.glob("pytorch_model*.bin")):
+            return
+        raise CptkitError(f"{folder}: model weights missing (no *.safetensors file next to config.json)")
+    for path in weights:
+        _check_safetensors(path)
+
+
+def check_adapter_files(folder: Path) -> None:
+    """What `save_trained` writes for an adapter run is present and readable: the adapter config, its
+    weights, and the trained embeddings when there are any."""
+    _check_json(folder / _ADAPTER_CONFIG)
+    weights = folder / _ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CptkitError(
+            f"{weights}: adapter weights missing ({_ADAPTER_CONFIG} is there; train again, or restore it)"
+        )
+    _check_safetensors(weights)
+    if (folder / EMBEDDINGS_FILE).is_file():
+        _check_safetensors(folder / EMBEDDINGS_FILE)
+
+
+def _check_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CptkitError(f"{path}: missing") from None
+    except OSError as exc:
+        raise CptkitError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise CptkitError(f"{path}: not valid JSON ({_first_line(exc)}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise CptkitError(f"{path}: not valid JSON (expected an object, found {type(data).__name__})")
+    return data
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        # Opening parses the header and checks that the file is as long as the header says.
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except SafetensorError as exc:
+        reason = _first_line(exc).removeprefix("Error while deserializing header: ")
+        raise CptkitError(
+            f"{path}: not a valid safetensors file ({reason}); the file is damaged or was cut short"
+        ) from None
+    except OSError as exc:
+        raise CptkitError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
 def _dequantized(model: Any, dtype: torch.dtype) -> Any:

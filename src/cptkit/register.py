@@ -178,26 +178,20 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
         input_example=([texts[0]], {"max_new_tokens": config.register_.max_new_tokens}),
     )
     del model
-    version = registry.create_version(
-        name,
-        logged,
-        tags=version_tags(config, training, results, merged, gap),
-        description=f"cptkit {training.method} of {config.model.name} (run {logged.run_id})",
-    )
-    model_uri = f"models:/{name}/{version}"
-
-    loaded, loaded_tokenizer = registry.load_components(model_uri)
-    diff = roundtrip_difference(loaded, loaded_tokenizer, texts, reference)
-    del loaded
-    tolerance = config.register_.roundtrip_tolerance
-    if diff is None or diff > tolerance:
-        what = "its tokenizer encodes the check inputs differently" if diff is None else f"max |Δlogit| {diff:.3g}"
-        registry.set_version_tags(name, version, {f"{TAG_PREFIX}status": "broken", f"{TAG_PREFIX}roundtrip": what})
-        registry.describe_version(name, version, f"BROKEN: loaded back from the registry, {what} > {tolerance:g}")
-        raise CptkitError(
-            f"{name} version {version} is broken: loaded back from the registry, {what} "
-            f"(tolerance {tolerance:g}); it was tagged broken and not given an alias"
+    try:
+        version = registry.create_version(
+            name,
+            logged,
+            tags=version_tags(config, training, results, merged, gap),
+            description=f"cptkit {training.method} of {config.model.name} (run {logged.run_id})",
         )
+        diff = _check_round_trip(registry, name, version, texts, reference, config.register_.roundtrip_tolerance)
+    except BaseException:
+        # The run keeps what this attempt logged (a broken version points to it), marked FAILED so that it
+        # is not taken for a usable model beside the ones that passed.
+        registry.mark_failed(logged)
+        raise
+    model_uri = f"models:/{name}/{version}"
     registry.set_version_tags(
         name, version, {f"{TAG_PREFIX}status": "ok", f"{TAG_PREFIX}roundtrip_max_abs_logit_diff": f"{diff:.3g}"}
     )
@@ -228,6 +222,25 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
     manifest["result"] = asdict(result)
     write_json_atomic(out / MANIFEST, manifest)
     return result
+
+
+def _check_round_trip(
+    registry: Registry, name: str, version: str, texts: list[str], reference: Any, tolerance: float
+) -> float:
+    """The largest logit difference between `version` loaded back from the registry and the trained model;
+    a version beyond `tolerance` is tagged broken and an error raised."""
+    loaded, loaded_tokenizer = registry.load_components(f"models:/{name}/{version}")
+    diff = roundtrip_difference(loaded, loaded_tokenizer, texts, reference)
+    del loaded
+    if diff is None or diff > tolerance:
+        what = "its tokenizer encodes the check inputs differently" if diff is None else f"max |Δlogit| {diff:.3g}"
+        registry.set_version_tags(name, version, {f"{TAG_PREFIX}status": "broken", f"{TAG_PREFIX}roundtrip": what})
+        registry.describe_version(name, version, f"BROKEN: loaded back from the registry, {what} > {tolerance:g}")
+        raise CptkitError(
+            f"{name} version {version} is broken: loaded back from the registry, {what} "
+            f"(tolerance {tolerance:g}); it was tagged broken and not given an alias"
+        )
+    return diff
 
 
 def _result_from(data: dict[str, Any], skipped: bool) -> RegisterResult:

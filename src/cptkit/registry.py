@@ -125,6 +125,19 @@ class Registry:
                 )
         return LoggedModel(str(info.model_uri), getattr(info, "model_id", None), run_id)
 
+    def mark_failed(self, logged: LoggedModel) -> None:
+        """Set a logged model's status to FAILED (MLflow 3 logged models; nothing to do without an id). A
+        failure here is logged, not raised: it must not hide the error that made the attempt fail."""
+        if logged.model_id is None:
+            return
+        from mlflow.entities import LoggedModelStatus
+
+        try:
+            with self._errors(f"mark logged model {logged.model_id} failed"):
+                self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        except CptkitError as exc:
+            log.warning("%s", exc)
+
     def create_version(self, name: str, logged: LoggedModel, tags: Mapping[str, str], description: str) -> str:
         """Register `logged` as a new version of `name` (creating the registered model if needed)."""
         from mlflow.exceptions import MlflowException
@@ -221,9 +234,16 @@ class Registry:
                     os.environ[key] = value
 
 
-def save_transformers_model(folder: Path, model: Any, tokenizer: Any, pip_requirements: list[str]) -> None:
+def save_transformers_model(
+    folder: Path,
+    model: Any,
+    tokenizer: Any,
+    pip_requirements: list[str],
+    input_example: tuple[list[str], dict[str, Any]],
+) -> None:
     """Write `model` as an MLflow transformers model (text-generation) into the existing, empty `folder`.
-    The in-memory model, not a folder path: MLflow's local-checkpoint mode fails with transformers 5."""
+    The in-memory model, not a folder path: MLflow's local-checkpoint mode fails with transformers 5.
+    The example's params become the signature's parameters (MLflow ignores any other a request sends)."""
     import mlflow
 
     staging = folder / ".saving"  # save_model wants a path that does not exist yet
@@ -232,6 +252,7 @@ def save_transformers_model(folder: Path, model: Any, tokenizer: Any, pip_requir
         path=str(staging),
         task="text-generation",
         pip_requirements=pip_requirements,
+        input_example=input_example,
     )
     for item in staging.iterdir():
         item.rename(folder / item.name)

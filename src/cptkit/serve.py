@@ -1,18 +1,21 @@
 """cptkit serve: a local HTTP endpoint for a registered or exported model.
 
-The server is MLflow's own scoring server (`mlflow models serve`, POST /invocations), the same one
-`mlflow models build-docker` and Databricks Model Serving build on, so what works here works there.
-It runs as a child process in its own process group, pointed at the config's tracking and registry
-stores, and is stopped with everything it started when cptkit is interrupted, terminated, loses its
-terminal or (on Linux) is killed.
+The server is MLflow's own scoring server app (what `mlflow models serve` runs, POST /invocations), the
+same one `mlflow models build-docker` and Databricks Model Serving build on, so what works here works
+there; `cptkit.scoring_server` adds a check of each request's generation parameters in front of it. It
+runs as a child process in its own process group, pointed at the config's tracking and registry stores,
+and is stopped with everything it started when cptkit is interrupted, terminated, loses its terminal or
+(on Linux) is killed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,6 +29,10 @@ from cptkit.registry import resolve_registry_uri, save_transformers_model
 from cptkit.tracking import resolve_tracking_uri
 
 MLFLOW_WRAPPER_SUFFIX = ".mlflow"
+# Part of the wrapper's stamp: a wrapper written by an earlier cptkit (without a max_new_tokens parameter
+# in its signature, so MLflow ignored the one a request sent) is written again.
+_WRAPPER_FORMAT = 2
+_EXAMPLE_MAX_NEW_TOKENS = 32
 _STOP_SECONDS = 10
 
 
@@ -51,7 +58,8 @@ def mlflow_wrapper(folder: Path) -> Path:
     """An MLflow transformers model folder holding the Hugging Face model in `folder`, written next to it
     once (and again when the folder changes)."""
     target = folder.with_name(folder.name + MLFLOW_WRAPPER_SUFFIX)
-    stamp = json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()))
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
+    stamp = json.dumps({"format": _WRAPPER_FORMAT, "files": files})
     stamp_file = target / "cptkit_source.json"
     if stamp_file.is_file() and stamp_file.read_text(encoding="utf-8") == stamp:
         return target.resolve()
@@ -67,37 +75,41 @@ def mlflow_wrapper(folder: Path) -> Path:
             f"--model {folder}: cannot load it as a transformers model: {str(exc).splitlines()[0]}"
         ) from None
     with atomic_dir(target) as tmp:
-        save_transformers_model(tmp, model, tokenizer, pip_requirements(peft=False))
+        # The example's params give the signature a max_new_tokens parameter, as a registered model has.
+        example = (["The json module"], {"max_new_tokens": _EXAMPLE_MAX_NEW_TOKENS})
+        save_transformers_model(tmp, model, tokenizer, pip_requirements(peft=False), example)
         (tmp / "cptkit_source.json").write_text(stamp, encoding="utf-8")
     return target.resolve()
 
 
-def serve_command(model_uri: str, host: str, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "--model-uri",
-        model_uri,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        # Serve with the packages installed here (the ones that trained the model), not a new virtualenv.
-        "--env-manager",
-        "local",
-    ]
+def serve_command(model_uri: str, host: str, port: int, max_new_tokens_limit: int) -> list[str]:
+    # This Python, with the packages installed here (the ones that trained the model), not a new virtualenv.
+    return [sys.executable, "-m", "cptkit.scoring_server", model_uri, host, str(port), str(max_new_tokens_limit)]
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail at once, in one line, when the server could not listen on host:port; MLflow would find out
+    only after loading the model, and say it with a traceback."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CptkitError(f"serve: --host {host}: not a known address ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    try:
+        # SO_REUSEADDR, as the server sets it: a port whose last connections are closing is free.
+        with socket.create_server(address, family=family):
+            pass
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CptkitError(f"serve: port {port} on {host} is in use (choose another with --port)") from None
+        raise CptkitError(f"serve: cannot listen on {host} port {port}: {exc.strerror or exc}") from None
 
 
 def serve(config: Config, model: str | None, host: str, port: int, announce: Callable[[str], None]) -> int:
     """Run the scoring server until it exits or cptkit is interrupted; returns its exit code."""
+    check_port(host, port)
     model_uri = model_uri_for(config, model)
     env = dict(os.environ)
-    # MLflow starts uvicorn by name: find the one installed beside this Python even when the environment
-    # is not activated (.venv/bin/cptkit serve).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     tracking_uri = resolve_tracking_uri(config.tracking.tracking_uri, env)
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     env["MLFLOW_REGISTRY_URI"] = resolve_registry_uri(config.register_.registry_uri, env) or tracking_uri
@@ -111,7 +123,10 @@ def serve(config: Config, model: str | None, host: str, port: int, announce: Cal
     process: subprocess.Popen[bytes] | None = None
     try:
         process = subprocess.Popen(
-            serve_command(model_uri, host, port), env=env, start_new_session=True, preexec_fn=_die_with_parent
+            serve_command(model_uri, host, port, config.serve.max_new_tokens_limit),
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         return process.wait()
     except KeyboardInterrupt:

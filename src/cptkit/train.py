@@ -25,6 +25,7 @@ import yaml
 
 from cptkit.artifacts import (
     MANIFEST,
+    disk_full_errors,
     invalidate,
     new_manifest,
     read_json,
@@ -397,7 +398,8 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
     # This process's part of the run (a resumed run's earlier part is not included).
     summary.update(peak_memory_bytes=memory.peak_bytes(), peak_memory_kind=memory.kind)
     if accelerator.is_main_process:
-        _write_outputs(config, loaded.model, model_dir, summary, fingerprint)
+        with disk_full_errors("the trained model", out):
+            _write_outputs(config, loaded.model, model_dir, summary, fingerprint)
         if tracker is not None:
             tracker.log_dict(summary, "training_summary.json")
             tracker.log_metrics({"train/final_loss": summary["final_loss"]}, state.step)
@@ -460,7 +462,7 @@ def _save_best(ckpt_root: Path, trainable: dict[str, Any]) -> None:
     from cptkit.artifacts import atomic_path
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ckpt_root / BEST) as tmp:
+    with atomic_path(ckpt_root / BEST) as tmp, disk_full_errors("checkpoint", ckpt_root / BEST):
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp))
 
 

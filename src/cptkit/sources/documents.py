@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -45,10 +49,26 @@ def _pdf_text(raw: bytes) -> tuple[str | None, str | None]:
     from pypdf.errors import PyPdfError
 
     try:
-        reader = PdfReader(io.BytesIO(raw))
-        if reader.is_encrypted:
-            return None, "encrypted_pdf"
-        pages = [page.extract_text() or "" for page in reader.pages]
+        with _quiet_pypdf():
+            reader = PdfReader(io.BytesIO(raw))
+            if reader.is_encrypted:
+                return None, "encrypted_pdf"
+            pages = [page.extract_text() or "" for page in reader.pages]
     except (PyPdfError, ValueError, KeyError, TypeError) as exc:
         return None, f"unreadable_pdf ({type(exc).__name__})"
     return "\n\n".join(p.strip() for p in pages if p.strip()), None
+
+
+@contextlib.contextmanager
+def _quiet_pypdf() -> Iterator[None]:
+    """Keep pypdf's log lines ("EOF marker not found") and warnings about a damaged file off the console:
+    a file it cannot read is quarantined with a reason, and one it reads despite them is kept."""
+    logger = logging.getLogger("pypdf")  # pypdf's modules log through children of this logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

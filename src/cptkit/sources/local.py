@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -112,7 +113,9 @@ class JsonlSource(_FileBased):
 def parse_json_line(line: bytes, where: str, config: SourceBase) -> tuple[Any, Any, dict[str, Any], str | None]:
     """One JSONL line as (raw text, raw id, object, error); `where` (file:line) is the id of a bad line."""
     try:
-        decoded = line.decode("utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one at the start of a file, and it stays at
+        # the start of a line when such files are concatenated) is not part of the JSON.
+        decoded = line.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None, where, {}, "undecodable_bytes"
     try:
@@ -142,7 +145,7 @@ class CsvSource(_FileBased):
         csv.field_size_limit(sys.maxsize)
         offset = 0
         for file in self.files():
-            with file.open("r", encoding=c.encoding, errors="surrogateescape", newline="") as fh:
+            with file.open("r", encoding=_without_bom(c.encoding), errors="surrogateescape", newline="") as fh:
                 reader = csv.DictReader(fh, delimiter=c.delimiter)
                 header = reader.fieldnames or []
                 needed = [c.text_column, *([c.id_column] if c.id_column else []), *c.metadata_columns]
@@ -165,6 +168,17 @@ class CsvSource(_FileBased):
         meta = {m: strings_column([r.get(m) for r in rows]) for m in c.metadata_columns}
         ids = [r.get(c.id_column) for r in rows] if c.id_column else None
         return canonical_batch([r.get(c.text_column) for r in rows], ids, meta, offset)
+
+
+def _without_bom(encoding: str) -> str:
+    """The codec that reads `encoding` and drops a leading byte-order mark: for UTF-8, utf-8-sig (Excel's
+    "CSV UTF-8" starts with one, which would otherwise be part of the first column's name). The UTF-16
+    and UTF-32 codecs drop theirs already."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return encoding  # open() reports the unknown encoding
+    return "utf-8-sig" if name == "utf-8" else encoding
 
 
 def _arrow_batches(batches: Iterator[pa.RecordBatch], config: SourceBase, where: str) -> Iterator[pa.RecordBatch]:
