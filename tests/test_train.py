@@ -285,3 +285,7 @@ def test_a_simulated_full_disk_in_checkpoints_and_outputs_is_one_line(
     line = " ".join(result.output.split())
     assert line.endswith(f"error: no space left on device while writing the trained model {out}")
     assert not (out / "manifest.json").exists()  # nothing there looks complete: a rerun trains again
+    from mlflow import MlflowClient
+
+    run_id = json.loads(next(out.glob("checkpoints/step-*/trainer_state.json")).read_text())["run_id"]
+    assert MlflowClient(local_store()).get_run(run_id).info.status == "FAILED"

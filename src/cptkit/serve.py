@@ -24,6 +24,7 @@ from pathlib import Path
 from cptkit.artifacts import atomic_dir
 from cptkit.config import Config
 from cptkit.errors import CptkitError
+from cptkit.processes import die_with_parent
 from cptkit.register import CHAMPION, pip_requirements
 from cptkit.registry import resolve_registry_uri, save_transformers_model
 from cptkit.tracking import resolve_tracking_uri
@@ -126,7 +127,7 @@ def serve(config: Config, model: str | None, host: str, port: int, announce: Cal
             serve_command(model_uri, host, port, config.serve.max_new_tokens_limit),
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         return process.wait()
     except KeyboardInterrupt:
@@ -136,16 +137,6 @@ def serve(config: Config, model: str | None, host: str, port: int, announce: Cal
             signal.signal(sig, handler)
         if process is not None:
             _stop(process)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the parent dies (nothing elsewhere)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

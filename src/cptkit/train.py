@@ -398,8 +398,13 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
     # This process's part of the run (a resumed run's earlier part is not included).
     summary.update(peak_memory_bytes=memory.peak_bytes(), peak_memory_kind=memory.kind)
     if accelerator.is_main_process:
-        with disk_full_errors("the trained model", out):
-            _write_outputs(config, loaded.model, model_dir, summary, fingerprint)
+        try:
+            with disk_full_errors("the trained model", out):
+                _write_outputs(config, loaded.model, model_dir, summary, fingerprint)
+        except BaseException:  # the run has no model: its MLflow run must not stay RUNNING
+            if tracker is not None:
+                tracker.end("FAILED")
+            raise
         if tracker is not None:
             tracker.log_dict(summary, "training_summary.json")
             tracker.log_metrics({"train/final_loss": summary["final_loss"]}, state.step)
