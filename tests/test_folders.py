@@ -217,7 +217,7 @@ def test_prepare_workers_die_with_a_killed_prepare(tmp_path: Path, tiny_tokenize
             time.sleep(0.05)
         main.send_signal(signal.SIGKILL)
         main.wait()
-        gone, alive = psutil.wait_procs(workers, timeout=15)
+        _gone, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive, [p.cmdline() for p in alive]
     finally:
         main.kill()

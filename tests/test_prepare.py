@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from conftest import make_doc, write_config, write_jsonl
 from cptkit.config import load_config
-from cptkit.prepare import split_of
+from cptkit.corpus import split_of
 
 
 def manifest(path: Path) -> dict[str, Any]:
@@ -231,7 +231,7 @@ def test_an_interrupted_prepare_leaves_nothing_that_looks_complete(
     cli("prepare", "-c", str(corpus_config))
     before = Path("out/train.jsonl").read_bytes()
 
-    import cptkit.prepare as prep
+    import cptkit.corpus as prep
 
     calls = {"n": 0}
     real = prep.split_of

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from conftest import make_doc
 from cptkit.config import NormalizeConfig, PrepareConfig, QualityConfig, RedactConfig
-from cptkit.prepare import apply_rules, quarantine_reason
+from cptkit.records import quarantine_reason
 from cptkit.rules.language import detect_language
 from cptkit.rules.normalize import normalize
 from cptkit.rules.quality import quality_issue
 from cptkit.rules.redact import redact
+from cptkit.rules.steps import Drop, Keep, apply_rules, record_steps, run_steps
 
 # ---------------------------------------------------------------- normalize
 
@@ -188,3 +191,37 @@ def test_quarantine_reasons() -> None:
     assert quarantine_reason(None, None, 100) == "null_text"
     assert quarantine_reason("é" * 60, None, 100) == "oversize"
     assert quarantine_reason("a" * 60, None, 100) is None
+
+
+# ---------------------------------------------------------------- the step list
+
+
+def test_the_step_list_holds_the_enabled_rules_in_order() -> None:
+    names = [s.name for s in record_steps(PrepareConfig())]
+    assert names == ["normalize", "empty", "quality", "language"]
+    config = PrepareConfig.model_validate({"redact": {"enabled": True}, "language": {"enabled": False}})
+    assert [s.name for s in record_steps(config)] == ["normalize", "empty", "redact", "quality"]
+
+
+def test_a_step_keeps_with_its_text_and_counts_or_drops_with_a_reason() -> None:
+    config = PrepareConfig.model_validate({"redact": {"enabled": True}})
+    redact_step = next(s for s in record_steps(config) if s.name == "redact")
+    assert redact_step("mail jane@example.com") == Keep("mail <EMAIL>", {"email": 1})
+    quality_step = next(s for s in record_steps(config) if s.name == "quality")
+    assert quality_step("Too short to keep.") == Drop("too_short")
+
+
+def test_counts_of_a_document_dropped_by_a_later_step_are_kept() -> None:
+    config = PrepareConfig.model_validate({"redact": {"enabled": True}})
+    outcome = apply_rules("Write to jane@example.com.", config)
+    assert outcome.reason == "too_short" and outcome.text is None
+    assert outcome.counts == {"redact": {"email": 1}}
+
+
+def test_steps_survive_pickling_for_other_processes() -> None:
+    config = PrepareConfig.model_validate({"redact": {"enabled": True}, "quality": {"min_stop_words": 0}})
+    steps = record_steps(config)
+    copies = pickle.loads(pickle.dumps(steps))
+    german = "Die Bibliothek bietet eine einheitliche Schnittstelle zum Lesen und Schreiben von Dateien. " * 4
+    for text in (GOOD + " jane@example.com", german, "  ", "short"):
+        assert run_steps(copies, text) == run_steps(steps, text)

@@ -4,11 +4,15 @@ Exact duplicates are found by a 128-bit hash of the normalized text. Near duplic
 signatures over word shingles and datasketch's LSH index. Signatures are computed here with numpy
 rather than with datasketch.MinHash because datasketch hashes each shingle through a Python callback
 and a SHA-1, which costs several times more per document; the index itself is datasketch's.
+
+Keys and signatures are computed per document (in any engine's workers); `exact_duplicates` and
+`near_duplicates` are the corpus-level decisions over them, in input order: the first occurrence wins.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import xxhash
@@ -67,3 +71,21 @@ class NearDuplicateIndex:
         self.lsh.insert(self._next, mh, check_duplication=False)
         self._next += 1
         return False
+
+
+def exact_duplicates(keys: Sequence[bytes | None], seen: set[bytes]) -> list[bool]:
+    """For each key in order, whether it was seen before (earlier in `keys` or in `seen`, which grows).
+    A None key (a document not subject to dedup) is never a duplicate."""
+    flags: list[bool] = []
+    for key in keys:
+        if key is None:
+            flags.append(False)
+            continue
+        flags.append(key in seen)
+        seen.add(key)
+    return flags
+
+
+def near_duplicates(signatures: Sequence[np.ndarray | None], index: NearDuplicateIndex) -> list[bool]:
+    """For each signature in order, whether a similar one is in `index` (which grows). None is skipped."""
+    return [signature is not None and index.seen_before(signature) for signature in signatures]
