@@ -13,9 +13,9 @@ from databricks.sql.exc import RequestError
 
 from conftest import write_config
 from cptkit.config import Config, load_config
-from cptkit.datasets import datasets
+from cptkit.datasets import SNAPSHOT, datasets
 from cptkit.errors import ConfigError, SourceError
-from cptkit.extract import SNAPSHOT, extract
+from cptkit.extract import extract
 from cptkit.sources.incremental import STATE
 from test_databricks_standins import (  # noqa: F401 (fixtures)
     TABLE,

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import make_doc, write_config
 from cptkit.config import Config, load_config
-from cptkit.datasets import datasets
+from cptkit.datasets import SNAPSHOT, datasets
 from cptkit.errors import SourceError
-from cptkit.extract import SNAPSHOT, extract
+from cptkit.extract import extract
 from test_databricks_standins import (  # noqa: F401 (fixtures)
     CLIENT_SECRET,
     STORAGE_SECRET,

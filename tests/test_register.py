@@ -210,7 +210,7 @@ def test_force_promotes_the_refused_version_instead_of_registering_it_again(
 def test_differences_with_nan_or_infinity_never_pass() -> None:
     import torch
 
-    from cptkit.register import max_abs_difference
+    from cptkit.roundtrip import max_abs_difference
 
     a = torch.zeros(3)
     assert max_abs_difference(a, torch.tensor([0.0, 1e-6, 0.0])) == pytest.approx(1e-6)

@@ -17,10 +17,11 @@ from rich.table import Table
 from cptkit import __version__
 from cptkit.config import Config, load_config, masked_dict
 from cptkit.errors import ConfigError, CptkitError
-from cptkit.extract import DryRunResult, StageResult
+from cptkit.extract import DryRunResult
 from cptkit.folders import wait_for_lock
 from cptkit.pipeline import Stage
 from cptkit.progress import LogFormat, console, duration, error_console, event, set_log_format
+from cptkit.stage import StageResult
 
 DEFAULT_CONFIG = Path("configs/cpt_config.yaml")
 

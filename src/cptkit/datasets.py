@@ -10,6 +10,12 @@ from cptkit.config import Config, SourceConfig
 from cptkit.errors import ConfigError
 
 DOMAIN, REPLAY = "domain", "replay"
+# A dataset's folder: the raw snapshot extract writes (raw/), and the splits and token files prepare writes.
+RAW = "raw"
+SNAPSHOT = "documents.parquet"
+TRAIN, VAL = "train.jsonl", "val.jsonl"
+TRAIN_TOKENS, VAL_TOKENS = "train_tokens.parquet", "val_tokens.parquet"
+QUARANTINE, DROPPED = "quarantine.jsonl", "dropped.jsonl"
 
 
 @dataclass(frozen=True)
@@ -20,7 +26,15 @@ class Dataset:
 
     @property
     def raw_dir(self) -> Path:
-        return self.directory / "raw"
+        return self.directory / RAW
+
+    @property
+    def snapshot(self) -> Path:
+        return self.raw_dir / SNAPSHOT
+
+    def tokens(self, split: str) -> Path:
+        """The token file of the train or val split."""
+        return self.directory / (TRAIN_TOKENS if split == "train" else VAL_TOKENS)
 
 
 def domain_dir(config: Config) -> Path:

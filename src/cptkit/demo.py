@@ -23,9 +23,10 @@ from cptkit.config import Config, DeltaSourceConfig, JsonlSourceConfig
 from cptkit.datasets import datasets
 from cptkit.demo_general import write_general_corpora
 from cptkit.errors import CptkitError
-from cptkit.extract import StageResult, extract
+from cptkit.extract import extract
 from cptkit.prepare import prepare
 from cptkit.progress import console
+from cptkit.stage import StageResult
 
 # Packages that are tests, GUI demos or vendored tooling rather than library documentation.
 _SKIP = {

@@ -40,14 +40,14 @@ from cptkit.config import (
     TrainingConfig,
     section_fingerprint,
 )
-from cptkit.datasets import domain_dir, replay_dir
+from cptkit.datasets import VAL, domain_dir, replay_dir
 from cptkit.errors import ConfigError, CptkitError, StageError
-from cptkit.extract import StageResult
 from cptkit.folders import claim
 from cptkit.models import EMBEDDINGS_FILE
+from cptkit.packing import SEPARATOR_TOKEN
 from cptkit.progress import console, progress_bar
+from cptkit.stage import StageResult
 from cptkit.tracking import Tracker, open_tracker
-from cptkit.train import SEPARATOR_TOKEN  # the document separator of packing, also the scoring prefix
 
 EVALUATION_DIR = "evaluation"
 RESULTS = "results.json"
@@ -104,7 +104,7 @@ def eval_sources(config: Config) -> dict[str, SourceConfig]:
     if ec.domain is not None:
         sources[DOMAIN] = ec.domain
     else:
-        val = domain_dir(config) / "val.jsonl"
+        val = domain_dir(config) / VAL
         if not val.is_file():
             raise StageError(
                 f"no domain evaluation set: {val} does not exist; run `cptkit prepare`, pass --domain-data, "
@@ -114,7 +114,7 @@ def eval_sources(config: Config) -> dict[str, SourceConfig]:
     if ec.general is not None:
         sources[GENERAL] = ec.general
     elif config.data.replay is not None:
-        val = replay_dir(config) / "val.jsonl"
+        val = replay_dir(config) / VAL
         if not val.is_file():
             raise StageError(f"no general evaluation set: {val} does not exist; run `cptkit prepare` first")
         sources[GENERAL] = JsonlSourceConfig(type="jsonl", path=val)

@@ -19,7 +19,7 @@ from cptkit.config import Config
 from cptkit.errors import CptkitError, StageError
 from cptkit.evaluate import trained_training_config
 from cptkit.models import is_peft, resolve_model
-from cptkit.register import (
+from cptkit.roundtrip import (
     ROUNDTRIP_TEXTS,
     load_float_model,
     max_abs_difference,

@@ -34,20 +34,12 @@ from cptkit.artifacts import (
     write_json_atomic,
 )
 from cptkit.config import DatabricksSourceConfig, section_fingerprint
-from cptkit.datasets import Dataset
+from cptkit.datasets import SNAPSHOT, Dataset
 from cptkit.folders import check_writable, claim
 from cptkit.progress import progress_bar
 from cptkit.sources import ERROR, ID, TEXT, Source, open_source
 from cptkit.sources.incremental import STATE, Applied, IncrementalSource, Read, apply_changes, spool_changes
-
-SNAPSHOT = "documents.parquet"
-
-
-@dataclass(frozen=True)
-class StageResult:
-    manifest: dict[str, Any]
-    directory: Path
-    skipped: bool
+from cptkit.stage import StageResult
 
 
 @dataclass(frozen=True)

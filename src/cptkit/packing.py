@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Between packed documents; also the prefix evaluation scores a document's first token after.
+SEPARATOR_TOKEN = "<|endoftext|>"
+
 IGNORE = -100
 
 

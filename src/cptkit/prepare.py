@@ -28,14 +28,12 @@ from cptkit.datasets import Dataset
 from cptkit.engines import PrepareJob
 from cptkit.engines import local as local_engine
 from cptkit.errors import StageError
-from cptkit.extract import SNAPSHOT, StageResult
 from cptkit.folders import claim
-from cptkit.prepared_files import TRAIN_TOKENS, VAL_TOKENS, output_names
+from cptkit.prepared_files import output_names
 from cptkit.progress import progress_bar
 from cptkit.rules.steps import Redact
+from cptkit.stage import StageResult
 from cptkit.tokenization import TokenizerInfo, resolve_tokenizer
-
-__all__ = ["TRAIN_TOKENS", "VAL_TOKENS", "prepare", "prepare_fingerprint"]
 
 
 def prepare_fingerprint(config: Config, tokenizer: TokenizerInfo | None) -> str:
@@ -54,7 +52,7 @@ def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
     pc = config.prepare
     raw = dataset.raw_dir
     extract_manifest = read_json(raw / MANIFEST)
-    snapshot = raw / SNAPSHOT
+    snapshot = dataset.snapshot
     if extract_manifest is None or not snapshot.is_file():
         raise StageError(f"{raw}: no raw snapshot of the {dataset.name} data; run `cptkit extract` first")
     tokenizer = resolve_tokenizer(config.model.tokenizer or config.model.name) if pc.tokenize else None

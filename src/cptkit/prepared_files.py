@@ -15,11 +15,9 @@ import pyarrow.parquet as pq
 
 from cptkit.artifacts import atomic_path
 from cptkit.corpus import TRAIN_SPLIT
+from cptkit.datasets import DROPPED, QUARANTINE, TRAIN, TRAIN_TOKENS, VAL, VAL_TOKENS
 from cptkit.records import DocResult
 
-TRAIN, VAL = "train.jsonl", "val.jsonl"
-TRAIN_TOKENS, VAL_TOKENS = "train_tokens.parquet", "val_tokens.parquet"
-QUARANTINE, DROPPED = "quarantine.jsonl", "dropped.jsonl"
 TOKENS_SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 # Documents per Parquet row group of the token files.
 _TOKEN_BATCH_ROWS = 1024

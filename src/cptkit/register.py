@@ -18,7 +18,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +36,22 @@ from cptkit.evaluate import (
 )
 from cptkit.folders import claim
 from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, is_peft, load_trained, resolve_model
-from cptkit.registry import UNITY_CATALOG, Registry, resolve_registry_uri
+from cptkit.registry import CHALLENGER, CHAMPION, UNITY_CATALOG, Registry, pinned_requirements, resolve_registry_uri
+from cptkit.roundtrip import (
+    ROUNDTRIP_TEXTS,
+    load_float_model,
+    max_abs_difference,
+    reference_logits,
+    roundtrip_difference,
+)
 from cptkit.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-CHALLENGER = "challenger"
-CHAMPION = "champion"
 TAG_PREFIX = "cptkit."
 FORCED_TAG = "true: promoted with --force despite the failed gate"
 REGISTRATION_DIR = "registration"  # its manifest.json records the last registration of this model
 _SUMMARY = "training_summary.json"
-# Fixed inputs of the round-trip check: prose, code and numbers, so that every part of the vocabulary
-# the domain is likely to use is exercised. The config's domain prompts are added to them.
-ROUNDTRIP_TEXTS = (
-    "The committee published its annual report on the state of the nation's rivers in March.",
-    "def mean(values):\n    return sum(values) / len(values)\n",
-    "In 1969, 600 million people watched the first Moon landing; 53 years later, 12 people had walked there.",
-)
-# Packages a registered model needs to load; their versions are the ones that trained it.
-_RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "sentencepiece")
 
 
 @dataclass(frozen=True)
@@ -173,7 +168,7 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
         model,
         tokenizer,
         base_model_path=str(base_reference) if base_reference is not None else None,
-        pip_requirements=pip_requirements(peft=is_peft(model)),
+        pip_requirements=pinned_requirements(peft=is_peft(model)),
         metadata=model_metadata(config, training, summary, results, merged),
         input_example=([texts[0]], {"max_new_tokens": config.register_.max_new_tokens}),
     )
@@ -290,37 +285,6 @@ def decide_merge(rc: RegisterConfig, training: TrainingConfig, cpt_dir: Path, re
     return rc.merge is True or embeddings or remote
 
 
-def load_float_model(base_dir: Path, cpt_dir: Path, training: TrainingConfig) -> tuple[Any, Any]:
-    """The trained model in float32 on the CPU, with the KV cache on (it is for inference now). A qlora
-    base is the dequantized 4-bit weights: the function that was trained and evaluated, not the float
-    base it was quantized from."""
-    from transformers import AutoTokenizer
-
-    float_training = training.model_copy(update={"precision": "fp32"})
-    model = load_trained(base_dir, cpt_dir, float_training, "cpu", dequantize=True)
-    _inner(model).config.use_cache = True
-    tokenizer_dir = cpt_dir if (cpt_dir / "tokenizer_config.json").is_file() else base_dir
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except (OSError, ValueError) as exc:
-        raise CptkitError(f"{tokenizer_dir}: cannot load the tokenizer: {str(exc).splitlines()[0]}") from None
-    return model, tokenizer
-
-
-def pip_requirements(peft: bool) -> list[str]:
-    """Pinned requirements of the registered model: the installed versions that trained it (without a
-    local build label such as +cpu, which no index serves)."""
-    packages = [*_RUNTIME_PACKAGES, *(["peft"] if peft else [])]
-    pins = []
-    for package in packages:
-        try:
-            version = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-        pins.append(f"{package}=={version.split('+')[0]}")
-    return pins
-
-
 def model_metadata(
     config: Config, training: TrainingConfig, summary: dict[str, Any], results: dict[str, Any], merged: bool
 ) -> dict[str, Any]:
@@ -389,31 +353,6 @@ def _data_fingerprints(config: Config) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the round-trip check
-
-
-def reference_logits(model: Any, tokenizer: Any, texts: Sequence[str]) -> list[tuple[list[int], Any]]:
-    """Token ids and float32 logits of each text, scored alone (no padding to get wrong)."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"]
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            out.append((ids[0].tolist(), logits[0]))
-    return out
-
-
-def roundtrip_difference(model: Any, tokenizer: Any, texts: Sequence[str], reference: Sequence[Any]) -> float | None:
-    """The largest absolute logit difference between `model` and the reference over the fixed inputs;
-    None when the tokenizer does not encode them to the same ids."""
-    loaded = reference_logits(model.eval(), tokenizer, texts)
-    worst = 0.0
-    for (ids, logits), (ref_ids, ref_logits) in zip(loaded, reference, strict=True):
-        if ids != ref_ids or logits.shape != ref_logits.shape:
-            return None
-        worst = max(worst, max_abs_difference(logits, ref_logits))
-    return worst
 
 
 def float_base_gap(
@@ -497,16 +436,3 @@ def _describe_check(check: dict[str, Any]) -> str:
     if name == "drift_kl":
         return f"drift KL {value:.4f} > maximum {threshold:.4f}"
     return f"{name}: {value:.4f} worse than {threshold:.4f}"
-
-
-def _inner(model: Any) -> Any:
-    return model.get_base_model() if is_peft(model) else model
-
-
-def max_abs_difference(a: Any, b: Any) -> float:
-    """The largest absolute difference of two tensors; infinite when either holds a NaN or an infinity
-    (a NaN would otherwise vanish from a max and pass every check)."""
-    diff = (a.float() - b.float()).abs()
-    if not bool(diff.isfinite().all()):
-        return float("inf")
-    return float(diff.max()) if diff.numel() else 0.0

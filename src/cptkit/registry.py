@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 
 UNITY_CATALOG = "databricks-uc"
 MODEL_ARTIFACT = "model"
+# The aliases register moves: every registered version that round-trips, and the one that passed the gate.
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+# Packages a registered model needs to load; their versions are the ones that trained it.
+_RUNTIME_PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "tokenizers", "sentencepiece")
 
 
 @dataclass(frozen=True)
@@ -257,3 +263,17 @@ def save_transformers_model(
     for item in staging.iterdir():
         item.rename(folder / item.name)
     staging.rmdir()
+
+
+def pinned_requirements(peft: bool) -> list[str]:
+    """Pinned requirements of the registered model: the installed versions that trained it (without a
+    local build label such as +cpu, which no index serves)."""
+    packages = [*_RUNTIME_PACKAGES, *(["peft"] if peft else [])]
+    pins = []
+    for package in packages:
+        try:
+            version = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{package}=={version.split('+')[0]}")
+    return pins

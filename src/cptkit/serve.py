@@ -25,8 +25,7 @@ from cptkit.artifacts import atomic_dir
 from cptkit.config import Config
 from cptkit.errors import CptkitError
 from cptkit.processes import die_with_parent
-from cptkit.register import CHAMPION, pip_requirements
-from cptkit.registry import resolve_registry_uri, save_transformers_model
+from cptkit.registry import CHAMPION, pinned_requirements, resolve_registry_uri, save_transformers_model
 from cptkit.tracking import resolve_tracking_uri
 
 MLFLOW_WRAPPER_SUFFIX = ".mlflow"
@@ -78,7 +77,7 @@ def mlflow_wrapper(folder: Path) -> Path:
     with atomic_dir(target) as tmp:
         # The example's params give the signature a max_new_tokens parameter, as a registered model has.
         example = (["The json module"], {"max_new_tokens": _EXAMPLE_MAX_NEW_TOKENS})
-        save_transformers_model(tmp, model, tokenizer, pip_requirements(peft=False), example)
+        save_transformers_model(tmp, model, tokenizer, pinned_requirements(peft=False), example)
         (tmp / "cptkit_source.json").write_text(stamp, encoding="utf-8")
     return target.resolve()
 

@@ -44,19 +44,17 @@ from cptkit.checkpoints import (
 from cptkit.config import Config, TrainingConfig, masked_dict, section_fingerprint
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import ConfigError, StageError
-from cptkit.extract import StageResult
 from cptkit.folders import claim
 from cptkit.memory import PeakMemory
-from cptkit.packing import Blocks, BlockStream, TokenDocs, sequence_blocks
-from cptkit.prepare import TRAIN_TOKENS, VAL_TOKENS
+from cptkit.packing import SEPARATOR_TOKEN, Blocks, BlockStream, TokenDocs, sequence_blocks
 from cptkit.progress import console, detail, duration, event
 from cptkit.schedule import lr_factor
+from cptkit.stage import StageResult
 from cptkit.tracking import Tracker, open_tracker
 
 SUMMARY = "training_summary.json"
 CHECKPOINTS = "checkpoints"
 BEST = "best.safetensors"
-SEPARATOR_TOKEN = "<|endoftext|>"
 
 
 # ---------------------------------------------------------------- data
@@ -88,7 +86,7 @@ def _dataset_tokens(dataset: Dataset) -> tuple[TokenDocs, TokenDocs, dict[str, A
             f"{dataset.directory}: the {dataset.name} data was prepared without tokens; "
             "set prepare.tokenize: true and run `cptkit prepare`"
         )
-    return read_tokens(dataset.directory / TRAIN_TOKENS), read_tokens(dataset.directory / VAL_TOKENS), manifest
+    return read_tokens(dataset.tokens("train")), read_tokens(dataset.tokens("val")), manifest
 
 
 def separator_id(tokenizer_info: dict[str, Any]) -> int:
