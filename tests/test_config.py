@@ -123,6 +123,41 @@ def test_cli_config_error_exits_2_with_one_line_each_and_no_traceback(tmp_path: 
     ]
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("model:\n  name: caf\xe9\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 18)"),
+        (b"model:\n  name: [unclosed\n", "line 3: not valid YAML (expected ',' or ']', but got '<stream end>')"),
+        (b"- a list\n", "the top level must be a mapping of sections"),
+    ],
+)
+def test_an_unusable_config_file_is_one_config_error_line(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "configs" / "x.yaml"
+    path.parent.mkdir()
+    path.write_bytes(content)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cptkit", "config", "show", "--config", "configs/x.yaml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"config error: configs/x.yaml: {expected}"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_an_unreadable_config_or_env_file_is_a_config_error(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    # A file whose read fails (permission bits do not stop root, so: one that reads with an I/O error).
+    (tmp_path / "x.yaml").symlink_to("/proc/self/mem")
+    result = cli("config", "show", "--config", "x.yaml")
+    assert result.exit_code == 2
+    assert result.output.strip() == "config error: x.yaml: cannot read (Input/output error)"
+    (tmp_path / ".env").write_bytes(b"DATABRICKS_HOST=caf\xe9\n")
+    result = cli("config", "show")
+    assert result.exit_code == 2
+    assert f"config error: {Path.cwd() / '.env'}: not UTF-8 text (byte 0xe9 at offset 19)" in result.output
+
+
 def test_missing_config_file_is_a_config_error(cli) -> None:  # type: ignore[no-untyped-def]
     result = cli("extract", "--config", "nope.yaml")
     assert result.exit_code == 2

@@ -311,10 +311,8 @@ def test_dry_run_prints_query_mapping_and_count_and_writes_nothing(
     assert "text <- body" in out and "id <- id" in out and "title <- title" in out
     assert not cfg.data.output_dir.exists()
     # what cptkit asks of databricks-sql-connector
-    assert (
-        seen["server_hostname"] == workspace.url.removeprefix("http://")
-        and seen["http_path"] == "/sql/1.0/warehouses/w1"
-    )
+    host, port = workspace.url.removeprefix("http://").split(":")
+    assert (seen["server_hostname"], seen["_port"], seen["http_path"]) == (host, int(port), "/sql/1.0/warehouses/w1")
     assert seen["use_cloud_fetch"] is True
     assert seen["credentials_provider"]()() == {"Authorization": f"Bearer {TOKEN}"}
     assert TOKEN not in out

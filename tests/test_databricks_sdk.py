@@ -5,6 +5,13 @@ profile; failures; and a scan of everything written and printed for the secrets.
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -279,21 +286,141 @@ def test_auth_failures(tmp_path: Path, workspace: Workspace, monkeypatch: pytest
     assert "\n" not in str(err.value)
 
 
+# -- unreachable hosts ----------------------------------------------------------------------------
+
+CPTKIT = [sys.executable, "-m", "cptkit"]
+URL_TOKEN = "dapiURLTOKEN-0f9e8d7c6b5a"  # a token written into the host URL
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: bound, noted, closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli_config(tmp_path: Path, host: str, method: str = "statement", **source: Any) -> Path:
+    return write_config(
+        tmp_path / f"{method}.yaml",
+        {
+            "data": {"output_dir": "out"},
+            "source": {
+                "type": "databricks",
+                "method": method,
+                "table": TABLE,
+                "host": host,
+                "token": TOKEN,
+                "warehouse_id": "wh-1",
+                **source,
+            },
+        },
+    )
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = subprocess.run([*CPTKIT, *args], capture_output=True, text=True, timeout=120, env=env)
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize("method", ["statement", "sql"])
+@pytest.mark.parametrize("where", ["closed port", "unknown host"])
+def test_an_unreachable_host_fails_fast_in_one_line(tmp_path: Path, method: str, where: str) -> None:
+    """Default retry settings: a refused connection or a name that does not resolve is not retried, through
+    the real CLI (the SDK's host-metadata probe and the SQL connector never get to retry it for minutes)."""
+    host = "nonexistent.invalid" if where == "unknown host" else f"127.0.0.1:{closed_port()}"
+    cfg = cli_config(tmp_path, f"http://cptuser:{URL_TOKEN}@{host}", method)
+    for args in (["extract", "--dry-run"], ["extract"]):
+        result, seconds = run_cli(*args, "-c", str(cfg))
+        assert seconds < 15, (seconds, result.stderr)
+        assert result.returncode == 1
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"error: cannot reach the Databricks host http://***@{host}")
+        assert ("unknown host name" if where == "unknown host" else "Connection refused") in lines[0]
+        assert "(failed after " in lines[0] and URL_TOKEN not in result.stderr + result.stdout
+
+
+def test_the_sdk_host_metadata_warning_never_shows_the_url_token(tmp_path: Path) -> None:
+    """The real SDK against a closed loopback port with a token in the host URL: behind a proxy, so the
+    SDK itself connects (to the proxy, which refuses) and its host-metadata probe fails and warns with
+    the URL. With --debug the warning and the traceback show, masked; without, one error line."""
+    cfg = cli_config(tmp_path, f"http://cptuser:{URL_TOKEN}@127.0.0.1:{closed_port()}", timeout_seconds=2)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
+    env["HTTP_PROXY"] = f"http://127.0.0.1:{closed_port()}"
+
+    debug, seconds = run_cli("extract", "--dry-run", "--debug", "-c", str(cfg), env=env)
+    assert debug.returncode == 1 and seconds < 15, debug.stderr
+    assert "Failed to fetch host metadata from http://***@127.0.0.1:" in debug.stderr  # the SDK's own warning
+    assert "Traceback (most recent call last)" in debug.stderr
+    quiet, seconds = run_cli("extract", "--dry-run", "-c", str(cfg), env=env)
+    assert quiet.returncode == 1 and seconds < 15
+    assert len(quiet.stderr.splitlines()) == 1 and "cannot reach the Databricks host" in quiet.stderr
+    for output in (debug.stdout, debug.stderr, quiet.stdout, quiet.stderr):
+        assert URL_TOKEN not in output and TOKEN not in output
+
+
+def test_the_wall_time_in_a_final_error_includes_the_sdk_set_up(tmp_path: Path) -> None:
+    """A host that accepts connections and never answers: the SDK's host-metadata probe times out inside
+    its set-up, then the statement times out. The message counts both, as the clock on the wall does."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # connections complete in the kernel; nobody ever reads or answers
+        host = f"http://127.0.0.1:{server.getsockname()[1]}"
+        cfg = load_config(cli_config(tmp_path, host, timeout_seconds=2, max_retries=0), env_file=tmp_path / "no.env")
+        started = time.monotonic()
+        with pytest.raises(SourceError) as err:
+            run(cfg)
+        wall = time.monotonic() - started
+    message = str(err.value)
+    assert "timed out" in message.lower() and "\n" not in message
+    reported = float(re.search(r"over (\d+\.\d)s", message).group(1))  # type: ignore[union-attr]
+    assert reported > 0.8 * wall > 3  # the probe alone took 2 s or more
+
+
+def test_refused_and_unknown_hosts_are_not_retried() -> None:
+    import requests
+
+    from cptkit.sources.databricks_client import is_transient
+
+    def wrapped(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except OSError as exc:
+                raise requests.ConnectionError("Max retries exceeded") from exc
+        except requests.ConnectionError as outer:
+            try:
+                raise TimeoutError("Timed out after 0:02:00") from outer  # what the SDK raises
+            except TimeoutError as sdk_error:
+                return sdk_error
+
+    assert not is_transient(wrapped(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")))
+    assert not is_transient(wrapped(socket.gaierror(socket.EAI_NONAME, "Name or service not known")))
+    assert is_transient(wrapped(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")))
+    assert is_transient(wrapped(TimeoutError("read timed out")))
+
+
 # -- secrets --------------------------------------------------------------------------------------
 
 
 def test_no_secret_in_files_mlflow_or_output(
     tmp_path: Path, workspace: Workspace, cli: Any, monkeypatch: pytest.MonkeyPatch, tiny_tokenizer_dir: Path
 ) -> None:
-    """A whole extract -> prepare through the CLI with a token, an OAuth secret in the environment and
-    temporary storage credentials; the config and manifests logged to MLflow on SQLite the way train
-    logs them; then every file, the MLflow store and all output are searched for each secret."""
+    """A whole extract -> prepare through the CLI with a token, a token in the host URL (user:token@), an
+    OAuth secret in the environment and temporary storage credentials; the config and manifests logged to
+    MLflow on SQLite the way train logs them; then every file, the MLflow store and all output are searched
+    for each secret."""
+    from mlflow import MlflowClient
+
     from cptkit.config import masked_dict
     from cptkit.tracking import open_tracker
 
     workspace.tables[TABLE] = path = tmp_path / "pages"
     write_pages(path, [page(i, body=make_doc(i)) for i in range(12)])
-    (tmp_path / ".env").write_text(f"DATABRICKS_HOST={workspace.url}\nDATABRICKS_TOKEN={TOKEN}\n", encoding="utf-8")
+    host = workspace.url.replace("http://", f"http://cptuser:{URL_TOKEN}@")
+    masked_host = workspace.url.replace("http://", "http://***@")
+    (tmp_path / ".env").write_text(f"DATABRICKS_HOST={host}\nDATABRICKS_TOKEN={TOKEN}\n", encoding="utf-8")
     write_config(
         tmp_path / "cfg.yaml",
         {
@@ -305,11 +432,13 @@ def test_no_secret_in_files_mlflow_or_output(
         },
     )
     outputs = []
-    for args in (["config", "show"], ["extract", "--dry-run"], ["extract"], ["prepare"], ["extract", "--debug"]):
+    runs = (["config", "show"], ["extract", "--dry-run"], ["extract"], ["prepare"], ["extract", "--debug"])
+    for args in (*runs, ["--log-format", "json", "extract", "--dry-run"]):
         result = cli(*args, "--config", "cfg.yaml")
         assert result.exit_code == 0, result.output
         outputs.append(result.output)
-    assert "token: '***'" in outputs[0] and "extract domain: 12 rows" in outputs[2]
+    assert "token: '***'" in outputs[0] and f"host: {masked_host}" in outputs[0]
+    assert "extract domain: 12 rows" in outputs[2]
 
     cfg = load_config(tmp_path / "cfg.yaml", env_file=tmp_path / ".env")
     tracker = open_tracker(cfg.tracking, None, "secrets-check")
@@ -319,9 +448,13 @@ def test_no_secret_in_files_mlflow_or_output(
 
     for name in ("data/raw/manifest.json", "data/manifest.json"):
         manifest = json.loads((tmp_path / name).read_text())
+        assert manifest["source"]["host"] == masked_host
         tracker.log_dict(manifest, name)
         tracker.log_input("domain", str(manifest["input_fingerprint"]), manifest.get("source") or {}, "training", {})
+    tracker.set_tags({"cptkit.source_host": host})  # the adapter masks what it is handed, too
     tracker.end()
+    run_data = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(str(tracker.run_id)).data
+    assert run_data.params["databricks.host"] == masked_host == run_data.tags["cptkit.source_host"]
 
     # failing runs print their errors too: a token the server no longer accepts, and a client secret
     # next to the token (the SDK refuses two auth methods, and its message lists the config)
@@ -334,7 +467,7 @@ def test_no_secret_in_files_mlflow_or_output(
     assert result.exit_code == 1 and "more than one authorization method" in result.output
     outputs.append(result.output)
 
-    secrets = [TOKEN, CLIENT_SECRET, STORAGE_SECRET, "session-1-abcdef"]
+    secrets = [TOKEN, URL_TOKEN, CLIENT_SECRET, STORAGE_SECRET, "session-1-abcdef"]
     scanned = 0
     for file in tmp_path.rglob("*"):
         if file.is_file() and "pages" not in file.parts and file.name != ".env" and file.name != "cfg.yaml":

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from cptkit.config import SECRET_MASK, Config, TrackingConfig, masked_dict
+from cptkit.config import Config, TrackingConfig, masked_dict
 from cptkit.errors import CptkitError
+from cptkit.secrets import MASK as SECRET_MASK
 from cptkit.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     MlflowTracker,
     NullTracker,
     Tracker,
     flatten_params,
-    is_secret_key,
     open_tracker,
     resolve_tracking_uri,
 )
@@ -246,6 +247,67 @@ def test_an_unreachable_tracking_server_is_one_line_quickly(monkeypatch: pytest.
     assert "pw" not in message
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on: bound, noted, closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A folder no file can be created in: one without write permission, or, for root (whom permission
+    bits do not stop), /proc."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        return folder
+    return Path("/proc")
+
+
+@pytest.fixture
+def mlflow_default_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in list(os.environ):
+        if var.startswith("MLFLOW_HTTP_REQUEST_"):
+            monkeypatch.delenv(var)
+
+
+@pytest.mark.usefixtures("mlflow_default_retries")
+@pytest.mark.parametrize("host", ["closed port", "nonexistent.invalid"])
+def test_an_unreachable_tracking_server_fails_fast_with_default_retries(host: str) -> None:
+    """MLflow retries a refused connection or an unknown host for about 2 minutes by default."""
+    netloc = f"127.0.0.1:{closed_port()}" if host == "closed port" else host
+    start = time.monotonic()
+    with pytest.raises(CptkitError) as err:
+        open_tracker(tracking(f"http://user:{TOKEN}@{netloc}"), None, "cpt")
+    assert time.monotonic() - start < 15
+    message = str(err.value)
+    assert message.startswith(f"MLflow tracking at http://***@{netloc}: cannot open the tracking store:")
+    assert ("unknown host name" if host != "closed port" else "Connection refused") in message
+    assert "\n" not in message and TOKEN not in message
+
+
+def test_a_sqlite_store_in_a_read_only_folder_fails_fast(tmp_path: Path) -> None:
+    """MLflow retries creating its engine 10 times (about 100 s) when SQLite cannot write."""
+    uri = f"sqlite:///{read_only_folder(tmp_path) / 'mlflow.db'}"
+    start = time.monotonic()
+    with pytest.raises(CptkitError) as err:
+        open_tracker(tracking(uri), None, "cpt")
+    assert time.monotonic() - start < 15
+    assert str(err.value).startswith(f"MLflow tracking at {uri}: cannot open the tracking store: ")
+    assert "\n" not in str(err.value)
+
+
+def test_a_file_that_is_no_database_fails_fast(tmp_path: Path) -> None:
+    (tmp_path / "mlflow.db").write_bytes(b"not a database, just text " * 100)
+    start = time.monotonic()
+    with pytest.raises(CptkitError, match="file is not a database"):
+        open_tracker(tracking(f"sqlite:///{tmp_path / 'mlflow.db'}"), None, "cpt")
+    assert time.monotonic() - start < 15
+
+
 def test_an_unusable_sqlite_path_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a folder", encoding="utf-8")
     uri = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
@@ -295,28 +357,6 @@ def test_params_are_flat_masked_and_truncated() -> None:
         "databricks.host": "None",
         "long": "x" * (MAX_PARAM_VALUE_LENGTH - 3) + "...",
     }
-
-
-@pytest.mark.parametrize(
-    ("key", "secret"),
-    [
-        ("token", True),
-        ("databricks.token", True),
-        ("DATABRICKS_TOKEN", True),
-        ("accessToken", True),
-        ("client_secret", True),
-        ("db_password", True),
-        ("storage_options", True),
-        ("aws_access_key_id", True),
-        ("tokenizer", False),
-        ("prepare.tokenize", False),
-        ("tokens", False),
-        ("max_seq_length", False),
-        ("host", False),
-    ],
-)
-def test_secret_keys(key: str, secret: bool) -> None:
-    assert is_secret_key(key) is secret
 
 
 def test_system_metrics_are_logged_and_stop_at_end(db_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:

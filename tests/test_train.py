@@ -183,6 +183,36 @@ def test_train_before_prepare_says_what_to_do(tmp_path: Path, tiny_model_dir: Pa
     assert "the domain data is not prepared; run `cptkit prepare` first" in result.output
 
 
+@pytest.mark.parametrize("store", ["closed port", "read-only folder"])
+def test_an_unusable_tracking_store_stops_train_quickly_in_one_line(
+    tmp_path: Path, tiny_model_dir: Path, store: str
+) -> None:
+    """Through the real CLI with MLflow's default retries (about 2 minutes for a server, 100 s for SQLite):
+    a tracking server nothing listens for, and a SQLite store in a folder nothing can be written to, each
+    fail in seconds with one line naming it, before the model loads."""
+    from test_tracking import closed_port, read_only_folder
+
+    cfg = setup_run(tmp_path, tiny_model_dir)
+    if store == "closed port":
+        uri, shown = f"http://user:pw-9f8e7d6c@127.0.0.1:{closed_port()}", "http://***@127.0.0.1:"
+    else:
+        uri = shown = f"sqlite:///{read_only_folder(tmp_path) / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_HTTP_REQUEST_", "MLFLOW_TRACKING_URI"))}
+    started = time.monotonic()
+    result = subprocess.run(
+        [*CPTKIT, "train", "-c", str(cfg), "--set", f"tracking.tracking_uri={uri}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert time.monotonic() - started < 15, (time.monotonic() - started, result.stderr)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()  # before the model loads: nothing but the error
+    assert len(lines) == 1 and lines[0].startswith(f"error: MLflow tracking at {shown}"), result.stderr
+    assert "pw-9f8e7d6c" not in result.stderr + result.stdout
+
+
 @pytest.mark.parametrize("method", ["qlora", "full"])
 def test_other_methods_train(tmp_path: Path, tiny_model_dir: Path, cli, method: str) -> None:  # type: ignore[no-untyped-def]
     cfg = setup_run(tmp_path, tiny_model_dir, method=method, max_steps=2, eval_steps=2)

@@ -7,8 +7,9 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -21,6 +22,7 @@ from cptkit.extract import DryRunResult
 from cptkit.folders import wait_for_lock
 from cptkit.pipeline import Stage
 from cptkit.progress import LogFormat, console, duration, error_console, event, set_log_format
+from cptkit.secrets import scrub, scrub_logs
 from cptkit.stage import StageResult
 
 DEFAULT_CONFIG = Path("configs/cpt_config.yaml")
@@ -68,16 +70,35 @@ def _quiet_libraries() -> None:
     # mlflow sets its loggers' level from this variable when it is imported, after this function runs. Its
     # warnings are about its own internals (pipeline params, devices), not about anything the user can change.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
-    for name in ("mlflow", "bitsandbytes", "accelerate", "peft", "alembic"):
+    # databricks.sdk warns when its host-metadata probe fails and falls back to the configuration, which
+    # it does for any workspace that does not publish that metadata; a real failure is cptkit's error line.
+    for name in ("mlflow", "bitsandbytes", "accelerate", "peft", "alembic", "databricks.sdk", "databricks.sql"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not isinstance(sys.unraisablehook, _QuietVendorCleanup):
+        sys.unraisablehook = _QuietVendorCleanup(sys.unraisablehook)
     # Deprecation notices libraries raise about each other (peft calling a renamed transformers method)
     # are for their developers, not for someone training a model.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+class _QuietVendorCleanup:
+    """An unraisable-exception hook that drops the Databricks connectors' cleanup errors: the SQL
+    connector's Connection.__del__ fails on a connection that never opened, and Python prints that as
+    "Exception ignored in ..." with a traceback after cptkit's own error line. Others go to `previous`."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def __call__(self, info: Any) -> None:
+        if not getattr(info.object, "__module__", "").startswith("databricks."):
+            self.previous(info)
+
+
 def _run(debug: bool, fn: Any, *args: Any, wait: bool = False) -> Any:
-    """Call fn, translating errors into a message and an exit code."""
+    """Call fn, translating errors into a message and an exit code. Every message, log record and
+    warning is masked of secrets (URL userinfo, known credential values), with --debug too."""
+    scrub_logs()
     if not debug:
         _quiet_libraries()
     wait_for_lock.set(wait)
@@ -86,33 +107,39 @@ def _run(debug: bool, fn: Any, *args: Any, wait: bool = False) -> Any:
     except (typer.Exit, typer.Abort):
         raise  # a command's own exit (typer.Exit(code)), not an error of cptkit's
     except ConfigError as exc:
-        for line in exc.problems:
+        problems = [scrub(line) for line in exc.problems]
+        for line in problems:
             error_console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
-        event("error", kind="config", problems=exc.problems, exit_code=exc.exit_code)
-        if debug:
-            raise
-        raise typer.Exit(exc.exit_code) from None
+        event("error", kind="config", problems=problems, exit_code=exc.exit_code)
+        _exit(exc.exit_code, debug)
     except CptkitError as exc:
-        error_console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
-        event("error", kind="error", message=str(exc), exit_code=exc.exit_code)
-        if debug:
-            raise
-        raise typer.Exit(exc.exit_code) from None
+        message = scrub(str(exc))
+        error_console.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+        event("error", kind="error", message=message, exit_code=exc.exit_code)
+        _exit(exc.exit_code, debug)
     except KeyboardInterrupt:
         error_console.print("interrupted; no partial output was kept", style="yellow")
         event("error", kind="interrupted", exit_code=130)
         raise typer.Exit(130) from None
     except Exception as exc:
-        if debug:
-            raise
-        error_console.print(
-            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-            style="red",
-            markup=False,
-            highlight=False,
-        )
-        event("error", kind="internal", message=f"{type(exc).__name__}: {exc}", exit_code=1)
-        raise typer.Exit(1) from None
+        message = scrub(f"{type(exc).__name__}: {exc}")
+        if not debug:
+            error_console.print(
+                f"internal error: {message} (rerun with --debug for the traceback)",
+                style="red",
+                markup=False,
+                highlight=False,
+            )
+        event("error", kind="internal", message=message, exit_code=1)
+        _exit(1, debug)
+
+
+def _exit(code: int, debug: bool) -> NoReturn:
+    """Exit with `code`; with --debug, first print the traceback of the error being handled, masked
+    (Python's own printing of an uncaught error would show secrets in its messages)."""
+    if debug:
+        sys.stderr.write(scrub(traceback.format_exc()))
+    raise typer.Exit(code) from None
 
 
 @app.command()
@@ -171,10 +198,12 @@ def train(
     debug: DebugOpt = False,
 ) -> None:
     """Continual pretraining on the prepared data (resumes from the latest checkpoint of the same run)."""
+    from cptkit.tracking import check_tracking
     from cptkit.train import train as run_train
 
     def go() -> None:
         cfg = _load(config, set_)
+        check_tracking(cfg.tracking)  # before the model loads: an unusable store fails in seconds
         print_train(run_train(cfg, force=force))
 
     _run(debug, go, wait=wait)

@@ -9,6 +9,7 @@ keys (`model.name`, `training.learning_rate`, `training.num_epochs`, `training.m
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -19,8 +20,7 @@ from dotenv import load_dotenv
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from cptkit.errors import ConfigError
-
-SECRET_MASK = "***"
+from cptkit.secrets import is_secret_key, mask_value, remember
 
 
 class Section(BaseModel):
@@ -676,21 +676,21 @@ def _fingerprint_value(value: Any) -> Any:
 
 
 def masked_dict(config: Config) -> dict[str, Any]:
-    """The resolved config as plain data with every secret replaced by a mask."""
-    masked: dict[str, Any] = _mask(config.model_dump(mode="python", by_alias=True))
+    """The resolved config as plain data with every secret masked (see `cptkit.secrets.mask_value`):
+    typed secrets, known secret values and the user:password@ part of URLs."""
+    masked: dict[str, Any] = mask_value(config.model_dump(mode="python", by_alias=True))
     return masked
 
 
-def _mask(value: Any) -> Any:
+def _secret_values(value: Any) -> list[str]:
+    """Every SecretStr value in a config dump."""
     if isinstance(value, SecretStr):
-        return SECRET_MASK
+        return [value.get_secret_value()]
     if isinstance(value, dict):
-        return {k: _mask(v) for k, v in value.items()}
+        return [s for v in value.values() for s in _secret_values(v)]
     if isinstance(value, list | tuple):
-        return [_mask(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+        return [s for v in value for s in _secret_values(v)]
+    return []
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -724,30 +724,48 @@ def load_config(path: Path | None, overrides: list[str] | None = None, env_file:
     data: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
-            raise ConfigError([f"{path}: config file not found"])
+            raise ConfigError([f"config error: {path}: config file not found"])
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(read_text(path))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError([f"{path}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+            problem = getattr(exc, "problem", None) or exc
+            raise ConfigError([f"config error: {path}:{where}: not valid YAML ({problem})"]) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+            raise ConfigError([f"config error: {path}: the top level must be a mapping of sections"])
         data = loaded
     data = apply_overrides(data, overrides or [])
     _fill_from_env(data, env_file if env_file is not None else Path.cwd() / ".env")
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_errors(exc)) from None
+    # From here on no log line or console output of this process can print them.
+    remember(*_secret_values(config.model_dump(mode="python")))
+    return config
+
+
+def read_text(path: Path) -> str:
+    """A config or .env file's text; unreadable or non-UTF-8 bytes are a config error naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"config error: {path}: cannot read ({exc.strerror or exc})"]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"config error: {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"]
+        ) from None
 
 
 def _fill_from_env(data: dict[str, Any], env_file: Path) -> None:
     """The seed's .env variables fill the databricks section where the YAML leaves a key unset."""
     if env_file.is_file():
-        load_dotenv(env_file, override=False)
+        load_dotenv(stream=io.StringIO(read_text(env_file)), override=False)
     section = data.get("databricks")
     if section is None:
         section = {}
@@ -786,15 +804,6 @@ def _inherit_connection(source: dict[str, Any], defaults: dict[str, Any]) -> Non
             source[key] = defaults[key]
 
 
-_SECRET_WORDS = {"token", "secret", "password", "passwd", "credential", "credentials"}
-
-
-def _is_secret_key(key: str) -> bool:
-    """Whole words only: `databricks.token` is secret, `model.tokenizer` is not."""
-    parts = key.lower().split(".")
-    return "storage_options" in parts or any(w in _SECRET_WORDS for p in parts for w in p.split("_"))
-
-
 def format_validation_errors(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors(include_url=False):
@@ -807,7 +816,7 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        elif "input" in err and not isinstance(err["input"], dict | list) and not _is_secret_key(key):
+        elif "input" in err and not isinstance(err["input"], dict | list) and not is_secret_key(key):
             msg = f"{msg} (got {err['input']!r})"
         problems.append(f"config error: {key}: {msg}")
     return problems

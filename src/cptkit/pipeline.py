@@ -103,9 +103,11 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
             skipped = all(r.skipped for r in done)
         elif stage is Stage.train:
             from cptkit.preflight import preflight
+            from cptkit.tracking import check_tracking
             from cptkit.train import train
 
             name = "preflight"
+            check_tracking(config.tracking)  # before the preflight measures: an unusable store fails in seconds
             started = time.perf_counter()
             result.plan = plan = preflight(config)
             report.preflight(plan)

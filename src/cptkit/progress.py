@@ -19,6 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cptkit.secrets import ScrubbedStream, scrub
+
 
 class LogFormat(StrEnum):
     rich = "rich"
@@ -26,9 +28,11 @@ class LogFormat(StrEnum):
     json = "json"
 
 
-console = Console(stderr=True)
+# Both print through a stream that masks secrets (URL userinfo, known credential values): whatever a
+# stage or a library puts in a line, it is masked before it reaches the terminal or a log file.
+console = Console(file=ScrubbedStream("stderr"))  # type: ignore[arg-type]
 # Errors are shown in every format, on stderr.
-error_console = Console(stderr=True)
+error_console = Console(file=ScrubbedStream("stderr"))  # type: ignore[arg-type]
 _format = "rich"
 
 
@@ -53,7 +57,7 @@ def event(name: str, /, **fields: Any) -> None:
     if _format != "json":
         return
     record = {"event": name, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **fields}
-    sys.stdout.write(json.dumps(record, default=str) + "\n")
+    sys.stdout.write(scrub(json.dumps(record, default=str)) + "\n")
     sys.stdout.flush()
 
 

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cptkit.errors import CptkitError
+from cptkit.secrets import Secrets, env_secrets, mask_data, mask_url
 from cptkit.tracking import (
     MAX_TAG_VALUE_LENGTH,
+    check_store,
     create_run,
-    display_uri,
-    mask_secrets,
     resolve_tracking_uri,
-    secret_values,
     truncate,
     vendor_errors,
 )
@@ -71,7 +70,7 @@ class Registry:
     """An MLflow tracking store and its model registry, bound to explicit URIs (no process-wide state
     except while `mlflow.transformers` runs, which only works through the fluent API)."""
 
-    def __init__(self, client: MlflowClient, tracking_uri: str, registry_uri: str | None, secrets: tuple[str, ...]):
+    def __init__(self, client: MlflowClient, tracking_uri: str, registry_uri: str | None, secrets: Secrets):
         self.client = client
         self.tracking_uri = tracking_uri
         self.registry_uri = registry_uri
@@ -85,14 +84,16 @@ class Registry:
         uri = resolve_tracking_uri(tracking.tracking_uri, env)
         registry_uri = resolve_registry_uri(register.registry_uri, env)
         check_model_name(tracking.registered_model_name, registry_uri)
-        secrets = secret_values(env)
+        secrets = Secrets(env_secrets(env))
+        for store in dict.fromkeys([uri, registry_uri or uri]):
+            check_store(store)
         with vendor_errors(uri, "open the tracking store", secrets):
             # Explicit: left None, MLflow would take the process-wide default, not this store's registry.
             client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri or uri)
         return cls(client, uri, registry_uri, secrets)
 
     def where(self) -> str:
-        return display_uri(self.registry_uri or self.tracking_uri)
+        return mask_url(self.registry_uri or self.tracking_uri)
 
     # ------------------------------------------------------------ logging and registering
 
@@ -127,7 +128,7 @@ class Registry:
                     # the versions that trained the model.
                     pip_requirements=pip_requirements,
                     input_example=input_example,
-                    metadata=mask_secrets(metadata, self._secrets),
+                    metadata=mask_data(metadata, self._secrets),
                 )
         return LoggedModel(str(info.model_uri), getattr(info, "model_id", None), run_id)
 
@@ -210,7 +211,7 @@ class Registry:
     # ------------------------------------------------------------ helpers
 
     def _tags(self, tags: Mapping[str, str]) -> dict[str, str]:
-        masked = mask_secrets(dict(tags), self._secrets)
+        masked = mask_data(dict(tags), self._secrets)
         return {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in masked.items()}
 
     def _errors(self, action: str) -> Any:

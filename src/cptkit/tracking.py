@@ -18,12 +18,13 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-from cptkit.config import SECRET_MASK
+from cptkit import network
 from cptkit.errors import CptkitError
+from cptkit.secrets import MASK, Secrets, env_secrets, is_secret_key, mask_data, mask_url
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -39,20 +40,6 @@ MAX_TAG_VALUE_LENGTH = 8000
 MAX_DATASET_DIGEST_LENGTH = 36
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
-# Environment variables whose values are credentials: never logged, wherever they turn up.
-SECRET_ENV_VARS = (
-    "DATABRICKS_TOKEN",
-    "DATABRICKS_CLIENT_SECRET",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_TRACKING_PASSWORD",
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-)
-# Whole words of a key that mark its value secret. Words, not substrings: `tokenizer`, `tokenize`
-# and a `tokens` count are not secrets.
-_SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "credential", "credentials", "apikey"})
-_SECRET_KEYS = frozenset({"storage_options", "api_key", "access_key", "private_key"})
-_KEY_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 # Characters MLflow accepts in param and tag names; a mapping with other keys is logged as JSON.
 _VALID_KEY = re.compile(r"^[\w\-. /]+$")
 
@@ -134,51 +121,56 @@ def resolve_tracking_uri(configured: str, env: Mapping[str, str]) -> str:
     return uri
 
 
-def display_uri(uri: str) -> str:
-    """The URI without any user:password@ part, for messages."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{SECRET_MASK}@{host}"))
+def check_tracking(config: TrackingConfig, env: Mapping[str, str] | None = None) -> None:
+    """`check_store` for the configured tracking store, when tracking is on: run before a stage loads a
+    model, so that an unusable store is reported in seconds, not after the model has loaded."""
+    if config.enabled:
+        check_store(resolve_tracking_uri(config.tracking_uri, os.environ if env is None else env))
 
 
-def is_secret_key(key: str) -> bool:
-    """Whether a key (one name, or a dotted path whose last part is checked) names a credential."""
-    name = key.rsplit(".", 1)[-1]
-    if name.lower() in _SECRET_KEYS:
-        return True
-    words = [w.lower() for w in _KEY_WORD_SPLIT.split(name) if w]
-    joined = "_".join(words)
-    return any(w in _SECRET_WORDS for w in words) or any(k in joined for k in _SECRET_KEYS)
+def check_store(uri: str) -> None:
+    """Fail at once, in one line, where MLflow would retry for minutes: a tracking server that refuses
+    connections or whose name does not resolve (MLflow retries HTTP requests about 2 minutes), and a
+    SQLite database that cannot be written (MLflow retries creating its engine 10 times, about 100 s)."""
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        reason = network.unreachable(uri)
+        if reason is not None:
+            raise CptkitError(f"MLflow tracking at {mask_url(uri)}: cannot open the tracking store: {reason}")
+    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///").partition("?")[0]
+        if path and path != ":memory:":
+            problem = sqlite_write_problem(Path(path))
+            if problem is not None:
+                raise CptkitError(f"MLflow tracking at {uri}: cannot open the tracking store: {problem}")
 
 
-def mask_secrets(value: Any, secrets: tuple[str, ...] = ()) -> Any:
-    """A copy of plain data with values under secret keys, pydantic secrets, and any occurrence of
-    the given secret strings replaced by the mask."""
-    if isinstance(value, SecretStr):
-        return SECRET_MASK
-    if isinstance(value, Mapping):
-        return {str(k): SECRET_MASK if is_secret_key(str(k)) else mask_secrets(v, secrets) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [mask_secrets(v, secrets) for v in value]
-    if isinstance(value, Path):
-        return _scrub(str(value), secrets)
-    if isinstance(value, str):
-        return _scrub(value, secrets)
-    return value
+def sqlite_write_problem(path: Path) -> str | None:
+    """Why the SQLite database at `path` cannot be written, or None. A write is tried and rolled back, so
+    a read-only folder (where SQLite cannot create its journal) and a file that is no database are found
+    too. A missing folder is left to MLflow, which creates it."""
+    import sqlite3
+    from urllib.parse import quote
 
-
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, SECRET_MASK)
-    return text
-
-
-def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
-    """Credential values set in the environment; short ones are skipped (masking "1" would mangle
-    every number)."""
-    return tuple(value for var in SECRET_ENV_VARS if len(value := env.get(var, "").strip()) >= 8)
+    if not path.parent.is_dir():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{quote(str(path))}?mode=rwc", uri=True, timeout=5, isolation_level=None)
+    except sqlite3.Error as exc:
+        return f"{path}: {exc} (is its folder writable?)"
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("CREATE TABLE cptkit_write_check (x)")
+        con.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return None  # another process is writing: MLflow waits for it
+        return f"{path}: {exc} (is it and its folder writable?)"
+    except sqlite3.Error as exc:
+        return f"{path}: {exc}"
+    finally:
+        con.close()
+    return None
 
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -194,11 +186,11 @@ def _flatten(value: Mapping[str, Any], prefix: str, out: dict[str, str]) -> None
     for raw_key, item in value.items():
         key = f"{prefix}{raw_key}"
         if is_secret_key(str(raw_key)) or isinstance(item, SecretStr):
-            out[key] = SECRET_MASK
+            out[key] = MASK
         elif isinstance(item, Mapping) and item and all(_VALID_KEY.match(str(k)) for k in item):
             _flatten(item, f"{key}.", out)
         elif isinstance(item, Mapping | list | tuple):
-            out[key] = json.dumps(mask_secrets(item), sort_keys=True, default=str)
+            out[key] = json.dumps(mask_data(item), sort_keys=True, default=str)
         else:
             out[key] = str(item)
 
@@ -227,7 +219,7 @@ class MlflowTracker:
         client: MlflowClient,
         tracking_uri: str,
         run_id: str,
-        secrets: tuple[str, ...],
+        secrets: Secrets,
         system_metrics: Any | None = None,
     ) -> None:
         self.run_id: str | None = run_id
@@ -245,11 +237,12 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         uri = resolve_tracking_uri(config.tracking_uri, env)
-        secrets = secret_values(env)
+        secrets = Secrets(env_secrets(env))
+        check_store(uri)
         with vendor_errors(uri, "open the tracking store", secrets):
             client = MlflowClient(tracking_uri=uri)  # builds the store: connects, creates or migrates a database
             if run_id is None:
-                run_id = create_run(client, uri, config.experiment_name, _scrub(run_name, secrets))
+                run_id = create_run(client, uri, config.experiment_name, secrets.scrub(run_name))
                 resumed = False
             else:
                 _continue_run(client, uri, run_id)
@@ -260,7 +253,7 @@ class MlflowTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = {k: _scrub(v, self._secrets) for k, v in flatten_params(params).items()}
+        flat = {k: self._secrets.scrub(v) for k, v in flatten_params(params).items()}
         with self._errors("log params"):
             # A resumed run already holds its params, and MLflow refuses to change one.
             logged = self._client.get_run(self._run_id).data.params
@@ -282,7 +275,7 @@ class MlflowTracker:
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """Write `data` as a JSON (or, for a .yaml/.yml name, YAML) artifact."""
         with self._errors(f"log {artifact_file}"):
-            self._client.log_dict(self._run_id, mask_secrets(data, self._secrets), artifact_file)
+            self._client.log_dict(self._run_id, mask_data(data, self._secrets), artifact_file)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a folder's contents, under `artifact_path`."""
@@ -303,13 +296,13 @@ class MlflowTracker:
         from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        source_data = mask_secrets(source, self._secrets)
+        source_data = mask_data(source, self._secrets)
         dataset = Dataset(
-            name=_scrub(name, self._secrets),
+            name=self._secrets.scrub(name),
             digest=fingerprint[:MAX_DATASET_DIGEST_LENGTH],
             source_type=str(source_data.get("type", "cptkit")),
             source=json.dumps(source_data, sort_keys=True, default=str),
-            profile=json.dumps(mask_secrets(counts, self._secrets), sort_keys=True, default=str),
+            profile=json.dumps(mask_data(counts, self._secrets), sort_keys=True, default=str),
         )
         dataset_input = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         with self._errors(f"log input {name}"):
@@ -318,7 +311,7 @@ class MlflowTracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        masked = mask_secrets(dict(tags), self._secrets)
+        masked = mask_data(dict(tags), self._secrets)
         batch = [RunTag(k, truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in masked.items()]
         with self._errors("set tags"):
             self._client.log_batch(self._run_id, tags=batch)
@@ -358,13 +351,14 @@ def create_run(client: MlflowClient, uri: str, experiment_name: str, run_name: s
             experiment_id = experiment.experiment_id
     elif experiment.lifecycle_stage == "deleted":
         raise CptkitError(
-            f"MLflow experiment {experiment_name!r} at {display_uri(uri)} is deleted: restore it "
+            f"MLflow experiment {experiment_name!r} at {mask_url(uri)} is deleted: restore it "
             f"(mlflow experiments restore) or set another tracking.experiment_name"
         )
     else:
         experiment_id = experiment.experiment_id
-    # The same context tags (user, source, git commit) as mlflow.start_run would set.
-    tags = resolve_tags({MLFLOW_RUN_NAME: run_name})
+    # The same context tags (user, source, git commit) as mlflow.start_run would set; a git remote's URL
+    # can carry a token (https://user:token@host/repo.git).
+    tags = mask_data(resolve_tags({MLFLOW_RUN_NAME: run_name}))
     run = client.create_run(experiment_id, tags=tags, run_name=run_name)
     return str(run.info.run_id)
 
@@ -377,12 +371,12 @@ def _continue_run(client: MlflowClient, uri: str, run_id: str) -> None:
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise CptkitError(
-                f"cannot resume MLflow run {run_id}: no such run at {display_uri(uri)} "
+                f"cannot resume MLflow run {run_id}: no such run at {mask_url(uri)} "
                 f"(deleted, or another tracking store?)"
             ) from None
         raise
     if run.info.lifecycle_stage == "deleted":
-        raise CptkitError(f"cannot resume MLflow run {run_id} at {display_uri(uri)}: the run is deleted")
+        raise CptkitError(f"cannot resume MLflow run {run_id} at {mask_url(uri)}: the run is deleted")
     client.update_run(run_id, status="RUNNING")
 
 
@@ -407,7 +401,7 @@ def _is_vendor_error(exc: BaseException) -> bool:
 
 
 @contextmanager
-def vendor_errors(uri: str, action: str, secrets: tuple[str, ...]) -> Iterator[None]:
+def vendor_errors(uri: str, action: str, secrets: Secrets) -> Iterator[None]:
     """Turn an MLflow, database, network or file error into one CptkitError line that names the URI."""
     try:
         yield
@@ -416,10 +410,10 @@ def vendor_errors(uri: str, action: str, secrets: tuple[str, ...]) -> Iterator[N
     except Exception as exc:
         if not _is_vendor_error(exc):
             raise
-        raise CptkitError(f"MLflow tracking at {display_uri(uri)}: cannot {action}: {_reason(exc, secrets)}") from exc
+        raise CptkitError(f"MLflow tracking at {mask_url(uri)}: cannot {action}: {_reason(exc, secrets)}") from exc
 
 
-def _reason(exc: BaseException, secrets: tuple[str, ...]) -> str:
+def _reason(exc: BaseException, secrets: Secrets) -> str:
     """The most telling line of a vendor error: the innermost OS error (a refused connection, a
     missing folder) when there is one, else the error's own first line."""
     chosen, seen = exc, set()
@@ -431,4 +425,4 @@ def _reason(exc: BaseException, secrets: tuple[str, ...]) -> str:
         cause = cause.__cause__ or cause.__context__
     lines = [line.strip() for line in str(chosen).splitlines() if line.strip()]
     text = lines[0] if lines else type(chosen).__name__
-    return truncate(_scrub(" ".join(text.split()), secrets), 300)
+    return truncate(secrets.scrub(" ".join(text.split())), 300)

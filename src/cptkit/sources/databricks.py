@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from cptkit.config import DatabricksSourceConfig, section_fingerprint
 from cptkit.errors import SourceError
+from cptkit.secrets import mask_url
 from cptkit.sources.databricks_client import Retrying, config_secrets, warehouse_id, workspace_client
 from cptkit.sources.databricks_delta import DeltaReader, filter_expression
 from cptkit.sources.databricks_sql import (
@@ -66,12 +67,14 @@ class DatabricksSource:
     def workspace(self) -> Any:
         if self._workspace is None:
             factory = self._workspace_factory or (lambda: workspace_client(self.config, self.secrets))
+            self.retrying.start_clock()
             self._workspace = factory()
         return self._workspace
 
     def warehouse(self) -> Warehouse:
         if self._warehouse is None:
             c = self.config
+            self.retrying.start_clock()
             if c.method == "sql":
                 connect = self._connect or connect_sql_warehouse(c, self.secrets)
                 self._warehouse = ConnectorWarehouse(connect, self.retrying, c.batch_size)
@@ -100,11 +103,12 @@ class DatabricksSource:
     # -- the Source interface --------------------------------------------------------------------
 
     def where(self) -> str:
+        """What is read, for messages, manifests and fingerprints (a path's credentials masked)."""
         c = self.config
         if c.method == "volume":
             return str(c.volume_path)
         if c.path is not None:
-            return c.path
+            return mask_url(c.path)
         return f"{c.catalog}.{c.schema_}.{c.table}"
 
     def table_version(self) -> int | None:
@@ -125,8 +129,10 @@ class DatabricksSource:
         try:
             table = self.warehouse().rows(history_query(self.config))
         except SourceError as exc:
-            # A view has no Delta history: it can be read in full mode, without a version.
-            if self.config.mode != "full" or any(w in str(exc) for w in ("not found", "401", "403", "reach")):
+            # A view has no Delta history: it can be read in full mode, without a version. A host that cannot
+            # be reached or keeps failing is no view.
+            failed = ("not found", "401", "403", "reach", "gave up after")
+            if self.config.mode != "full" or any(w in str(exc) for w in failed):
                 raise
             return None
         if table.num_rows == 0 or "version" not in table.column_names:
@@ -144,7 +150,7 @@ class DatabricksSource:
         return {
             "type": "databricks",
             "method": c.method,
-            "host": c.host,
+            "host": mask_url(c.host) if c.host is not None else None,
             "table": self.where(),
             "version": self.table_version(),
             "mode": c.mode,

@@ -7,56 +7,31 @@ an exception message or a manifest by another route.
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
-from cptkit.config import SECRET_MASK, DatabricksSourceConfig
+from cptkit import network
+from cptkit.config import DatabricksSourceConfig
 from cptkit.errors import CptkitError, SourceError
+from cptkit.secrets import Secrets, env_secrets, mask_url
 
 T = TypeVar("T")
 
 INSTALL_SQL_CONNECTOR = "pip install databricks-sql-connector"
-# Variables whose values are credentials wherever they appear (the SDK reads them from the environment).
-_SECRET_ENV_VARS = (
-    "DATABRICKS_TOKEN",
-    "DATABRICKS_CLIENT_SECRET",
-    "DATABRICKS_PASSWORD",
-    "ARM_CLIENT_SECRET",
-    "GOOGLE_CREDENTIALS",
-)
 # Seconds slept between retries; tests replace it to run fast.
 SLEEP: Callable[[float], None] = time.sleep
 
 
-class Secrets:
-    """Credential values to scrub from any text that leaves the adapter; grows as short-lived credentials
-    (temporary table credentials, presigned URLs) are issued during a read."""
-
-    def __init__(self, values: Iterable[str] = ()) -> None:
-        self._values: set[str] = set()
-        self.add(*values)
-
-    def add(self, *values: str | None) -> None:
-        for value in values:
-            if value and len(value) >= 6:  # masking "1" would mangle every number
-                self._values.add(value)
-
-    def scrub(self, text: str) -> str:
-        for value in sorted(self._values, key=len, reverse=True):
-            text = text.replace(value, SECRET_MASK)
-        # Bearer headers and signed URLs can carry credentials the adapter never saw.
-        text = re.sub(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}", rf"\1{SECRET_MASK}", text)
-        return re.sub(
-            r"(?i)([?&](?:sig|signature|x-amz-signature|x-amz-security-token|token)=)[^&\s]+", rf"\1{SECRET_MASK}", text
-        )
-
-
 def config_secrets(config: DatabricksSourceConfig) -> Secrets:
-    values = [os.environ.get(var, "") for var in _SECRET_ENV_VARS]
+    """What the adapter masks: the credential environment variables and the source's own secrets."""
+    values = list(env_secrets())
     values += [s.get_secret_value() for s in (config.token, config.client_secret) if s is not None]
     values += [v.get_secret_value() for v in config.storage_options.values()]
     return Secrets(values)
@@ -68,9 +43,21 @@ def config_secrets(config: DatabricksSourceConfig) -> Secrets:
 
 def sdk_config(config: DatabricksSourceConfig, secrets: Secrets) -> Any:
     """The SDK's unified configuration for this source: explicit keys win, then DATABRICKS_* variables,
-    then ~/.databrickscfg (a profile). PAT, OAuth M2M and profiles all resolve here, nowhere else."""
+    then ~/.databrickscfg (a profile). PAT, OAuth M2M and profiles all resolve here, nowhere else.
+
+    The host is checked first: the SDK probes it while building its configuration and retries a refused
+    connection or an unknown name for as long as its retry budget allows (up to 2 minutes)."""
     from databricks.sdk.core import Config
 
+    host = configured_host(config)
+    if host is not None:
+        started = time.monotonic()
+        reason = network.unreachable(host, min(network.CONNECT_TIMEOUT_SECONDS, config.timeout_seconds))
+        if reason is not None:
+            raise SourceError(
+                f"cannot reach the Databricks host {mask_url(host)} ({reason}); check DATABRICKS_HOST "
+                f"(failed after {time.monotonic() - started:.1f}s; a refused connection or unknown host is not retried)"
+            )
     kwargs: dict[str, Any] = {
         "host": config.host,
         "token": config.token.get_secret_value() if config.token is not None else None,
@@ -91,6 +78,24 @@ def sdk_config(config: DatabricksSourceConfig, secrets: Secrets) -> Any:
             f"Databricks authentication is not configured ({first}); set DATABRICKS_HOST and DATABRICKS_TOKEN, "
             "or DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET, or DATABRICKS_CONFIG_PROFILE"
         ) from None
+
+
+def configured_host(config: DatabricksSourceConfig) -> str | None:
+    """The workspace URL the SDK will use: the source's host (DATABRICKS_HOST fills it), else the host of
+    its profile in ~/.databrickscfg (DATABRICKS_CONFIG_FILE), else None (the SDK's other ways to find one)."""
+    if config.host:
+        return config.host
+    if os.environ.get("DATABRICKS_HOST"):
+        return os.environ["DATABRICKS_HOST"]
+    profile = config.profile or os.environ.get("DATABRICKS_CONFIG_PROFILE") or "DEFAULT"
+    path = Path(os.environ.get("DATABRICKS_CONFIG_FILE") or "~/.databrickscfg").expanduser()
+    # As the SDK reads the file: [DEFAULT] is a profile like any other, not defaults for the rest.
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0")
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return None  # the SDK reports a broken file in its own words
+    return parser.get(profile, "host", fallback=None) or None
 
 
 def workspace_client(config: DatabricksSourceConfig, secrets: Secrets) -> Any:
@@ -133,7 +138,7 @@ _NO_COLUMN = re.compile(r"UNRESOLVED_COLUMN|column .*(?:not found|does not exist
 _STOPPED = re.compile(r"warehouse.*(?:stopped|stopping|not running|is starting|not ready)", re.IGNORECASE)
 _TRANSIENT = re.compile(
     r"TEMPORARILY_UNAVAILABLE|temporarily unavailable|\btimed out\b|\btimeout\b|connection reset|"
-    r"connection refused|\b503\b|\b429\b|try again later|is starting",
+    r"\b503\b|\b429\b|try again later|is starting",
     re.IGNORECASE,
 )
 
@@ -162,8 +167,9 @@ def translate(exc: BaseException, what: str, secrets: Secrets) -> CptkitError:
         return SourceError(f"{what}: not found ({line})")
     if _STOPPED.search(line):
         return SourceError(f"{what}: the SQL warehouse is not running ({line}); start it or raise timeout_seconds")
-    if _is_connection_error(exc):
-        return SourceError(f"{what}: cannot reach the Databricks host ({line}); check DATABRICKS_HOST")
+    if _is_connection_error(exc) or _is_refused_or_unknown_host(exc):
+        reason = _innermost_os_error(exc, secrets) or line
+        return SourceError(f"{what}: cannot reach the Databricks host ({reason}); check DATABRICKS_HOST")
     if isinstance(exc, TimeoutError):
         return SourceError(f"{what}: timed out ({line})")
     return SourceError(f"{what}: {type(exc).__name__}: {line}")
@@ -193,11 +199,46 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and all(cause is not s for s in seen):
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return seen
+
+
+def _innermost_os_error(exc: BaseException, secrets: Secrets) -> str | None:
+    """The first line of the innermost OS error behind a vendor error (a refused connection, an unknown
+    host), which says more than the vendor's wrapping (`Timed out after 0:02:00`)."""
+    errors = [e for e in _chain(exc) if isinstance(e, OSError) and str(e).strip()]
+    return _first_line(errors[-1], secrets) if errors else None
+
+
+# How connectors that do not chain the OS error (databricks-sql-connector's RequestError) word them.
+_REFUSED_OR_UNKNOWN = re.compile(
+    r"connection refused|name or service not known|nodename nor servname|failed to resolve|getaddrinfo failed|"
+    r"temporary failure in name resolution|no route to host|network is unreachable",
+    re.IGNORECASE,
+)
+
+
+def _is_refused_or_unknown_host(exc: BaseException) -> bool:
+    """Nothing listens at the address, or its name does not resolve: no retry fixes that soon."""
+    return any(
+        isinstance(e, socket.gaierror)
+        or (isinstance(e, OSError) and e.errno in network.PERMANENT_ERRNOS)
+        or bool(_REFUSED_OR_UNKNOWN.search(str(e)))
+        for e in _chain(exc)
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: a network time-out or reset, throttling, a warehouse still starting."""
+    """Worth retrying: a network time-out or reset, throttling (HTTP 429), a server error (HTTP 503), a
+    warehouse still starting. Not a refused connection or an unknown host name."""
     if isinstance(exc, CptkitError):
         return False
-    if _status(exc) in (401, 403, 404):
+    if _status(exc) in (401, 403, 404) or _is_refused_or_unknown_host(exc):
         return False
     if _status(exc) in (429, 503) or _is_connection_error(exc) or isinstance(exc, TimeoutError):
         return True
@@ -216,29 +257,47 @@ class Retrying:
     retries: int = 0
     waited: float = 0.0
     log: list[str] = field(default_factory=list)
+    # The failures since the last success: when the first began (SDK set-up included: its host-metadata
+    # probe can take long and fail quietly), attempts made and seconds slept. A final error reports the
+    # wall time from there, and the deadline counts from there.
+    _since: float | None = field(default=None, init=False, repr=False)
+    _attempts: int = field(default=0, init=False, repr=False)
+    _slept: float = field(default=0.0, init=False, repr=False)
+
+    def start_clock(self) -> None:
+        """Count the time from now in the next call: SDK set-up that precedes it."""
+        if self._since is None:
+            self._since = time.monotonic()
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        started = time.monotonic()
+        self.start_clock()
+        assert self._since is not None
         attempt = 0
         while True:
+            self._attempts += 1
             try:
-                return fn()
+                result = fn()
             except Exception as exc:
-                elapsed = time.monotonic() - started
+                elapsed = time.monotonic() - self._since
                 delay = min(30.0, self.base_delay * 2**attempt)
-                if not is_transient(exc) or attempt >= self.max_retries or elapsed + delay > self.timeout_seconds:
+                transient = is_transient(exc)
+                if not transient or attempt >= self.max_retries or elapsed + delay > self.timeout_seconds:
                     error = translate(exc, what, self.secrets)
-                    if is_transient(exc):
+                    if transient or _is_connection_error(exc) or _is_refused_or_unknown_host(exc):
                         error = SourceError(
-                            f"{error} (gave up after {attempt + 1} attempt(s) over {elapsed:.1f}s, "
-                            f"{self.waited:.1f}s of it waiting between retries)"
+                            f"{error} (gave up after {self._attempts} attempt(s) over {elapsed:.1f}s, "
+                            f"{self._slept:.1f}s of it waiting between retries)"
                         )
                     raise error from None
                 attempt += 1
                 self.retries += 1
                 self.waited += delay
+                self._slept += delay
                 self.log.append(f"{what}: {_first_line(exc, self.secrets)}; retry {attempt} in {delay:.1f}s")
                 SLEEP(delay)
+            else:
+                self._since, self._attempts, self._slept = None, 0, 0.0
+                return result
 
     def summary(self) -> dict[str, Any]:
         return {"retries": self.retries, "waited_seconds": round(self.waited, 3)}

@@ -17,7 +17,8 @@ import pyarrow.dataset as pads
 
 from cptkit.config import DatabricksSourceConfig, FilterCondition
 from cptkit.errors import SourceError
-from cptkit.sources.databricks_client import Retrying, Secrets, translate
+from cptkit.secrets import Secrets, mask_url
+from cptkit.sources.databricks_client import Retrying, translate
 from cptkit.sources.databricks_sql import CHANGE_TYPE, COMMIT_VERSION, KEEP, WATERMARK
 
 # Credentials are renewed when fewer than this many seconds remain (a Parquet file can take minutes).
@@ -76,7 +77,7 @@ class DeltaReader:
     @property
     def where(self) -> str:
         c = self.config
-        return c.path if c.path is not None else f"{c.catalog}.{c.schema_}.{c.table}"
+        return mask_url(c.path) if c.path is not None else f"{c.catalog}.{c.schema_}.{c.table}"
 
     def _resolve(self) -> None:
         if self._location is not None:

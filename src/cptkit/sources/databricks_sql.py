@@ -16,13 +16,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 
 from cptkit.config import DatabricksSourceConfig, FilterCondition, identifier_problem
 from cptkit.errors import SourceError
+from cptkit.secrets import Secrets
 from cptkit.sources import databricks_client
-from cptkit.sources.databricks_client import Retrying, Secrets, translate
+from cptkit.sources.databricks_client import Retrying, translate
 
 # Internal result columns; the canonical batch never keeps them.
 WATERMARK, KEEP, CHANGE_TYPE, COMMIT_VERSION = "_cptkit_watermark", "_cptkit_keep", "_change_type", "_commit_version"
@@ -208,12 +210,16 @@ def connect_sql_warehouse(config: DatabricksSourceConfig, secrets: Secrets) -> C
         ) from None
     cfg = sdk_config(config, secrets)
     http_path = warehouse_http_path(config, cfg)
-    hostname = str(cfg.host).removeprefix("https://").removeprefix("http://").rstrip("/")
+    # The connector takes a bare host name and a port (it always speaks https); a user:password@ part
+    # would only end up in its URLs and logs, the credentials come from the SDK.
+    url = urlsplit(str(cfg.host) if "://" in str(cfg.host) else f"https://{cfg.host}")
+    port = {"_port": url.port} if url.port else {}
 
     def connect() -> Any:
         return sql.connect(
-            server_hostname=hostname,
+            server_hostname=url.hostname,
             http_path=http_path,
+            **port,
             credentials_provider=lambda: cfg.authenticate,
             use_cloud_fetch=True,
             user_agent_entry="cptkit",

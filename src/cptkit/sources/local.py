@@ -24,6 +24,7 @@ from cptkit.config import (
     SourceBase,
 )
 from cptkit.errors import SourceError
+from cptkit.secrets import mask_url, scrub
 from cptkit.sources.base import ERROR, ID, TEXT, canonical_batch, content_id, strings_column
 
 
@@ -261,26 +262,29 @@ class DeltaSource:
             try:
                 self._table = DeltaTable(self.config.path, version=self.config.version, storage_options=options or None)
             except TableNotFoundError:
-                raise SourceError(f"{self.config.path}: no Delta table there") from None
+                raise SourceError(f"{self.where}: no Delta table there") from None
             except (DeltaError, OSError, ValueError) as exc:
-                # delta-rs messages can echo storage options; keep only the first line and no options.
+                # delta-rs messages can echo storage options; keep only the first line, masked.
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                for secret in options.values():
-                    first = first.replace(secret, "***")
-                raise SourceError(f"{self.config.path}: cannot open Delta table ({first})") from None
+                raise SourceError(f"{self.where}: cannot open Delta table ({scrub(first, options.values())})") from None
         return self._table
 
     def table_version(self) -> int | None:
         return int(self._open().version())
 
+    @property
+    def where(self) -> str:
+        """The table's location for messages, manifests and fingerprints: a URL's user:password@ masked."""
+        return mask_url(self.config.path)
+
     def input_fingerprint(self) -> str | None:
-        return f"{self.config.path}@v{self.table_version()}"
+        return f"{self.where}@v{self.table_version()}"
 
     def describe(self) -> dict[str, Any]:
         c = self.config
         return {
             "type": "delta",
-            "path": c.path,
+            "path": self.where,
             "version": self.table_version(),
             "text_column": c.text_column,
             "id_column": c.id_column,
@@ -289,11 +293,11 @@ class DeltaSource:
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         dataset = self._open().to_pyarrow_dataset()
-        columns = _check_columns(dataset.schema, self.config, self.config.path)
+        columns = _check_columns(dataset.schema, self.config, self.where)
         yield from _arrow_batches(
             iter(dataset.to_batches(columns=columns, batch_size=self.config.batch_size)),
             self.config,
-            self.config.path,
+            self.where,
         )
 
 
