@@ -68,11 +68,12 @@ def create_app(model_uri: str, limit: int) -> Any:
     from fastapi.responses import JSONResponse, Response
     from mlflow.pyfunc import scoring_server
 
-    from cptkit.tracking import secret_values, vendor_errors
+    from cptkit.secrets import Secrets, env_secrets
+    from cptkit.tracking import vendor_errors
 
     # cptkit serve resolved the store and passed it in the environment, as MLflow reads it.
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    with vendor_errors(tracking_uri, f"load {model_uri}", secret_values(os.environ)):
+    with vendor_errors(tracking_uri, f"load {model_uri}", Secrets(env_secrets())):
         model = scoring_server.load_model_with_mlflow_config(model_uri)  # type: ignore[no-untyped-call]
     app = scoring_server.init(model)
     params_schema = model.metadata.get_params_schema()
