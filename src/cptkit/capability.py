@@ -114,7 +114,9 @@ def probe(device: str = "cpu", refresh: bool = False) -> Capability:
     ISA environment were measured before (memory is read afresh either way)."""
     key = cache_key(device)
     found = None if refresh else _MEMO.get(key)
-    if found is None and not refresh:
+    if found is not None:
+        found = replace(found, cached=True)  # not measured by this call
+    elif not refresh:
         found = _read_cached(cache_path(device, key))
     if found is None:
         found = measure(device)

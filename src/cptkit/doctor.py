@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cptkit.capability import Capability, available_devices, cache_path, probe
+from cptkit.capability import Capability
 from cptkit.choices import Choice, TrainingChoices, choose_device, choose_eval_precision, decide_training
 from cptkit.config import Config
 from cptkit.errors import CptkitError
@@ -43,6 +43,7 @@ class Diagnosis:
 
 
 def diagnose(config: Config, refresh: bool = False) -> Diagnosis:
+    from cptkit.capability import available_devices, cache_path, probe
     from cptkit.models import model_shape
 
     devices = available_devices()
