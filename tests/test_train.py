@@ -296,3 +296,41 @@ def test_checkpoints_of_another_chosen_method_or_precision_are_not_resumed(tmp_p
     for other in (TrainingConfig(method="lora", precision="fp32"), TrainingConfig(method="qlora", precision="bf16")):
         fresh, found = _resume_state(root, "abc", False, other)
         assert found is None and (fresh.method, fresh.precision) == (other.method, other.precision)
+
+
+def test_steps_within_a_budget_count_steps_validation_and_checkpoints() -> None:
+    from cptkit.schedule import steps_within
+
+    # 1 s steps, a 5 s validation every 10 steps and at the last, a 2 s checkpoint every 10 before the last:
+    # the largest count whose time fits 100 s (60: 60 + 6 x 5 + 5 x 2).
+    for total in range(1, 200):
+        evals = total // 10 + (total % 10 != 0)
+        saves = (total - 1) // 10
+        if total + 5 * evals + 2 * saves > 100:
+            break
+        fits = total
+    assert steps_within(100, 0, 1000, 1.0, 5.0, 2.0, 10, 10) == fits == 60
+    assert steps_within(100, 0, 20, 1.0, 5.0, 2.0, 10, 10) == 20  # the cap comes first
+    assert steps_within(0.0, 7, 1000, 1.0, 5.0, 2.0, 10, 10) == 8  # out of time: one more step, at the final rate
+
+
+def test_one_slow_step_does_not_cut_a_budgeted_run_but_a_slower_machine_does() -> None:
+    from cptkit.checkpoints import TrainerState
+    from cptkit.config import TrainingConfig
+    from cptkit.train import _fit_budget
+
+    tc = TrainingConfig(max_minutes=1, eval_steps=1000, save_steps=1000)
+    state = TrainerState(step=4, evals=[{"step": 0}], eval_seconds=1.0)
+    assert _fit_budget(tc, 59.0, state, [3.0, 1.0, 1.0, 1.1], 1000, 100) is None  # not enough steps timed yet
+    state.step = 6
+    fixed = _fit_budget(tc, 55.0, state, [3.0, 1.0, 4.0, 1.0, 1.1, 1.0], 1000, 100)  # one step slowed: median
+    assert fixed == 6 + 54  # 54 more 1-second steps and the final 1-second validation fit 55 s
+    state.planned_steps = fixed
+    state.step = 10
+    on_pace = [3.0] + [1.0] * 9
+    assert _fit_budget(tc, 51.0, state, on_pace, fixed, 100) is None
+    # One step of 9 s: its lost time is in the remaining seconds; the pace is still 1 s a step.
+    assert _fit_budget(tc, 43.0, state, [*on_pace, 9.0], fixed, 100) == 10 + 42
+    # The machine got busier: 2 s a step from now on lowers the count to what fits.
+    busy = _fit_budget(tc, 44.0, state, [*on_pace[:-3], 2.0, 2.0, 2.0], fixed, 100)
+    assert busy == 10 + 21
