@@ -1,20 +1,28 @@
 """Training throughput of `cptkit train` against the seed's approach, side by side in one run.
 
-Both train SmolLM2-135M (the `smollm2-135m` GGUF, dequantized once) with QLoRA (4-bit NF4, double
-quantization, bf16 compute, LoRA r=16 alpha=32 on every linear layer) on the demo corpus (Python
-standard-library docstrings, 20% Wikipedia replay), micro batch 4 x 512 tokens, one micro batch per
-optimizer step, the same number of steps, learning rate 2e-4, 3 warmup steps then cosine decay.
+All train SmolLM2-135M (the `smollm2-135m` GGUF, dequantized once) with LoRA r=16 alpha=32 on every
+linear layer on the demo corpus (Python standard-library docstrings, 20% Wikipedia replay), micro batch
+4 x 512 tokens, one micro batch per optimizer step, the same number of steps, learning rate 2e-4, 3
+warmup steps then cosine decay. Compute precision follows the measured capability of this machine
+(cptkit.capability): bf16 where its matmuls are fast, else fp32, for every variant (the seed's bf16 on a
+CPU that only emulates it had not finished its first step after 4 minutes).
 
-  seed         what the seed proof-of-concept does, written the usual way: one document per row,
-               truncated and padded to 512 tokens (`tokenizer(..., truncation=True,
-               padding="max_length")`), DataCollatorForLanguageModeling, transformers `Trainer`
-               (bf16, use_cpu), `prepare_model_for_kbit_training` (without gradient checkpointing,
-               which would only slow it down), peft's default LoRA dropout 0.05 as the seed used it;
-               replay as whole general documents, a fifth of the rows.
-  cptkit       `cptkit train` on the demo config: packed, document-isolated blocks, no padding, replay
-               at 20% of tokens, cptkit's defaults (no adapter dropout, bf16 frozen base, fused
-               chunked LM-head loss).
-  cptkit-gc    the same with training.gradient_checkpointing: true (the low-memory setting).
+  seed          what the seed proof-of-concept does, written the usual way: QLoRA (4-bit NF4, double
+                quantization), one document per row, truncated and padded to 512 tokens
+                (`tokenizer(..., truncation=True, padding="max_length")`),
+                DataCollatorForLanguageModeling, transformers `Trainer` (use_cpu),
+                `prepare_model_for_kbit_training` (without gradient checkpointing, which would only
+                slow it down), peft's default LoRA dropout 0.05 as the seed used it; replay as whole
+                general documents, a fifth of the rows.
+  cptkit-qlora  `cptkit train` on the demo config with training.method: qlora: packed,
+                document-isolated blocks, no padding, replay at 20% of tokens, cptkit's defaults (no
+                adapter dropout, 16-bit frozen base where bf16 computes, fused chunked LM-head loss).
+  cptkit-auto   the same with training.method: auto (what cptkit chooses here, and why, is in the
+                report).
+  cptkit-gc     cptkit-qlora with training.gradient_checkpointing: true (the low-memory setting).
+
+The report starts with the machine's capability record (CPU model and flags, the ISA variables set,
+measured fp32 and bf16 matmul rates, the chosen precision and method).
 
 Useful tokens are non-padding tokens processed (the seed's attention-mask sum; cptkit's real tokens).
 Tokens/s is useful tokens over the wall time of the training steps (model loading and validation passes
@@ -26,8 +34,10 @@ trained model.
 Run from the repository root, on a quiet machine (every variant is a fresh subprocess, run one after
 another):
 
-    .venv/bin/python benchmarks/train_throughput.py                 # 20 steps per variant, ~12 min here
-    .venv/bin/python benchmarks/train_throughput.py --steps 5 --variants seed,cptkit   # a quick look
+    .venv/bin/python benchmarks/train_throughput.py                 # 20 steps per variant
+    .venv/bin/python benchmarks/train_throughput.py --steps 5 --variants seed,cptkit-auto   # a quick look
+    # what an AVX2-only CPU does, on any x86 CPU:
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python benchmarks/train_throughput.py --steps 6
 
 Writes --out/results.json and report.md (default benchmarks/out/train_throughput, git-ignored); the demo
 inputs are built there on first use.
@@ -63,6 +73,8 @@ def demo_config(steps: int, extra: list[str]) -> Any:
         f"training.eval_steps={steps}",
         f"training.eval_max_sequences={EVAL_BLOCKS}",
         f"training.save_steps={steps + 1}",
+        "training.max_minutes=null",
+        "training.precision=auto",
         "tracking.enabled=false",
         *extra,
     ]
@@ -90,15 +102,23 @@ def build_inputs() -> None:
 # ---------------------------------------------------------------- workers (run in subprocesses)
 
 
-def run_cptkit(steps: int, checkpointing: bool) -> dict[str, Any]:
+def run_cptkit(steps: int, method: str, checkpointing: bool) -> dict[str, Any]:
     from cptkit.train import train
 
     config = demo_config(
-        steps, [f"training.gradient_checkpointing={str(checkpointing).lower()}", "output_dir=out/cptkit_model"]
+        steps,
+        [
+            f"training.method={method}",
+            f"training.gradient_checkpointing={str(checkpointing).lower()}",
+            "output_dir=out/cptkit_model",
+        ],
     )
     summary = train(config, force=True).summary
     assert summary is not None
     return {
+        "method": summary["method"],
+        "precision": summary["precision"],
+        "method_reason": summary["choices"]["method"]["reason"],
         "steps": summary["steps"],
         "useful_tokens": summary["tokens"],
         "train_seconds": summary["train_seconds"] - summary["eval_seconds"],
@@ -129,6 +149,8 @@ def run_seed(steps: int) -> dict[str, Any]:
 
     config = demo_config(steps, [])
     model_dir = resolve_model(config.model.name)
+    bf16 = measured_precision() == "bf16"
+    compute = torch.bfloat16 if bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -149,10 +171,10 @@ def run_seed(steps: int) -> dict[str, Any]:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.bfloat16
+        model_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=compute
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(
@@ -187,7 +209,7 @@ def run_seed(steps: int) -> dict[str, Any]:
         learning_rate=LR,
         warmup_steps=WARMUP,
         lr_scheduler_type="cosine",
-        bf16=True,
+        bf16=bf16,
         use_cpu=True,
         logging_steps=1,
         save_strategy="no",
@@ -202,9 +224,11 @@ def run_seed(steps: int) -> dict[str, Any]:
 
     data = load_train_data(config)
     blocks = sequence_blocks(data.domain_val, data.separator, SEQ)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         val = eval_loss(CausalLMLoss(model), blocks, EVAL_BLOCKS, BATCH, torch.device("cpu"))
     return {
+        "method": "qlora",
+        "precision": "bf16" if bf16 else "fp32",
         "steps": trainer.state.global_step,
         "useful_tokens": useful[0],
         "train_seconds": times["last"] - times["first"],
@@ -212,6 +236,29 @@ def run_seed(steps: int) -> dict[str, Any]:
         "padding_share": 1 - useful[0] / (trainer.state.global_step * BATCH * SEQ),
         "losses": losses,
     }
+
+
+def measured_precision() -> str:
+    from cptkit.capability import probe
+    from cptkit.choices import choose_precision
+
+    return choose_precision(probe("cpu")).value
+
+
+def capability_record() -> dict[str, Any]:
+    """This machine as cptkit measures it, with lscpu's model name."""
+    import shutil
+
+    from cptkit.capability import probe
+    from cptkit.choices import choose_precision
+
+    record = probe("cpu").as_dict()
+    record["chosen_precision"] = choose_precision(probe("cpu")).value
+    if shutil.which("lscpu"):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
+        record["lscpu_model_name"] = names[0] if names else None
+    return record
 
 
 # ---------------------------------------------------------------- driver
@@ -235,18 +282,27 @@ def measure(variant: str, steps: int, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def report(results: list[dict[str, Any]], load: tuple[float, float]) -> str:
+def report(results: list[dict[str, Any]], load: tuple[float, float], machine: dict[str, Any]) -> str:
     base = next((r for r in results if r["variant"] == "seed"), None)
+    env = ", ".join(f"{k}={v}" for k, v in machine["isa_env"].items()) or "none"
     lines = [
-        "| variant | steps | useful tokens | tokens/s | vs seed | peak RSS | domain val loss |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"CPU: {machine.get('lscpu_model_name') or machine['cpu_model']} ({' '.join(machine['cpu_flags'])}); "
+        f"ISA variables: {env}; torch kernels {machine['cpu_kernels']}, {machine['threads']} threads; "
+        f"matmul on one thread: fp32 {machine['fp32_gflops']:.1f}, bf16 {machine['bf16_gflops']:.1f} GFLOP/s "
+        f"-> precision {machine['chosen_precision']}; torch {machine['torch_version']}",
+        "",
+        "| variant | method | precision | steps | useful tokens | tokens/s | vs seed | peak RSS | domain val loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
         lines.append(
-            f"| {r['variant']} | {r['steps']} | {r['useful_tokens']:,} | {r['tokens_per_second']:.0f} | {ratio} "
-            f"| {r['peak_rss_mb']:,.0f} MB | {r['domain_val_loss']:.4f} |"
+            f"| {r['variant']} | {r['method']} | {r['precision']} | {r['steps']} | {r['useful_tokens']:,} "
+            f"| {r['tokens_per_second']:.0f} | {ratio} | {r['peak_rss_mb']:,.0f} MB | {r['domain_val_loss']:.4f} |"
         )
+    for r in results:
+        if r.get("method_reason"):
+            lines.append(f"\n{r['variant']}: method {r['method']}: {r['method_reason']}")
     if base:
         lines.append(f"\nseed padding share: {base['padding_share']:.1%} of positions")
     lines.append(f"load average at start {load[0]:.2f}, at end {load[1]:.2f} (1 min)")
@@ -256,7 +312,7 @@ def report(results: list[dict[str, Any]], load: tuple[float, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--variants", default="seed,cptkit,cptkit-gc")
+    parser.add_argument("--variants", default="seed,cptkit-qlora,cptkit-auto,cptkit-gc")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "train_throughput")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -269,15 +325,18 @@ def main() -> None:
         if args.worker == "seed":
             result = run_seed(args.steps)
         else:
-            result = run_cptkit(args.steps, checkpointing=args.worker == "cptkit-gc")
+            method = "auto" if args.worker == "cptkit-auto" else "qlora"
+            result = run_cptkit(args.steps, method, checkpointing=args.worker == "cptkit-gc")
         (workdir / f"{args.worker}.json").write_text(json.dumps(result), encoding="utf-8")
         return
 
     build_inputs()
+    machine = capability_record()
     load_start = os.getloadavg()[0]
     results = [measure(v, args.steps, workdir) for v in args.variants.split(",")]
-    text = report(results, (load_start, os.getloadavg()[0]))
-    (workdir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    text = report(results, (load_start, os.getloadavg()[0]), machine)
+    out = {"machine": machine, "results": results}
+    (workdir / "results.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
     (workdir / "report.md").write_text(text + "\n", encoding="utf-8")
     print(text)
 

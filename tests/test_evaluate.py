@@ -314,6 +314,7 @@ def trained_run(tmp_path: Path, model_dir: Path, training: dict[str, Any] | None
             "stride": 16,
             "sets": {"news": {"type": "jsonl", "path": "news.jsonl"}},
             "generation": {"max_new_tokens": 6, "domain_prompts": ["Document number 3 describes"]},
+            "precision": "fp32",  # the exact comparisons below are in fp32 (auto is bf16 where it is fast)
             **evaluate,
         },
     )
@@ -454,6 +455,48 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_model_dir: Path, cli: Any)
     line = one_line_error(cli("evaluate", "--domain-data", "d.jsonl", "--set", "evaluate.task_include_path=my_tasks"))
     assert line == "error: evaluate.task_include_path: my_tasks: no such folder"
     assert not Path("mlflow.db").exists()  # a failed evaluation creates no MLflow run
+
+
+def test_precision_auto_follows_the_measured_cpu_and_a_token_cap_limits_each_set(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any
+) -> None:
+    from cptkit.capability import probe
+    from cptkit.choices import choose_eval_precision
+
+    cfg = trained_run(tmp_path, tiny_model_dir, precision="auto", max_tokens=150, generation={"max_new_tokens": 0})
+    result = cli("evaluate", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    results = json.loads(Path("outputs/cpt_model/evaluation/results.json").read_text())
+    expected = choose_eval_precision(probe("cpu"), "auto")
+    assert results["settings"]["precision"] == expected.value
+    assert results["settings"]["precision_reason"] == expected.reason
+    assert f"evaluate: precision {expected.value}: " in " ".join(result.output.split())
+    assert results["settings"]["max_tokens"] == 150
+    for name in ("domain", "general", "news"):  # each set holds far more than 150 tokens
+        assert results["sets"][name]["capped_at_tokens"] == 150
+        assert results["cpt"][name]["tokens"] == results["base"][name]["tokens"] == 150
+    assert (
+        "Sets capped at their first 150 tokens: domain, general, news."
+        in Path("outputs/cpt_model/evaluation/report.md").read_text()
+    )
+
+
+def test_a_token_cap_keeps_whole_documents_then_cuts_one_at_a_token(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from cptkit.evaluate import EvalSet, cap_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [make_doc(i) for i in range(3)]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    whole = EvalSet("s", texts, sum(len(t.encode()) for t in texts), 0, {})
+    assert cap_tokens(whole, tokenizer, sum(lengths)) == (whole, False)  # fits: unchanged
+    cut, was_cut = cap_tokens(whole, tokenizer, lengths[0] + 7)
+    assert was_cut and cut.texts[0] == texts[0] and len(cut.texts) == 2 and texts[1].startswith(cut.texts[1])
+    assert len(tokenizer(cut.texts[1], add_special_tokens=False)["input_ids"]) == 7
+    assert cut.bytes == sum(len(t.encode()) for t in cut.texts)
+    first, _ = cap_tokens(whole, tokenizer, lengths[0])
+    assert first.texts == texts[:1]
 
 
 def test_completion_keeps_the_space_a_sentencepiece_decoder_drops() -> None:

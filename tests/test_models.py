@@ -249,6 +249,29 @@ def test_description_estimates_memory_and_prints_on_one_line(tiny_models: dict[s
     assert checkpointed.activation_bytes < desc.activation_bytes
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["llama-tied", "qwen2"])
+def test_the_estimate_from_the_config_alone_matches_the_loaded_model(
+    method: str, name: str, tiny_models: dict[str, Path]
+) -> None:
+    """method auto compares methods before loading anything: its estimate from the model's shape gives the
+    same parameter counts and memory as describe() of the model loaded that way."""
+    from cptkit.memory import estimated_memory
+
+    for precision, embeddings in (("fp32", "frozen"), ("bf16", "frozen"), ("fp32", "train")):
+        training = training_config(method, precision=precision, embeddings=embeddings)
+        shape = models.model_shape(tiny_models[name], training)
+        desc = load_for_training(tiny_models[name], training, "cpu").description
+        assert shape.params + (shape.adapter_params if method != "full" else 0) == desc.total_params
+        if method != "full":
+            trained_embeddings = shape.embedding_params if embeddings == "train" else 0
+            assert shape.adapter_params + trained_embeddings == desc.trainable_params
+        tokens = training.micro_batch_size * training.max_seq_length
+        estimate = estimated_memory(shape, method, precision, tokens, False, embeddings == "train")
+        # Exact but for the 4-bit layers' block scales, which bitsandbytes pads.
+        assert estimate == pytest.approx(desc.estimated_memory_bytes, rel=0.02), (method, precision, embeddings)
+
+
 def test_training_that_cannot_fit_in_memory_is_refused_before_it_starts(tiny_models: dict[str, Path]) -> None:
     training = training_config("lora")
     training.micro_batch_size = 100_000

@@ -319,3 +319,148 @@ def test_a_simulated_full_disk_in_checkpoints_and_outputs_is_one_line(
 
     run_id = json.loads(next(out.glob("checkpoints/step-*/trainer_state.json")).read_text())["run_id"]
     assert MlflowClient(local_store()).get_run(run_id).info.status == "FAILED"
+
+
+def test_auto_method_and_precision_are_chosen_printed_logged_and_saved(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_model_dir: Path, cli
+) -> None:
+    import yaml
+
+    from cptkit.capability import probe
+    from cptkit.choices import choose_precision
+
+    cfg = setup_run(tmp_path, tiny_model_dir, method="auto", precision="auto", max_steps=2, eval_steps=2)
+    result = cli("train", "-c", str(cfg))
+    assert result.exit_code == 0, result.output
+    expected_precision = choose_precision(probe("cpu")).value  # bf16 only where this CPU runs it fast
+    out = " ".join(result.output.split())
+    assert "train: device cpu: no CUDA or mps device is present" in out
+    assert f"train: precision {expected_precision}: bf16 is" in out
+    assert "train: method lora: LoRA on a" in out and "no slower than QLoRA" in out
+    s = summary()
+    assert (s["method"], s["precision"], s["device"]) == ("lora", expected_precision, "cpu")
+    assert "no slower than QLoRA" in s["choices"]["method"]["reason"]
+    saved = yaml.safe_load(Path("outputs/cpt_model/cptkit_config.yaml").read_text())
+    assert (saved["training"]["method"], saved["training"]["precision"]) == ("lora", expected_precision)
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=local_store()).get_run(s["mlflow_run_id"])
+    assert run.data.params["training.method"] == "auto" and run.data.params["chosen.method"] == "lora"
+    assert run.data.params["chosen.precision"] == expected_precision
+    assert "no slower than QLoRA" in run.data.params["chosen.method_reason"]
+    assert run.data.tags["cptkit.method"] == "lora"
+
+
+def test_a_time_budget_fixes_the_steps_and_completes_the_schedule(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    budget_minutes = 0.1  # 6 s
+    cfg = setup_run(
+        tmp_path,
+        tiny_model_dir,
+        max_steps=100_000,  # the most the budget may give; it gives far fewer
+        max_minutes=budget_minutes,
+        eval_steps=25,
+        save_steps=40,
+        eval_max_sequences=2,
+        gradient_accumulation_steps=1,
+    )
+    result = cli("train", "-c", str(cfg), "--set", "tracking.enabled=false")
+    assert result.exit_code == 0, result.output
+    assert "steps fit the time budget" in result.output
+    s = summary()
+    assert 4 < s["steps"] == s["derived_steps"] < 100_000 and s["max_planned_steps"] == 100_000
+    assert s["max_minutes"] == budget_minutes
+    assert len(s["step_seconds"]) == s["steps"]
+    assert s["train_seconds"] <= budget_minutes * 60 + max(s["step_seconds"])  # within the budget, + one step
+    assert s["train_seconds"] > 0.5 * budget_minutes * 60  # and it used the budget
+    # The schedule was fitted to the derived steps: the last update is made at the final rate.
+    assert s["learning_rates"][-1] == pytest.approx(1e-3 * 0.1)
+    assert min(s["learning_rates"]) == pytest.approx(1e-3 * 0.1)
+    assert [e["step"] for e in s["evals"]][-1] == s["steps"]
+
+
+def test_a_budgeted_run_resumes_with_its_derived_step_count(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=100_000, max_minutes=0.1, eval_steps=1000, save_steps=5)
+    env = {**os.environ, "CPTKIT_CACHE": os.environ["CPTKIT_CACHE"]}
+    proc = subprocess.Popen(
+        [*CPTKIT, "train", "-c", str(cfg), "--set", "tracking.enabled=false"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    state_file = Path("outputs/cpt_model/checkpoints/step-0000010/trainer_state.json")
+    deadline = time.monotonic() + 120
+    while not state_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    derived = json.loads(state_file.read_text())["planned_steps"]
+    assert derived is not None and derived > 10
+
+    resumed = subprocess.run(
+        [*CPTKIT, "train", "-c", str(cfg), "--set", "tracking.enabled=false"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # Resumed on the checkpoint's count, not a new one (a busier machine may only lower it).
+    assert f"(step 10 of {derived})" in resumed.stderr and "steps fit the time budget" not in resumed.stderr
+    s = summary()
+    assert s["steps"] == s["derived_steps"] <= derived
+    assert s["learning_rates"][-1] == pytest.approx(1e-3 * 0.1)
+
+
+def test_checkpoints_of_another_chosen_method_or_precision_are_not_resumed(tmp_path: Path) -> None:
+    from cptkit.checkpoints import STATE
+    from cptkit.config import TrainingConfig
+    from cptkit.train import _resume_state
+
+    root = tmp_path / "checkpoints"
+    (root / "step-0000002").mkdir(parents=True)
+    state = {"fingerprint": "abc", "method": "qlora", "precision": "fp32"}
+    (root / "step-0000002" / STATE).write_text(json.dumps(state))
+    same = TrainingConfig(method="qlora", precision="fp32")
+    assert _resume_state(root, "abc", False, same)[1] == root / "step-0000002"
+    for other in (TrainingConfig(method="lora", precision="fp32"), TrainingConfig(method="qlora", precision="bf16")):
+        fresh, found = _resume_state(root, "abc", False, other)
+        assert found is None and (fresh.method, fresh.precision) == (other.method, other.precision)
+
+
+def test_steps_within_a_budget_count_steps_validation_and_checkpoints() -> None:
+    from cptkit.schedule import steps_within
+
+    # 1 s steps, a 5 s validation every 10 steps and at the last, a 2 s checkpoint every 10 before the last:
+    # the largest count whose time fits 100 s (60: 60 + 6 x 5 + 5 x 2).
+    for total in range(1, 200):
+        evals = total // 10 + (total % 10 != 0)
+        saves = (total - 1) // 10
+        if total + 5 * evals + 2 * saves > 100:
+            break
+        fits = total
+    assert steps_within(100, 0, 1000, 1.0, 5.0, 2.0, 10, 10) == fits == 60
+    assert steps_within(100, 0, 20, 1.0, 5.0, 2.0, 10, 10) == 20  # the cap comes first
+    assert steps_within(0.0, 7, 1000, 1.0, 5.0, 2.0, 10, 10) == 8  # out of time: one more step, at the final rate
+
+
+def test_one_slow_step_does_not_cut_a_budgeted_run_but_a_slower_machine_does() -> None:
+    from cptkit.checkpoints import TrainerState
+    from cptkit.config import TrainingConfig
+    from cptkit.train import _fit_budget
+
+    tc = TrainingConfig(max_minutes=1, eval_steps=1000, save_steps=1000)
+    state = TrainerState(step=4, evals=[{"step": 0}], eval_seconds=1.0)
+    assert _fit_budget(tc, 59.0, state, [3.0, 1.0, 1.0, 1.1], 1000, 100) is None  # not enough steps timed yet
+    state.step = 6
+    fixed = _fit_budget(tc, 55.0, state, [3.0, 1.0, 4.0, 1.0, 1.1, 1.0], 1000, 100)  # one step slowed: median
+    assert fixed == 6 + 54  # 54 more 1-second steps and the final 1-second validation fit 55 s
+    state.planned_steps = fixed
+    state.step = 10
+    on_pace = [3.0] + [1.0] * 9
+    assert _fit_budget(tc, 51.0, state, on_pace, fixed, 100) is None
+    # One step of 9 s: its lost time is in the remaining seconds; the pace is still 1 s a step.
+    assert _fit_budget(tc, 43.0, state, [*on_pace, 9.0], fixed, 100) == 10 + 42
+    # The machine got busier: 2 s a step from now on lowers the count to what fits.
+    busy = _fit_budget(tc, 44.0, state, [*on_pace[:-3], 2.0, 2.0, 2.0], fixed, 100)
+    assert busy == 10 + 21

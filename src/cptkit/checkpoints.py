@@ -33,14 +33,20 @@ class TrainerState:
     replay_tokens: int = 0
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # each optimizer step's wall time
     evals: list[dict[str, float]] = field(default_factory=list)
     base_general_loss: float | None = None
     best: dict[str, Any] | None = None  # best eval within the forgetting budget
     stopped_reason: str | None = None
     run_id: str | None = None
     fingerprint: str = ""
-    train_seconds: float = 0.0  # the training loop's wall time, evaluations included
+    train_seconds: float = 0.0  # the training loop's wall time, evaluations (the base model's too) included
     eval_seconds: float = 0.0  # of which spent on validation losses
+    # What training.method/precision auto chose: a checkpoint of another choice does not resume this run.
+    method: str = ""
+    precision: str = ""
+    # The step count training.max_minutes gave, fixed once from the measured speed; None: not derived.
+    planned_steps: int | None = None
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:

@@ -415,6 +415,29 @@ def demo(
     _run(debug, go, wait=wait)
 
 
+@app.command()
+def doctor(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Measure again instead of reading the cache.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """What this machine computes fast (measured, cached) and what cptkit would choose for the config:
+    device, precision, training method and evaluation precision, and why."""
+
+    def go() -> None:
+        from cptkit.doctor import diagnose
+
+        result = diagnose(_load(config, set_), refresh=refresh)
+        if as_json:
+            sys.stdout.write(json.dumps(result.as_dict(), indent=2) + "\n")
+        else:
+            print_doctor(result)
+
+    _run(debug, go)
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Print the resolved config (defaults, file, --set and .env merged) with secrets masked."""
@@ -610,15 +633,24 @@ def print_preflight(plan: Any) -> None:
         f"mix per epoch{est}: {plan.domain_tokens_per_epoch:,} domain + {plan.replay_tokens_per_epoch:,} replay tokens "
         f"({plan.replay_share:.1%} replay)"
     )
+    budget = ""
+    if plan.max_steps:
+        budget = f" (fit to training.max_minutes at the measured speed; at most {plan.max_steps:,})"
     out(
         f"plan{est}: {plan.steps:,} steps of {plan.blocks_per_step} x {plan.seq_len} tokens, {plan.epochs:.2f} epochs "
-        f"of {plan.blocks_per_epoch:,} blocks"
+        f"of {plan.blocks_per_epoch:,} blocks{budget}"
     )
     out(
         "learning rate: " + ", ".join(f"{rate:.2e} at step {step} ({what})" for what, step, rate in plan.learning_rates)
     )
     for note in plan.notes:
         out(f"note: {note}", "yellow")
+    for line in plan.choices.lines() if plan.choices else []:
+        out(line)
+    if plan.evaluate_precision is not None:
+        out(plan.evaluate_precision.line("evaluate precision"))
+    for warning in plan.warnings:
+        out(f"warning: {warning}", "yellow")
     if plan.description is not None:
         d = plan.description
         out(
@@ -641,6 +673,43 @@ def print_preflight(plan: Any) -> None:
         f"estimated duration: {duration(e['total'])} (steps {duration(e['steps'])}, validation "
         f"{duration(e['validation'])}, loading {duration(e['load'])})"
     )
+
+
+def print_doctor(result: Any) -> None:
+    from cptkit.models import human_size
+
+    c = result.capability
+
+    def out(line: str, style: str | None = None) -> None:
+        console.print(line, style=style, highlight=False, markup=False, soft_wrap=True)
+
+    def rate(value: float | None) -> str:
+        return "does not run" if value is None else f"{value:,.1f} GFLOP/s ({value / c.fp32_gflops:.2f}x fp32)"
+
+    env = ", ".join(f"{k}={v}" for k, v in c.isa_env.items()) or "none"
+    out(f"devices present: {', '.join(result.devices)}; measured: {c.device} ({c.device_name})")
+    out(
+        f"cpu: {c.cpu_model}; flags: {' '.join(c.cpu_flags) or 'none of note'}; torch kernels {c.cpu_kernels}, "
+        f"{c.threads} threads; torch {c.torch_version}; ISA variables: {env}"
+    )
+    out(f"memory: {human_size(c.memory_bytes)} ({human_size(c.memory_available_bytes)} available)")
+    one = " on one thread" if c.device == "cpu" else ""
+    out(
+        f"matmul{one}: fp32 {c.fp32_gflops:,.1f} GFLOP/s, bf16 {rate(c.bf16_gflops)}"
+        + (f", fp16 {rate(c.fp16_gflops)}" if c.device != "cpu" else "")
+    )
+    dequant = c.dequant_4bit_gparams_per_second
+    out("4-bit (NF4) dequantization: " + (f"{dequant:,.2f} G parameters/s" if dequant else f"n/a ({c.dequant_note})"))
+    state = "read from the cache" if c.cached else "measured now"
+    out(f"probe: {state} ({c.measured_at}, {c.probe_seconds:.2f} s) {result.cache_file}")
+    for line in result.training.lines():
+        out(f"train: {line}")
+    out(f"evaluate: {result.evaluate_precision.line('precision')}")
+    if result.training.memory_estimates:
+        sizes = ", ".join(f"{m} {human_size(b)}" for m, b in result.training.memory_estimates.items())
+        out(f"estimated training memory: {sizes}")
+    for warning in result.warnings:
+        out(f"warning: {warning}", "yellow")
 
 
 def print_export(result: Any) -> None:

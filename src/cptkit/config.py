@@ -55,12 +55,22 @@ class LoraConfig(Section):
 
 
 class TrainingConfig(Section):
-    method: Literal["qlora", "lora", "full"] = Field(
-        "qlora", description="qlora: 4-bit NF4 base + LoRA (bitsandbytes); lora: LoRA on a 16/32-bit base; full."
+    method: Literal["auto", "qlora", "lora", "full"] = Field(
+        "auto",
+        description="qlora: 4-bit NF4 base + LoRA (bitsandbytes, CUDA or CPU); lora: LoRA on a 16/32-bit base; "
+        "full; auto: lora where it fits the device's memory with a margin and is no slower than qlora there "
+        "(measured), else qlora (`cptkit doctor` shows the choice and why).",
     )
     learning_rate: float = Field(2.0e-5, gt=0, description="Peak learning rate.")
     num_epochs: float = Field(2, gt=0, description="Passes over the domain training data.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides num_epochs when set.")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Time budget of the training loop (steps, validation passes, checkpoints; not loading): the "
+        "step count is derived from the speed measured over the first steps, at most max_steps (or num_epochs), "
+        "and the learning-rate schedule is fitted to it.",
+    )
     max_seq_length: int = Field(2048, gt=0, description="Tokens per packed training sequence.")
     micro_batch_size: int = Field(4, gt=0, description="Sequences per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Forward passes per optimizer step.")
@@ -76,8 +86,8 @@ class TrainingConfig(Section):
     seed: int = Field(42, description="Seed of initialization, data order, replay sampling and dropout.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
-        description="Compute precision; auto is bf16 where the hardware supports it (CPU with AMX/AVX512-BF16, "
-        "recent GPUs), else fp32.",
+        description="Compute precision; auto is bf16 where it is measured fast (CPUs with AMX or AVX512-BF16, "
+        "recent GPUs; never emulated bf16), fp16 on a GPU without fast bf16, else fp32.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on long sequences.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -605,8 +615,16 @@ class EvaluateConfig(Section):
         "tokens of context where the document has them. Default half the context length.",
     )
     batch_size: int = Field(8, gt=0, description="Windows per forward pass (across documents).")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="Compute precision; bf16 is faster on hardware with bf16 but not exact."
+    max_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens of each set scored: its first documents, the last one cut at a token; null for all. "
+        "Caps evaluation time whatever the set's size (reported per set).",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Compute precision; auto is bf16 where it is measured fast, else fp32; bf16 is not exact, and "
+        "far slower than fp32 where the hardware only emulates it.",
     )
     tasks: list[str] = Field(
         default_factory=list,

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from cptkit.artifacts import MANIFEST, invalidate, new_manifest, read_json, up_to_date, write_json_atomic
+from cptkit.choices import Choice
 from cptkit.config import (
     Config,
     CsvSourceConfig,
@@ -144,6 +145,26 @@ def read_set(name: str, source: SourceConfig, max_documents: int | None) -> Eval
         raise StageError(f"evaluation set {name} ({opened.describe().get('path')}): no documents with text")
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return EvalSet(name, texts, n_bytes, skipped, opened.describe())
+
+
+def cap_tokens(eval_set: EvalSet, tokenizer: Any, max_tokens: int) -> tuple[EvalSet, bool]:
+    """The set's first documents holding at most `max_tokens` tokens of `tokenizer`, the last of them cut at
+    a token boundary (so the bytes scored are exactly those of the kept text); and whether anything was cut."""
+    kept: list[str] = []
+    left = max_tokens
+    encoded = tokenizer(eval_set.texts, add_special_tokens=False, return_offsets_mapping=True)
+    for text, offsets in zip(eval_set.texts, encoded["offset_mapping"], strict=True):
+        if len(offsets) <= left:
+            kept.append(text)
+            left -= len(offsets)
+            continue
+        if left > 0:
+            kept.append(text[: offsets[left - 1][1]])
+        break
+    if len(kept) == len(eval_set.texts) and kept[-1] == eval_set.texts[-1]:
+        return eval_set, False
+    n_bytes = sum(len(t.encode("utf-8")) for t in kept)
+    return EvalSet(eval_set.name, kept, n_bytes, eval_set.skipped, eval_set.source), True
 
 
 def set_fingerprint(source: SourceConfig) -> str:
@@ -729,7 +750,9 @@ def _evaluate(
     if ec.task_include_path is not None and not ec.task_include_path.is_dir():
         raise CptkitError(f"evaluate.task_include_path: {ec.task_include_path}: no such folder")
     out = evaluation_dir(config)
-    config_fp = section_fingerprint(ec, config.model.name, config.model.tokenizer)
+    device, precision = choose_for_evaluation(config, cpt_dir)
+    # The precision auto chose is part of the settings: results in bf16 are not those in fp32.
+    config_fp = section_fingerprint(ec, config.model.name, config.model.tokenizer, precision.value)
     task_dir = ec.task_include_path if ec.tasks else None
     input_fp = _input_fingerprint(cpt_dir, sources, task_dir)
     existing = up_to_date(out, config_fp, input_fp)
@@ -743,7 +766,7 @@ def _evaluate(
     started = time.perf_counter()
     sets = {name: read_set(name, source, ec.max_documents) for name, source in sources.items()}
     summary = read_json(cpt_dir / _SUMMARY)
-    results = _evaluate_sets(config, cpt_dir, sets, summary)
+    results = _evaluate_sets(config, cpt_dir, sets, summary, device, precision)
     results["seconds"] = round(time.perf_counter() - started, 2)
     from cptkit.report import write_report
 
@@ -797,8 +820,23 @@ def _open_tracker(config: Config, summary: dict[str, Any] | None, factory: Calla
     return factory(config.tracking, run_id, run_name)
 
 
+def choose_for_evaluation(config: Config, cpt_dir: Path) -> tuple[Choice, Choice]:
+    """The device (cuda > mps > cpu; a 4-bit model not on mps) and evaluate.precision for this machine."""
+    from cptkit.capability import available_devices, probe
+    from cptkit.choices import choose_device, choose_eval_precision
+
+    method = trained_training_config(cpt_dir, config.training).method
+    device = choose_device(available_devices(), method)
+    return device, choose_eval_precision(probe(device.value), config.evaluate.precision)
+
+
 def _evaluate_sets(
-    config: Config, cpt_dir: Path, sets: dict[str, EvalSet], summary: dict[str, Any] | None
+    config: Config,
+    cpt_dir: Path,
+    sets: dict[str, EvalSet],
+    summary: dict[str, Any] | None,
+    device_choice: Choice,
+    precision: Choice,
 ) -> dict[str, Any]:
     import torch
 
@@ -807,19 +845,26 @@ def _evaluate_sets(
     stride = ec.stride or max(1, context // 2)
     if stride > context:
         raise ConfigError([f"config error: evaluate.stride: {stride} exceeds the context length {context}"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pair = load_pair(config.model.name, cpt_dir, config.training, ec.precision, device)
-    bf16 = ec.precision == "bf16"
+    device = torch.device(device_choice.value)
+    pair = load_pair(config.model.name, cpt_dir, config.training, precision.value, device)
+    for line in (device_choice.line("device"), precision.line("precision")):
+        console.print(f"evaluate: {line}", highlight=False, markup=False, soft_wrap=True)
+    if precision.warning:
+        console.print(f"evaluate: warning: {precision.warning}", style="yellow", highlight=False, markup=False)
+    bf16 = precision.value == "bf16"
     results: dict[str, Any] = {
         **pair.description,
         "settings": {
             "context_length": context,
             "stride": stride,
             "batch_size": ec.batch_size,
-            "precision": ec.precision,
+            "precision": precision.value,
+            "precision_reason": precision.reason,
             "max_documents": ec.max_documents,
+            "max_tokens": ec.max_tokens,
             "prefix_token_id": pair.cpt_tokenizer.prefix_id,
             "device": str(device),
+            "device_reason": device_choice.reason,
         },
         "base": {},
         "cpt": {},
@@ -830,6 +875,9 @@ def _evaluate_sets(
     score_seconds = 0.0
     for name, eval_set in sets.items():
         t0 = time.perf_counter()
+        cut = False
+        if ec.max_tokens is not None:
+            eval_set, cut = cap_tokens(eval_set, pair.cpt_tokenizer.tokenizer, ec.max_tokens)
         base_docs = pair.base_tokenizer.encode(eval_set.texts)
         cpt_docs = pair.cpt_tokenizer.encode(eval_set.texts)
         same_tokens = len(base_docs) == len(cpt_docs) and all(
@@ -850,7 +898,12 @@ def _evaluate_sets(
             score_.bytes = eval_set.bytes
         results["base"][name] = base_score.as_dict()
         results["cpt"][name] = cpt_score.as_dict()
-        results["sets"][name] = {"documents": len(eval_set.texts), "skipped": eval_set.skipped, **eval_set.source}
+        results["sets"][name] = {
+            "documents": len(eval_set.texts),
+            "skipped": eval_set.skipped,
+            "capped_at_tokens": ec.max_tokens if cut else None,  # the last document cut, later ones left out
+            **eval_set.source,
+        }
         console.print(
             f"evaluate {name}: perplexity {base_score.perplexity:.3f} -> {cpt_score.perplexity:.3f}, bits per byte "
             f"{base_score.bits_per_byte:.4f} -> {cpt_score.bits_per_byte:.4f} ({cpt_score.tokens:,} tokens)",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from cptkit.artifacts import replace_dir
 from cptkit.config import TrainingConfig
 from cptkit.errors import CptkitError
+from cptkit.memory import OPTIMIZER_BYTES, ModelShape, activation_bytes
 from cptkit.tokenization import SMOLLM2, cache_dir, smollm2_gguf
 
 if TYPE_CHECKING:
@@ -43,12 +44,6 @@ _HUB_HINT = "set model.name to a local model folder or a .gguf file"
 # Trained embeddings of an adapter run live next to the adapter: peft saves only its own weights.
 EMBEDDINGS_FILE = "embeddings.safetensors"
 _STALE_TEMP_SECONDS = 3600
-# Activation memory per token, hidden unit and layer, in values. Korthikanti et al. (2022) count 34
-# bytes of 16-bit activations (17 values) for a plain transformer layer; LoRA keeps its inputs and the
-# 4-bit layers their dequantization buffers besides, and QLoRA of a Phi-3-mini-sized model at 1x2048
-# tokens measured about 25 on a GPU (docs/benchmarks.md).
-_ACTIVATION_VALUES = 25
-_OPTIMIZER_BYTES = 16  # per trainable parameter: fp32 weight, gradient and two AdamW moments
 
 
 # ---------------------------------------------------------------- resolve
@@ -300,19 +295,14 @@ def load_for_training(model_dir: Path, training: TrainingConfig, device: torch.d
 
 
 def uses_bf16(training: TrainingConfig, device: torch.device) -> bool:
-    """Whether `training.precision` resolves to bf16 on this device (auto: where bf16 is fast)."""
-    import torch
-
+    """Whether `training.precision` resolves to bf16 on this device (auto: where bf16 is measured fast;
+    train and evaluate resolve auto before loading, this covers direct callers)."""
     if training.precision != "auto":
         return training.precision == "bf16"
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        try:
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        except AttributeError:  # older torch without these probes
-            return False
-    return False
+    from cptkit.capability import probe
+    from cptkit.choices import choose_precision
+
+    return choose_precision(probe(device.type), "auto").value == "bf16"
 
 
 def load_base(model_dir: Path, training: TrainingConfig, device: torch.device, bf16: bool) -> Any:
@@ -459,21 +449,52 @@ def describe(model: torch.nn.Module, training: TrainingConfig, device: torch.dev
     text = cast(Any, model).config.get_text_config()
     tokens = training.micro_batch_size * training.max_seq_length
     half = training.precision == "fp16" or uses_bf16(training, torch.device(device))
-    value_bytes = 2 if half else 4
-    if training.gradient_checkpointing:
-        # Each layer's input is kept; one layer's activations are recomputed at a time.
-        activations = tokens * text.hidden_size * (text.num_hidden_layers + _ACTIVATION_VALUES) * value_bytes
-    else:
-        activations = tokens * text.hidden_size * text.num_hidden_layers * _ACTIVATION_VALUES * value_bytes
+    activations = activation_bytes(
+        tokens, text.hidden_size, text.num_hidden_layers, training.gradient_checkpointing, 2 if half else 4
+    )
     return ModelDescription(
         method=training.method,
         trainable_params=trainable,
         total_params=total,
         saved_bytes=saved,
         weights_bytes=frozen_bytes,
-        optimizer_bytes=trainable * _OPTIMIZER_BYTES,
+        optimizer_bytes=trainable * OPTIMIZER_BYTES,
         activation_bytes=activations,
         logits_bytes=loss_memory_bytes(tokens, text.vocab_size),
+    )
+
+
+def model_shape(model_dir: Path, training: TrainingConfig) -> ModelShape:
+    """The parameter counts and sizes of the model in `model_dir`, read from its config: the model is
+    built on the meta device (no weights, no memory), so this takes well under a second even for 7B."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _load_errors(model_dir):
+        config = AutoConfig.from_pretrained(str(model_dir))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    output = model.get_output_embeddings()
+    head = output.weight if output is not None else None
+    embeddings = {id(p): p.numel() for p in (model.get_input_embeddings().weight, head) if p is not None}
+    targets = training.lora.target_modules
+    quantizable = adapters = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        quantizable += module.weight.numel()
+        short = name.rsplit(".", 1)[-1]
+        if targets == "all-linear" or short in targets or name in targets:
+            adapters += training.lora.r * (module.in_features + module.out_features)
+    text = config.get_text_config()
+    return ModelShape(
+        params=sum(p.numel() for p in model.parameters()),
+        quantizable_params=quantizable,
+        adapter_params=adapters,
+        embedding_params=sum(embeddings.values()),
+        hidden_size=int(text.hidden_size),
+        layers=int(text.num_hidden_layers),
+        vocab_size=int(text.vocab_size),
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cptkit.artifacts import MANIFEST, read_json, up_to_date
+from cptkit.choices import Choice, TrainingChoices
 from cptkit.config import Config, TrainingConfig
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import CptkitError
@@ -30,10 +31,11 @@ from cptkit.schedule import lr_factor, warmup_steps
 from cptkit.tokenization import TokenizerInfo, resolve_tokenizer
 from cptkit.train import (
     TrainData,
+    budget_steps,
+    choose_for_training,
     load_train_data,
     planned_steps,
     require_replay_source,
-    resolve_precision,
     separator_id,
     train_fingerprint,
 )
@@ -89,11 +91,22 @@ class Plan:
     measured: Measured | None = None
     estimated_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    choices: TrainingChoices | None = None  # device, precision and method, with why
+    evaluate_precision: Choice | None = None
+    max_steps: int | None = None  # with training.max_minutes: the most steps (steps is what fits the budget)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["description"] = self.description.as_dict() if self.description else None
+        data["choices"] = self.choices.as_dict() if self.choices else None
         return data
+
+    @property
+    def warnings(self) -> list[str]:
+        found = list(self.choices.warnings) if self.choices else []
+        if self.evaluate_precision is not None and self.evaluate_precision.warning:
+            found.append(self.evaluate_precision.warning)
+        return found
 
 
 def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Plan:
@@ -104,9 +117,13 @@ def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Pl
     require_replay_source(config)
     if not config.prepare.tokenize:
         raise CptkitError("prepare.tokenize is false, but training needs the tokens; set prepare.tokenize: true")
-    tc = config.training
     model_dir = resolve_model(config.model.name)
     model_vocab = _check_model(config, model_dir)
+    from cptkit.choices import choose_eval_precision
+
+    choices = choose_for_training(config, model_dir)
+    tc = choices.apply(config.training)
+    eval_precision = choose_eval_precision(choices.capability, config.evaluate.precision)
     tokenizer = resolve_tokenizer(config.model.tokenizer or config.model.name)
     if tokenizer.vocab_size > model_vocab:
         raise CptkitError(
@@ -178,11 +195,13 @@ def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Pl
         learning_rates=learning_rate_points(tc, steps),
         train_up_to_date=train_up_to_date,
         notes=notes,
+        choices=choices,
+        evaluate_precision=eval_precision,
     )
     if not measure or (train_up_to_date and not dry_run):
         return plan  # timing steps of a training that will be skipped would only cost time
-    description, measured = measure_steps(config, model_dir, stream)
-    return _with_estimates(plan, description, measured, config, facts)
+    description, measured = measure_steps(config, model_dir, stream, choices)
+    return _with_estimates(plan, description, measured, tc, facts)
 
 
 def learning_rate_points(tc: TrainingConfig, steps: int) -> list[tuple[str, int, float]]:
@@ -326,9 +345,12 @@ def _source_facts(config: Config, dataset: Dataset, tokenizer: TokenizerInfo) ->
 # ---------------------------------------------------------------- timed steps
 
 
-def measure_steps(config: Config, model_dir: Path, stream: BlockStream) -> tuple[ModelDescription, Measured]:
-    """Load the model as train does, run WARMUP_STEPS + TIMED_STEPS optimizer steps on the stream's first
-    blocks, and measure their time and the peak memory (the same measure train records); then free it all."""
+def measure_steps(
+    config: Config, model_dir: Path, stream: BlockStream, choices: TrainingChoices
+) -> tuple[ModelDescription, Measured]:
+    """Load the model as train does (with the same choices), run WARMUP_STEPS + TIMED_STEPS optimizer
+    steps on the stream's first blocks, and measure their time and the peak memory (the same measure train
+    records); then free it all."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -336,11 +358,11 @@ def measure_steps(config: Config, model_dir: Path, stream: BlockStream) -> tuple
     from cptkit.loss import CausalLMLoss
     from cptkit.memory import PeakMemory
 
-    tc = config.training
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tc = choices.apply(config.training)
+    device = torch.device(choices.device.value)
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=resolve_precision(tc, device), cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=choices.mixed_precision, cpu=device.type == "cpu")
     memory = PeakMemory(accelerator.device)
     memory.reset()
     started = time.perf_counter()
@@ -404,13 +426,12 @@ def _with_estimates(
     plan: Plan,
     description: ModelDescription,
     measured: Measured,
-    config: Config,
+    tc: TrainingConfig,
     facts: dict[str, DatasetFacts | None],
 ) -> Plan:
     """The plan with the measured model and an estimated duration: the steps at the measured speed, plus
-    the validation passes (forward only) and loading the model."""
-    tc = config.training
-    evals = 1 + sum(1 for s in range(1, plan.steps + 1) if s % tc.eval_steps == 0 or s == plan.steps)
+    the validation passes (forward only) and loading the model. With training.max_minutes, the steps are
+    those that fit the budget at the measured speed (train derives them again from its own first steps)."""
     blocks = 0
     for name in ("domain", "replay"):
         f = facts.get(name)
@@ -418,10 +439,23 @@ def _with_estimates(
             n = math.ceil((f.val_tokens + f.val_documents) / tc.max_seq_length)
             blocks += n if tc.eval_max_sequences is None else min(n, tc.eval_max_sequences)
     per_block = measured.seconds_per_step / plan.blocks_per_step
+    per_eval = blocks * per_block * _FORWARD_SHARE
+    if tc.max_minutes is not None:
+        budget = tc.max_minutes * 60 - per_eval  # the base model's validation pass comes first
+        per_step, trainable = measured.seconds_per_step, description.trainable_params
+        steps = budget_steps(tc, budget, 0, plan.steps, per_step, per_eval, trainable)
+        plan = dataclasses.replace(
+            plan,
+            steps=steps,
+            max_steps=plan.steps,
+            epochs=steps * plan.blocks_per_step / max(plan.blocks_per_epoch, 1),
+            learning_rates=learning_rate_points(tc, steps),
+        )
+    evals = 1 + sum(1 for s in range(1, plan.steps + 1) if s % tc.eval_steps == 0 or s == plan.steps)
     estimate = {
         "load": measured.load_seconds,
         "steps": plan.steps * measured.seconds_per_step,
-        "validation": evals * blocks * per_block * _FORWARD_SHARE,
+        "validation": evals * per_eval,
     }
     estimate["total"] = sum(estimate.values())
     return dataclasses.replace(plan, description=description, measured=measured, estimated_seconds=estimate)

@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the step: the factor applied to the peak rate."""
+"""Learning-rate schedules as pure functions of the step (the factor applied to the peak rate), and the
+step count that fits a time budget."""
 
 from __future__ import annotations
 
@@ -37,3 +38,32 @@ def lr_factor(step: int, total_steps: int, config: TrainingConfig) -> float:
         return 1.0
     progress = min((step - decay_start + 1) / decay, 1.0)
     return 1.0 - (1.0 - floor) * progress
+
+
+def steps_within(
+    remaining_seconds: float,
+    done: int,
+    cap: int,
+    step_seconds: float,
+    eval_seconds: float,
+    save_seconds: float,
+    eval_every: int,
+    save_every: int,
+) -> int:
+    """The total step count for a time budget: the most steps whose remaining cost fits `remaining_seconds`
+    (each step, a validation pass every `eval_every` steps and at the last one, a checkpoint every
+    `save_every` steps before the last), at most `cap` and at least one more than the `done` ones (so the
+    last update is made at the schedule's final rate)."""
+    best = min(done + 1, cap) if cap > done else done
+    cost = 0.0
+    for total in range(done + 1, cap + 1):
+        cost += step_seconds
+        if total % eval_every == 0:
+            cost += eval_seconds
+        final_eval = 0.0 if total % eval_every == 0 else eval_seconds  # the last step always validates
+        if cost + final_eval > remaining_seconds:
+            break
+        best = total
+        if total % save_every == 0:
+            cost += save_seconds  # saved before a later step, not after the last
+    return best

@@ -31,7 +31,10 @@ class TokenizerInfo:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CPTKIT_CACHE", Path.home() / ".cache" / "cptkit"))
+    """CPTKIT_CACHE, else cptkit under the user cache folder (XDG_CACHE_HOME, default ~/.cache)."""
+    if os.environ.get("CPTKIT_CACHE"):
+        return Path(os.environ["CPTKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cptkit"
 
 
 def smollm2_gguf() -> Path:

@@ -41,6 +41,7 @@ from cptkit.checkpoints import (
     restore_rng_states,
     save_checkpoint,
 )
+from cptkit.choices import TrainingChoices
 from cptkit.config import Config, TrainingConfig, masked_dict, section_fingerprint
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import ConfigError, StageError
@@ -146,20 +147,41 @@ def planned_steps(tc: TrainingConfig, blocks_per_epoch: int, num_processes: int 
     return tc.max_steps or max(1, math.ceil(tc.num_epochs * blocks_per_epoch / global_blocks_per_step))
 
 
-# ---------------------------------------------------------------- precision and device
+# ---------------------------------------------------------------- device, precision, method, time budget
+
+# Steps timed before a time budget (training.max_minutes) fixes the step count: the first step of a process
+# is not timed (it pays for allocation and kernel selection); then _BUDGET_TIMED_STEPS, fewer when they
+# already take a quarter of the budget. Their median is the speed (steps slowed by other work, or still
+# warming up, do not set it unless they are most of them).
+_BUDGET_TIMED_STEPS = 5
+_BUDGET_TIMED_SHARE = 0.25
+_BUDGET_RECENT_STEPS = 5
+# A checkpoint's cost for the budget: its bytes (weights and two AdamW moments) at a slow disk's rate.
+_SAVE_BYTES_PER_SECOND = 100e6
 
 
-def resolve_precision(training: TrainingConfig, device: Any) -> str:
-    """accelerate's mixed_precision value: bf16 where it is fast (models.uses_bf16 decides), fp16 on a
-    GPU without bf16, else no."""
+def choose_for_training(config: Config, model_dir: Path) -> TrainingChoices:
+    """Device, precision and method for this machine (auto resolved from the measured capability)."""
+    from cptkit.choices import resolve_training
 
-    from cptkit.models import uses_bf16
+    return resolve_training(config.training, model_dir)
 
-    if training.precision == "fp16" or (
-        training.precision == "auto" and device.type == "cuda" and not uses_bf16(training, device)
-    ):
-        return "fp16"
-    return "bf16" if uses_bf16(training, device) else "no"
+
+def print_choices(choices: TrainingChoices, prefix: str) -> None:
+    for line in choices.lines():
+        console.print(f"{prefix}: {line}", highlight=False, markup=False, soft_wrap=True)
+    for warning in choices.warnings:
+        console.print(f"{prefix}: warning: {warning}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+
+
+def budget_steps(
+    tc: TrainingConfig, remaining: float, done: int, cap: int, step_seconds: float, eval_seconds: float, trainable: int
+) -> int:
+    """The step count that fits the rest of training.max_minutes at the measured speed."""
+    from cptkit.schedule import steps_within
+
+    save_seconds = trainable * 12 / _SAVE_BYTES_PER_SECOND
+    return steps_within(remaining, done, cap, step_seconds, eval_seconds, save_seconds, tc.eval_steps, tc.save_steps)
 
 
 def _tensors(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: Any) -> tuple[Any, Any, Any]:
@@ -220,13 +242,18 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
     if existing is not None and not force:
         return TrainResult(existing, out, skipped=True, summary=read_json(out / SUMMARY))
 
-    tc = config.training
+    from cptkit.models import load_for_training, resolve_model
+
+    model_dir = resolve_model(config.model.name)
+    choices = choose_for_training(config, model_dir)
+    tc = choices.apply(config.training)  # auto resolved: what this run trains with
+    print_choices(choices, "train")
     ckpt_root = out / CHECKPOINTS
     clean_partial(ckpt_root)
     invalidate(out)
-    state, resume_from = _resume_state(ckpt_root, fingerprint, force)
+    state, resume_from = _resume_state(ckpt_root, fingerprint, force, tc)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choices.device.value)
     # accelerate keeps its state in process-wide singletons; a second train() in one process (the demo,
     # a notebook) may use another precision, which accelerate refuses unless the state is reset first.
     # The process group itself (partial state) is kept, so this is safe under `accelerate launch` too.
@@ -234,11 +261,9 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=resolve_precision(tc, device), cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=choices.mixed_precision, cpu=device.type == "cpu")
     from cptkit.loss import CausalLMLoss
-    from cptkit.models import load_for_training, resolve_model
 
-    model_dir = resolve_model(config.model.name)
     memory = PeakMemory(accelerator.device)
     memory.reset()
     torch.manual_seed(tc.seed)
@@ -252,21 +277,24 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
     blocks_per_step = tc.micro_batch_size * tc.gradient_accumulation_steps
     global_blocks_per_step = blocks_per_step * accelerator.num_processes
     per_epoch = stream.blocks_per_epoch()
-    total_steps = planned_steps(tc, per_epoch, accelerator.num_processes)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, tc))
+    # With a time budget this is the most the run may take; the budget fixes the count after a few steps.
+    cap_steps = planned_steps(tc, per_epoch, accelerator.num_processes)
+    plan = {"total": cap_steps}  # read by the schedule at every step: the budget may lower it once
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan["total"], tc))
     model, optimizer = accelerator.prepare(model, optimizer)
 
     trainable = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
     if resume_from is not None:
         state, weights, optim_state, rng = load_checkpoint(resume_from)
+        plan["total"] = state.planned_steps or cap_steps
         _load_trainable(trainable, weights)
         optimizer.load_state_dict(optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
         restore_rng_states(rng)
-        console.print(f"train: resuming from {resume_from} (step {state.step} of {total_steps})")
+        console.print(f"train: resuming from {resume_from} (step {state.step} of {plan['total']})")
     else:
         shutil.rmtree(ckpt_root, ignore_errors=True)
-        state = TrainerState(fingerprint=fingerprint)
+        state = TrainerState(fingerprint=fingerprint, method=tc.method, precision=tc.precision)
 
     domain_val = sequence_blocks(data.domain_val, data.separator, tc.max_seq_length)
     general_val = (
@@ -277,9 +305,16 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
     tracker = tracker_factory(config.tracking, state.run_id, run_name) if accelerator.is_main_process else None
     if tracker is not None and state.run_id is None:
         state.run_id = tracker.run_id
-        _log_run_start(tracker, config, data, loaded.description, epoch0, per_epoch, total_steps)
+        _log_run_start(tracker, config, data, loaded.description, epoch0, per_epoch, cap_steps, choices)
 
-    _print_plan(loaded.description, epoch0, per_epoch, total_steps, tc, accelerator.mixed_precision)
+    _print_plan(loaded.description, epoch0, per_epoch, plan["total"], tc)
+    budget = tc.max_minutes * 60 if tc.max_minutes is not None else None
+    if budget is not None and state.planned_steps is None:
+        console.print(
+            f"train: time budget {duration(budget)} (training.max_minutes): the step count (at most {cap_steps:,}) "
+            "follows from the speed of the first steps",
+            highlight=False,
+        )
 
     def evaluate(step: int) -> dict[str, float]:
         result = {
@@ -296,18 +331,22 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
         state.evals.append({"step": step, **result})
         return result
 
+    started = time.perf_counter()  # the time budget counts the base model's validation pass too
+    seconds_before = state.train_seconds
     if state.step == 0 and not state.evals:
         base = evaluate(0)
+        state.eval_seconds += time.perf_counter() - started
         state.base_general_loss = base.get("eval/general_loss")
         console.print("train: base model " + _format_eval(base))
         _forgetting_check(state, base, tc, trainable, ckpt_root)  # the base is the first "best"
 
     model.train()
-    started = time.perf_counter()
-    seconds_before = state.train_seconds
+    loop_started = time.perf_counter()
     steps_before = state.step
+    step_times: list[float] = []  # this process's optimizer steps, validation and checkpoints excluded
+    trainable_count = sum(p.numel() for p in trainable.values())
     try:
-        while state.step < total_steps:
+        while state.step < plan["total"]:
             step_started = time.perf_counter()
             first = state.step * global_blocks_per_step + accelerator.process_index * blocks_per_step
             rows = list(stream.batch(first, blocks_per_step))
@@ -338,6 +377,27 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
             state.losses.append(step_loss / max(global_count, 1))
             state.learning_rates.append(lr)
             elapsed = time.perf_counter() - step_started
+            step_times.append(elapsed)
+            state.step_seconds.append(round(elapsed, 4))
+            if budget is not None:
+                spent = seconds_before + time.perf_counter() - started
+                fitted = _fit_budget(tc, budget - spent, state, step_times, plan["total"], trainable_count)
+                if fitted is not None:
+                    first = state.planned_steps is None
+                    state.planned_steps = plan["total"] = fitted
+                    # The scheduler has set the next step's rate on the old count: set it on the new one.
+                    scheduler.last_epoch -= 1
+                    scheduler.step()
+                    what = f"{fitted:,} steps fit the time budget" if first else "behind the time budget: ends at step"
+                    console.print(
+                        f"train: {what}{'' if first else f' {fitted:,}'} ({duration(budget - spent)} left after "
+                        f"{state.step} steps); the learning-rate schedule ends there",
+                        highlight=False,
+                    )
+                    event("train_budget", planned_steps=fitted, step=state.step, budget_seconds=budget)
+                    if tracker is not None:
+                        tracker.log_metrics({"data/total_steps": fitted}, state.step)
+            total_steps = plan["total"]
             if tracker is not None and (state.step % tc.logging_steps == 0 or state.step == total_steps):
                 tracker.log_metrics(
                     {
@@ -351,7 +411,7 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
                 )
             speed = real / max(elapsed, 1e-9)
             # From this process's own steps so far (validation passes included: they recur).
-            eta = (time.perf_counter() - started) / (state.step - steps_before) * (total_steps - state.step)
+            eta = (time.perf_counter() - loop_started) / (state.step - steps_before) * (total_steps - state.step)
             detail(
                 f"train: step {state.step}/{total_steps} loss {state.losses[-1]:.4f} lr {lr:.2e} "
                 f"{speed:,.0f} tok/s, ETA {duration(eta)}"
@@ -392,13 +452,16 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
         from safetensors.torch import load_file
 
         _load_trainable(trainable, load_file(str(ckpt_root / BEST)))
-    summary = _summary(state, tc, epoch0, total_steps, loaded.description, accelerator.mixed_precision)
+    summary = _summary(state, tc, epoch0, plan["total"], loaded.description, choices, cap_steps)
     # This process's part of the run (a resumed run's earlier part is not included).
     summary.update(peak_memory_bytes=memory.peak_bytes(), peak_memory_kind=memory.kind)
     if accelerator.is_main_process:
         try:
+            # The saved config names what was trained (auto resolved), for evaluate, register and export.
             with disk_full_errors("the trained model", out):
-                _write_outputs(config, loaded.model, model_dir, summary, fingerprint)
+                _write_outputs(
+                    config.model_copy(update={"training": tc}), loaded.model, model_dir, summary, fingerprint
+                )
         except BaseException:  # the run has no model: its MLflow run must not stay RUNNING
             if tracker is not None:
                 tracker.end("FAILED")
@@ -412,17 +475,53 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
     return TrainResult(manifest, out, skipped=False, summary=summary)
 
 
-def _resume_state(ckpt_root: Path, fingerprint: str, force: bool) -> tuple[TrainerState, Path | None]:
-    """The checkpoint to resume from: the latest one of this same run (same fingerprint)."""
+def _resume_state(
+    ckpt_root: Path, fingerprint: str, force: bool, tc: TrainingConfig
+) -> tuple[TrainerState, Path | None]:
+    """The checkpoint to resume from: the latest one of this same run (same fingerprint, and the same
+    method and precision where auto chose them)."""
+    fresh = TrainerState(fingerprint=fingerprint, method=tc.method, precision=tc.precision)
     found = list_checkpoints(ckpt_root)
     if not found or force:
-        return TrainerState(fingerprint=fingerprint), None
+        return fresh, None
     latest = found[-1]
     state = read_json(latest / STATE) or {}
     if state.get("fingerprint") != fingerprint:
         console.print(f"train: {ckpt_root} holds checkpoints of a different configuration; starting a new run")
-        return TrainerState(fingerprint=fingerprint), None
-    return TrainerState(fingerprint=fingerprint), latest
+        return fresh, None
+    chosen = (state.get("method") or tc.method, state.get("precision") or tc.precision)
+    if chosen != (tc.method, tc.precision):
+        console.print(
+            f"train: {ckpt_root} holds checkpoints trained with {chosen[0]} in {chosen[1]}, and this machine "
+            f"chooses {tc.method} in {tc.precision}; starting a new run"
+        )
+        return fresh, None
+    return fresh, latest
+
+
+def _fit_budget(
+    tc: TrainingConfig, remaining: float, state: TrainerState, step_times: list[float], total: int, trainable: int
+) -> int | None:
+    """A new step count for training.max_minutes, or None to keep `total`.
+
+    The count is fixed once enough steps are timed (after the untimed first one, _BUDGET_TIMED_STEPS, or
+    fewer that took _BUDGET_TIMED_SHARE of the budget), from their median. After that it is only lowered,
+    and only when the recent pace (the median of the last _BUDGET_RECENT_STEPS) would overrun the budget
+    by more than a step: a machine that got busier still ends on time, and the schedule still ends at its
+    final rate. The time a single slow step lost is in `remaining` already; it does not set the pace."""
+    timed = step_times[1:]
+    budget = tc.max_minutes * 60 if tc.max_minutes else 0.0
+    per_eval = state.eval_seconds / max(len(state.evals), 1)
+    if state.planned_steps is None:
+        if len(timed) < _BUDGET_TIMED_STEPS and not (timed and sum(timed) >= _BUDGET_TIMED_SHARE * budget):
+            return None
+        return budget_steps(tc, remaining, state.step, total, float(np.median(timed)), per_eval, trainable)
+    if not timed or state.step >= total:
+        return None
+    pace = float(np.median(timed[-_BUDGET_RECENT_STEPS:]))  # a slower stretch, not one slow step
+    if budget_steps(tc, remaining + pace, state.step, total, pace, per_eval, trainable) >= total:
+        return None  # on time, give or take a step
+    return budget_steps(tc, remaining, state.step, total, pace, per_eval, trainable)
 
 
 def _load_trainable(trainable: dict[str, Any], weights: dict[str, Any]) -> None:
@@ -473,14 +572,12 @@ def _format_eval(result: dict[str, float]) -> str:
     return ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in result.items())
 
 
-def _print_plan(
-    description: Any, epoch0: Blocks, per_epoch: int, total_steps: int, tc: TrainingConfig, precision: str
-) -> None:
+def _print_plan(description: Any, epoch0: Blocks, per_epoch: int, total_steps: int, tc: TrainingConfig) -> None:
     console.print(
         f"train: {description}\n"
         f"train: {per_epoch:,} blocks of {tc.max_seq_length} tokens per epoch, packing efficiency "
         f"{epoch0.efficiency:.1%}, replay share {epoch0.replay_share:.1%}; {total_steps:,} steps of "
-        f"{tc.micro_batch_size}x{tc.gradient_accumulation_steps} blocks; precision {precision}",
+        f"{tc.micro_batch_size}x{tc.gradient_accumulation_steps} blocks; precision {tc.precision}",
         highlight=False,
     )
 
@@ -493,17 +590,20 @@ def _log_run_start(
     epoch0: Blocks,
     per_epoch: int,
     total_steps: int,
+    choices: TrainingChoices,
 ) -> None:
     masked = masked_dict(config)
     tracker.log_params(masked)
     tracker.log_dict(masked, "config.yaml")
+    tracker.log_params(choices.params())
+    tracker.log_dict(choices.as_dict(), "capability.json")
     for name, manifest in data.manifests.items():
         tracker.log_dict(manifest, f"data/{name}_manifest.json")
         counts = {k: manifest.get(k) for k in ("documents_kept", "train_documents", "val_documents", "train_tokens")}
         source = manifest.get("source") or {}
         tracker.log_input(f"{name}-train", str(manifest["input_fingerprint"]), source, "training", counts)
         tracker.log_input(f"{name}-val", str(manifest["input_fingerprint"]), source, "validation", counts)
-    tracker.set_tags({"cptkit.model": config.model.name, "cptkit.method": config.training.method})
+    tracker.set_tags({"cptkit.model": config.model.name, "cptkit.method": choices.method.value})
     tracker.log_metrics(
         {
             "data/packing_efficiency": epoch0.efficiency,
@@ -515,7 +615,13 @@ def _log_run_start(
 
 
 def _summary(
-    state: TrainerState, tc: TrainingConfig, epoch0: Blocks, total_steps: int, description: Any, precision: str
+    state: TrainerState,
+    tc: TrainingConfig,
+    epoch0: Blocks,
+    total_steps: int,
+    description: Any,
+    choices: TrainingChoices,
+    cap_steps: int,
 ) -> dict[str, Any]:
     last_eval = state.evals[-1] if state.evals else {}
     return {
@@ -531,17 +637,28 @@ def _summary(
         "final_loss": state.losses[-1] if state.losses else None,
         "losses": state.losses,
         "learning_rates": state.learning_rates,
+        "step_seconds": state.step_seconds,
         "evals": state.evals,
         "base_general_loss": state.base_general_loss,
         "final_eval": last_eval,
         "best": state.best,
         "stopped_reason": state.stopped_reason,
         "packing_efficiency": epoch0.efficiency,
-        "precision": precision,
+        "precision": tc.precision,
         "method": tc.method,
+        "device": choices.device.value,
+        "choices": {w: {"value": c.value, "reason": c.reason} for w, c in _named_choices(choices)},
+        "max_minutes": tc.max_minutes,
+        # The budget's step count (None without training.max_minutes, or when the cap came first).
+        "derived_steps": state.planned_steps,
+        "max_planned_steps": cap_steps,
         "model": str(description),
         "mlflow_run_id": state.run_id,
     }
+
+
+def _named_choices(choices: TrainingChoices) -> list[tuple[str, Any]]:
+    return [("device", choices.device), ("precision", choices.precision), ("method", choices.method)]
 
 
 def _write_outputs(config: Config, model: Any, model_dir: Path, summary: dict[str, Any], fingerprint: str) -> None:
