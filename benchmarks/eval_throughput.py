@@ -5,7 +5,7 @@ Same model object, same text, same window: both score every token of every docum
 stride), behind the same prefix token, in --precision (fp32, or bf16 autocast for both), batches of
 --batch-size windows.
 
-  cptkit   `cptkit.evaluate.score` over the documents tokenized by `TextTokenizer.encode` (tokenizing is
+  cptkit   `cptkit.scoring.score` over the documents tokenized by `TextTokenizer.encode` (tokenizing is
            inside the timing).
   lm-eval  `simple_evaluate` on a local-file task (`output_type: loglikelihood_rolling`, a JSONL file
            read by the `datasets` json loader, written by this script); the time is that of the
@@ -96,7 +96,7 @@ def task_yaml(data_file: Path) -> str:
 def run_cptkit(
     model: Any, tokenizer: Any, texts: list[str], context: int, batch_size: int, bf16: bool
 ) -> dict[str, Any]:
-    from cptkit.evaluate import fixed, score, text_tokenizer
+    from cptkit.scoring import fixed, score, text_tokenizer
 
     tok = text_tokenizer(tokenizer)
     started = time.perf_counter()
@@ -119,7 +119,7 @@ def run_pair(model: Any, tokenizer: Any, texts: list[str], context: int, batch_s
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from cptkit.evaluate import adapter_disabled, fixed, score, text_tokenizer
+    from cptkit.scoring import adapter_disabled, fixed, score, text_tokenizer
 
     torch.manual_seed(0)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
@@ -211,8 +211,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cptkit.evaluate import text_tokenizer
     from cptkit.models import resolve_model
+    from cptkit.scoring import text_tokenizer
 
     args.out.mkdir(parents=True, exist_ok=True)
     texts = stdlib_documents(args.docs)

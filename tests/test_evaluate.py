@@ -14,15 +14,8 @@ import pytest
 
 from conftest import make_doc, prepared_run, write_jsonl
 from cptkit.config import TrainingConfig
-from cptkit.evaluate import (
-    SetScore,
-    adapter_disabled,
-    fixed,
-    load_pair,
-    plan_windows,
-    score,
-    text_tokenizer,
-)
+from cptkit.model_pair import load_pair
+from cptkit.scoring import SetScore, adapter_disabled, fixed, plan_windows, score, text_tokenizer
 
 # ---------------------------------------------------------------- helpers
 
@@ -265,7 +258,7 @@ def test_bf16_scores_the_same_without_the_adapters_input_casts(
     scoring turns them off for speed, which changes no value, and turns them back on after."""
     import contextlib
 
-    import cptkit.evaluate as evaluate_module
+    import cptkit.scoring as scoring_module
 
     pair = load_pair(
         str(tiny_model_dir), make_adapter(tiny_model_dir, tmp_path / "adapter"), TrainingConfig(), "bf16", "cpu"
@@ -275,7 +268,7 @@ def test_bf16_scores_the_same_without_the_adapters_input_casts(
     casts_off, drift_off = score(runners, docs, 48, 16, 4, bf16=True, drift=True)
     flags = [m.cast_input_dtype_enabled for m in pair.cpt_model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert flags and all(flags)  # restored
-    monkeypatch.setattr(evaluate_module, "_adapter_input_casts_off", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(scoring_module, "_adapter_input_casts_off", lambda *a: contextlib.nullcontext())
     casts_on, drift_on = score(runners, docs, 48, 16, 4, bf16=True, drift=True)
     assert [s.nll for s in casts_off] == [s.nll for s in casts_on]
     assert drift_off is not None and drift_on is not None and drift_off.kl == drift_on.kl
@@ -484,7 +477,7 @@ def test_precision_auto_follows_the_measured_cpu_and_a_token_cap_limits_each_set
 def test_a_token_cap_keeps_whole_documents_then_cuts_one_at_a_token(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from cptkit.evaluate import EvalSet, cap_tokens
+    from cptkit.eval_sets import EvalSet, cap_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = [make_doc(i) for i in range(3)]
@@ -500,7 +493,7 @@ def test_a_token_cap_keeps_whole_documents_then_cuts_one_at_a_token(tiny_model_d
 
 
 def test_completion_keeps_the_space_a_sentencepiece_decoder_drops() -> None:
-    from cptkit.evaluate import _completion
+    from cptkit.model_pair import _completion
 
     pieces = {1: "▁The", 2: "▁capital", 3: "▁is", 4: "▁Paris", 5: "."}
 

@@ -243,7 +243,8 @@ def evaluate(
     from cptkit.evaluate import evaluate as run_evaluate
 
     def go() -> None:
-        from cptkit.evaluate import source_for_path, trained_base_model
+        from cptkit.eval_sets import source_for_path
+        from cptkit.model_folder import trained_base_model
 
         overrides = list(set_ or [])
         if cpt_model is not None:

@@ -17,7 +17,7 @@ from typing import Any
 from cptkit.artifacts import atomic_dir, write_json_atomic
 from cptkit.config import Config
 from cptkit.errors import CptkitError, StageError
-from cptkit.evaluate import trained_training_config
+from cptkit.model_folder import trained_training_config
 from cptkit.models import is_peft, resolve_model
 from cptkit.roundtrip import (
     ROUNDTRIP_TEXTS,

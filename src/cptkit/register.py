@@ -25,16 +25,9 @@ from cptkit import __version__
 from cptkit.artifacts import MANIFEST, new_manifest, read_json, up_to_date, write_json_atomic
 from cptkit.config import Config, RegisterConfig, TrainingConfig, section_fingerprint
 from cptkit.errors import CptkitError, StageError
-from cptkit.evaluate import (
-    DOMAIN,
-    RESULTS,
-    eval_sources,
-    evaluation_dir,
-    read_set,
-    trained_training_config,
-    verdict,
-)
+from cptkit.eval_sets import DOMAIN, eval_sources, read_set
 from cptkit.folders import claim
+from cptkit.model_folder import REGISTRATION_DIR, RESULTS, SUMMARY, evaluation_dir, trained_training_config
 from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, is_peft, load_trained, resolve_model
 from cptkit.registry import CHALLENGER, CHAMPION, UNITY_CATALOG, Registry, pinned_requirements, resolve_registry_uri
 from cptkit.roundtrip import (
@@ -45,13 +38,12 @@ from cptkit.roundtrip import (
     roundtrip_difference,
 )
 from cptkit.tracking import resolve_tracking_uri
+from cptkit.verdict import verdict
 
 log = logging.getLogger(__name__)
 
 TAG_PREFIX = "cptkit."
 FORCED_TAG = "true: promoted with --force despite the failed gate"
-REGISTRATION_DIR = "registration"  # its manifest.json records the last registration of this model
-_SUMMARY = "training_summary.json"
 
 
 @dataclass(frozen=True)
@@ -141,7 +133,7 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
         existing["result"] = asdict(forced_now)
         write_json_atomic(out / MANIFEST, existing)
         return forced_now
-    summary = read_json(cpt_dir / _SUMMARY) or {}
+    summary = read_json(cpt_dir / SUMMARY) or {}
     training = trained_training_config(cpt_dir, config.training)
     env = os.environ
     registry_uri = resolve_registry_uri(config.register_.registry_uri, env) or resolve_tracking_uri(

@@ -47,13 +47,13 @@ from cptkit.datasets import Dataset, datasets
 from cptkit.errors import ConfigError, StageError
 from cptkit.folders import claim
 from cptkit.memory import PeakMemory
+from cptkit.model_folder import SUMMARY
 from cptkit.packing import SEPARATOR_TOKEN, Blocks, BlockStream, TokenDocs, sequence_blocks
 from cptkit.progress import console, detail, duration, event
 from cptkit.schedule import lr_factor
 from cptkit.stage import StageResult
 from cptkit.tracking import Tracker, open_tracker
 
-SUMMARY = "training_summary.json"
 CHECKPOINTS = "checkpoints"
 BEST = "best.safetensors"
 
@@ -467,7 +467,7 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
                 tracker.end("FAILED")
             raise
         if tracker is not None:
-            tracker.log_dict(summary, "training_summary.json")
+            tracker.log_dict(summary, SUMMARY)
             tracker.log_metrics({"train/final_loss": summary["final_loss"]}, state.step)
             tracker.end("FINISHED")
         shutil.rmtree(ckpt_root, ignore_errors=True)

@@ -1,0 +1,33 @@
+"""The verdict: adaptation, forgetting and drift against the config's thresholds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cptkit.config import (
+    EvaluateConfig,
+)
+
+
+def verdict(results: dict[str, Any], ec: EvaluateConfig) -> dict[str, Any]:
+    """Adaptation, forgetting and drift against the thresholds; a check whose threshold or measurement is
+    missing is reported as skipped."""
+    checks = []
+
+    def check(name: str, value: float | None, threshold: float | None, ok: Callable[[float, float], bool]) -> None:
+        if threshold is None or value is None:
+            checks.append({"name": name, "value": value, "threshold": threshold, "passed": None})
+        else:
+            checks.append({"name": name, "value": value, "threshold": threshold, "passed": bool(ok(value, threshold))})
+
+    check("adaptation", results.get("adaptation"), ec.min_adaptation, lambda v, t: v >= t)
+    for set_name, value in (results.get("forgetting_by_set") or {}).items():
+        check(f"forgetting ({set_name})", value, ec.max_forgetting, lambda v, t: v <= t)
+    check("drift_kl", results.get("drift_kl"), ec.max_drift_kl, lambda v, t: v <= t)
+    decided = [c["passed"] for c in checks if c["passed"] is not None]
+    return {"passed": all(decided), "checks": checks}
+
+
+def relative_change(base: float, cpt: float) -> float:
+    return (cpt - base) / base
