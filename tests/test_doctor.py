@@ -27,7 +27,10 @@ def fake_probe(monkeypatch: pytest.MonkeyPatch, devices: list[str], **rates: Any
     monkeypatch.setattr(capability, "probe", probe)
 
 
-def test_doctor_prints_the_record_and_the_choices(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+def test_doctor_prints_the_record_and_the_choices(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(capability, "_MEMO", {})  # as in a new process (this test's cache folder is empty)
     cfg = write_config(tmp_path / "c.yaml", {"model": {"name": str(tiny_model_dir)}})
     result = cli("doctor", "-c", str(cfg))
     assert result.exit_code == 0, result.output
