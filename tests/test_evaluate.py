@@ -469,27 +469,37 @@ def test_precision_auto_follows_the_measured_cpu_and_a_token_cap_limits_each_set
         assert results["sets"][name]["capped_at_tokens"] == 150
         assert results["cpt"][name]["tokens"] == results["base"][name]["tokens"] == 150
     assert (
-        "Sets capped at their first 150 tokens: domain, general, news."
+        "Sets capped at 150 tokens: domain, general, news."
         in Path("outputs/cpt_model/evaluation/report.md").read_text()
     )
 
 
-def test_a_token_cap_keeps_whole_documents_then_cuts_one_at_a_token(tiny_model_dir: Path) -> None:
+def test_a_token_cap_is_shared_evenly_among_the_documents(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from cptkit.eval_sets import EvalSet, cap_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = [make_doc(i) for i in range(3)]
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    long = " ".join(make_doc(i) for i in range(6))  # one long document, then three short ones
+    texts = [long, make_doc(10), make_doc(11)[:100], make_doc(12)]
     whole = EvalSet("s", texts, sum(len(t.encode()) for t in texts), 0, {})
-    assert cap_tokens(whole, tokenizer, sum(lengths)) == (whole, False)  # fits: unchanged
-    cut, was_cut = cap_tokens(whole, tokenizer, lengths[0] + 7)
-    assert was_cut and cut.texts[0] == texts[0] and len(cut.texts) == 2 and texts[1].startswith(cut.texts[1])
-    assert len(tokenizer(cut.texts[1], add_special_tokens=False)["input_ids"]) == 7
+    assert cap_tokens(whole, tokenizer, sum(map(count, texts))) == (whole, False)  # fits: unchanged
+    short = count(texts[2])
+    cap = short + 3 * 40 + 1  # the short one whole, 40 or 41 tokens of each other one
+    cut, was_cut = cap_tokens(whole, tokenizer, cap)
+    assert was_cut and len(cut.texts) == 4 and cut.texts[2] == texts[2]
+    assert [count(t) for t in cut.texts] == [41, 40, short, 40]
+    assert all(original.startswith(kept) for original, kept in zip(texts, cut.texts, strict=True))
     assert cut.bytes == sum(len(t.encode()) for t in cut.texts)
-    first, _ = cap_tokens(whole, tokenizer, lengths[0])
-    assert first.texts == texts[:1]
+    one, _ = cap_tokens(whole, tokenizer, 2)  # fewer tokens than documents: the first ones get one each
+    assert [count(t) for t in one.texts] == [1, 1]
+    # With a floor (the scoring window), many short shares become fewer documents of that many tokens.
+    floored, _ = cap_tokens(whole, tokenizer, 100, min_share=60)
+    assert [count(t) for t in floored.texts] == [60, 40]
 
 
 def test_completion_keeps_the_space_a_sentencepiece_decoder_drops() -> None:

@@ -618,8 +618,9 @@ class EvaluateConfig(Section):
     max_tokens: int | None = Field(
         None,
         gt=0,
-        description="Tokens of each set scored: its first documents, the last one cut at a token; null for all. "
-        "Caps evaluation time whatever the set's size (reported per set).",
+        description="Tokens of each set scored, shared evenly among its documents (each keeps its first tokens; "
+        "at least one window each, for the first documents, where the set has many); null for all. Caps "
+        "evaluation time whatever the set's size (reported per set).",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

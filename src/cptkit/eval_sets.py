@@ -111,22 +111,39 @@ def read_set(name: str, source: SourceConfig, max_documents: int | None) -> Eval
     return EvalSet(name, texts, n_bytes, skipped, opened.describe())
 
 
-def cap_tokens(eval_set: EvalSet, tokenizer: Any, max_tokens: int) -> tuple[EvalSet, bool]:
-    """The set's first documents holding at most `max_tokens` tokens of `tokenizer`, the last of them cut at
-    a token boundary (so the bytes scored are exactly those of the kept text); and whether anything was cut."""
-    kept: list[str] = []
-    left = max_tokens
+def cap_tokens(eval_set: EvalSet, tokenizer: Any, max_tokens: int, min_share: int = 1) -> tuple[EvalSet, bool]:
+    """The set cut to `max_tokens` tokens of `tokenizer`, shared evenly among its documents: each keeps its
+    first `share` tokens, the largest share the cap allows (a shorter document keeps all of its text), so a
+    set of a few long documents is not reduced to the first one. Where that share would be below
+    `min_share` (a scoring window: many documents), the first documents keep up to `min_share` tokens each
+    instead, until the cap. Cuts fall on token boundaries, so the bytes scored are exactly those of the
+    kept text. Also: whether anything was cut."""
     encoded = tokenizer(eval_set.texts, add_special_tokens=False, return_offsets_mapping=True)
-    for text, offsets in zip(eval_set.texts, encoded["offset_mapping"], strict=True):
-        if len(offsets) <= left:
-            kept.append(text)
-            left -= len(offsets)
-            continue
-        if left > 0:
-            kept.append(text[: offsets[left - 1][1]])
-        break
-    if len(kept) == len(eval_set.texts) and kept[-1] == eval_set.texts[-1]:
+    offsets = encoded["offset_mapping"]
+    lengths = [len(o) for o in offsets]
+    if sum(lengths) <= max_tokens:
         return eval_set, False
+    low, high = 0, max(lengths)  # the largest share whose total fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if sum(min(n, mid) for n in lengths) <= max_tokens:
+            low = mid
+        else:
+            high = mid - 1
+    share, extra = low, max_tokens - sum(min(n, low) for n in lengths)  # extra: one more for the first ones
+    if share < min_share:
+        share, extra = min_share, 0
+    kept, left = [], max_tokens
+    for text, spans, n in zip(eval_set.texts, offsets, lengths, strict=True):
+        take = min(n, share + (1 if n > share and extra > 0 else 0), left)
+        extra -= take > share
+        left -= take
+        if take == n:
+            kept.append(text)
+        elif take > 0:
+            kept.append(text[: spans[take - 1][1]])
+        if left == 0:
+            break
     n_bytes = sum(len(t.encode("utf-8")) for t in kept)
     return EvalSet(eval_set.name, kept, n_bytes, eval_set.skipped, eval_set.source), True
 

@@ -194,7 +194,7 @@ def _evaluate_sets(
         t0 = time.perf_counter()
         cut = False
         if ec.max_tokens is not None:
-            eval_set, cut = cap_tokens(eval_set, pair.cpt_tokenizer.tokenizer, ec.max_tokens)
+            eval_set, cut = cap_tokens(eval_set, pair.cpt_tokenizer.tokenizer, ec.max_tokens, min_share=context)
         base_docs = pair.base_tokenizer.encode(eval_set.texts)
         cpt_docs = pair.cpt_tokenizer.encode(eval_set.texts)
         same_tokens = len(base_docs) == len(cpt_docs) and all(

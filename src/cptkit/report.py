@@ -177,7 +177,7 @@ def _tasks_note(results: dict[str, Any]) -> str:
 def _settings_line(results: dict[str, Any]) -> str:
     s = results["settings"]
     capped = [name for name, info in results.get("sets", {}).items() if info.get("capped_at_tokens")]
-    cap = f"Sets capped at their first {s['max_tokens']:,} tokens: {', '.join(capped)}. " if capped else ""
+    cap = f"Sets capped at {s['max_tokens']:,} tokens: {', '.join(capped)}. " if capped else ""
     return (
         f"Sliding windows of {s['context_length']} tokens advancing by {s['stride']} (every token scored once), "
         f"batches of {s['batch_size']} windows, {s['precision']} on {s['device']}; method {results['method']}, "

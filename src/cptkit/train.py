@@ -279,7 +279,7 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
     per_epoch = stream.blocks_per_epoch()
     # With a time budget this is the most the run may take; the budget fixes the count after a few steps.
     cap_steps = planned_steps(tc, per_epoch, accelerator.num_processes)
-    plan = {"total": cap_steps}  # read by the schedule at every step: the budget may lower it once
+    plan = {"total": cap_steps}  # read by the schedule at every step: a time budget sets it, then may lower it
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan["total"], tc))
     model, optimizer = accelerator.prepare(model, optimizer)
 
