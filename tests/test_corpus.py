@@ -7,8 +7,7 @@ import pytest
 
 from conftest import make_doc
 from cptkit.config import PrepareConfig, SplitConfig
-from cptkit.corpus import Tally, assign_splits, drop_exact_duplicates, drop_near_duplicates, split_of
-from cptkit.dedup import NearDuplicateIndex
+from cptkit.corpus import Tally, assign_splits, drop_duplicates, split_of
 from cptkit.errors import StageError
 from cptkit.records import DocResult, RecordProcessor
 
@@ -29,17 +28,16 @@ def _results() -> list[DocResult]:
     return RecordProcessor(CONFIG, None).process(TEXTS, [None] * len(TEXTS))
 
 
-def _dedup_in_batches(results: list[DocResult], size: int) -> list[tuple[str, str | None]]:
-    seen: set[bytes] = set()
-    index = NearDuplicateIndex(CONFIG.dedup.threshold, CONFIG.dedup.num_perm)
-    for start in range(0, len(results), size):
-        batch = results[start : start + size]
-        drop_exact_duplicates(batch, seen)
-        drop_near_duplicates(batch, index)
+IDS = [f"d{i}" for i in range(len(TEXTS))]
+
+
+def _dedup(results: list[DocResult], order: list[int]) -> list[tuple[str, str | None]]:
+    """Dedup with the documents presented in `order`; the outcomes come back in the original order."""
+    drop_duplicates([IDS[i] for i in order], [results[i] for i in order], CONFIG.dedup)
     return [(r.status, r.reason) for r in results]
 
 
-def test_the_first_occurrence_wins_whatever_the_batch_size() -> None:
+def test_the_smallest_id_wins_whatever_the_input_order() -> None:
     expected = [
         ("keep", None),
         ("keep", None),
@@ -50,14 +48,15 @@ def test_the_first_occurrence_wins_whatever_the_batch_size() -> None:
         ("keep", None),
         ("drop", "exact_duplicate"),
     ]
-    for size in (1, 2, 3, len(TEXTS)):
-        assert _dedup_in_batches(_results(), size) == expected
+    forward = list(range(len(TEXTS)))
+    for order in (forward, forward[::-1], [3, 7, 2, 0, 6, 1, 5, 4]):
+        assert _dedup(_results(), order) == expected
 
 
 def test_splits_are_given_to_kept_documents_only() -> None:
     results = _results()
-    _dedup_in_batches(results, len(results))
-    ids = [f"d{i}" for i in range(len(results))]
+    _dedup(results, list(range(len(results))))
+    ids = IDS
     config = SplitConfig(val_ratio=0.5, seed=3)
     splits = assign_splits(ids, results, config)
     assert splits == [split_of(i, 0.5, 3) if r.status == "keep" else None for i, r in zip(ids, results, strict=True)]
@@ -66,11 +65,12 @@ def test_splits_are_given_to_kept_documents_only() -> None:
 
 def test_the_tally_accounts_for_every_document_and_counts_redactions_and_tokens() -> None:
     results = _results()
-    _dedup_in_batches(results, 2)
+    _dedup(results, list(range(len(results))))
     for r, n in zip([results[0], results[1], results[6]], [5, 7, 11], strict=True):
         r.tokens = np.arange(n, dtype=np.int32)
     splits = ["train", "val", None, None, None, None, "train", None]
     tally = Tally()
+    tally.count_steps(results)
     tally.add(results, splits)
     assert tally.kept == {"train": 2, "val": 1}
     assert tally.dropped == {"exact_duplicate": 2, "near_duplicate": 1, "too_short": 1}

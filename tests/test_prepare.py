@@ -111,9 +111,11 @@ def test_every_document_is_accounted_for(tmp_path: Path, cli) -> None:  # type: 
     assert quarantine["null"] == "null_text" and quarantine["huge"] == "oversize"
     assert quarantine["docs.jsonl:21"] == "invalid_json"
     dropped = {r["id"]: r["reason"] for r in jsonl(Path("out/dropped.jsonl"))}
+    # Of each duplicate group the smallest id stays, wherever it is in the source: "dup-..." < "g...".
+    assert m["dedup_semantics"] == "smallest-key-per-component-v1"
     assert dropped == {
-        "dup-exact": "exact_duplicate",
-        "dup-near": "near_duplicate",
+        "g3": "exact_duplicate",
+        "g5": "near_duplicate",
         "short": "too_short",
         "german": "language",
         "empty": "empty",

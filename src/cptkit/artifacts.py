@@ -180,4 +180,7 @@ def invalidate(directory: Path) -> None:
     (directory / MANIFEST).unlink(missing_ok=True)
     if directory.is_dir():
         for stale in directory.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)  # an engine's work folder
+            else:
+                stale.unlink(missing_ok=True)

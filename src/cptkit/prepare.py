@@ -2,8 +2,9 @@
 training data, with every document accounted for.
 
 The stage claims the dataset's folder, skips when its manifest is up to date, runs an engine over the
-snapshot (`engines.local`: record steps in worker processes, corpus decisions in input order) and writes
-the manifest last. Always: documents_in == documents_kept + sum(dropped) + quarantined.
+snapshot (`engines.local`: record steps in worker processes, then the corpus decisions, which do not
+depend on input order) and writes the manifest last.
+Always: documents_in == documents_kept + sum(dropped) + quarantined.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cptkit.artifacts import (
 from cptkit.config import Config, section_fingerprint
 from cptkit.corpus import TRAIN_SPLIT, VAL_SPLIT
 from cptkit.datasets import Dataset
+from cptkit.dedup import SEMANTICS as DEDUP_SEMANTICS
 from cptkit.engines import PrepareJob
 from cptkit.engines import local as local_engine
 from cptkit.errors import StageError
@@ -37,9 +39,9 @@ from cptkit.tokenization import TokenizerInfo, resolve_tokenizer
 
 
 def prepare_fingerprint(config: Config, tokenizer: TokenizerInfo | None) -> str:
-    # Worker count and chunk size change speed, not results.
+    # Worker count and chunk size change speed, not results; a new dedup definition changes results.
     rules = config.prepare.model_dump(mode="python", exclude={"workers", "chunk_size"})
-    return section_fingerprint(rules, tokenizer.fingerprint if tokenizer else None)
+    return section_fingerprint(rules, tokenizer.fingerprint if tokenizer else None, DEDUP_SEMANTICS)
 
 
 def prepare(config: Config, dataset: Dataset, force: bool = False) -> StageResult:
@@ -77,6 +79,7 @@ def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
         documents_in=documents_in,
         documents_kept=tally.kept.total(),
         dropped=dict(sorted(tally.dropped.items())),
+        dedup_semantics=DEDUP_SEMANTICS,
         quarantined=tally.quarantined.total(),
         quarantined_by_reason=dict(sorted(tally.quarantined.items())),
         train_documents=tally.kept[TRAIN_SPLIT],

@@ -23,6 +23,17 @@ TOKENS_SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32(
 _TOKEN_BATCH_ROWS = 1024
 
 
+def token_lists(arrays: Sequence[np.ndarray | None]) -> pa.ListArray:
+    """int32 token arrays as one Arrow list column (None for a document without tokens)."""
+    lengths = [0 if a is None else len(a) for a in arrays]
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    present = [a for a in arrays if a is not None]
+    values = pa.array(np.concatenate(present) if present else np.zeros(0, np.int32), pa.int32())
+    mask = pa.array([a is None for a in arrays]) if len(present) < len(arrays) else None
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
+
+
 def output_names(tokenize: bool) -> list[str]:
     return [TRAIN, VAL, QUARANTINE, DROPPED] + ([TRAIN_TOKENS, VAL_TOKENS] if tokenize else [])
 
@@ -84,12 +95,8 @@ class PreparedWriter:
         ids, arrays = self.token_buffers[name]
         if not ids:
             return
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-        np.cumsum([len(a) for a in arrays], out=offsets[1:])
-        values = pa.array(np.concatenate(arrays) if arrays else np.zeros(0, np.int32), pa.int32())
-        column = pa.ListArray.from_arrays(pa.array(offsets), values)
         self.token_writers[name].write_batch(
-            pa.RecordBatch.from_arrays([pa.array(ids, pa.string()), column], schema=TOKENS_SCHEMA)
+            pa.RecordBatch.from_arrays([pa.array(ids, pa.string()), token_lists(arrays)], schema=TOKENS_SCHEMA)
         )
         self.token_buffers[name] = ([], [])
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from cptkit.config import PrepareConfig
-from cptkit.dedup import MinHasher, exact_key
+from cptkit.dedup import MinHasher, band_hashes, exact_key, lsh_bands
 from cptkit.rules.steps import record_steps, run_steps
 
 if TYPE_CHECKING:
@@ -31,7 +31,8 @@ class DocResult:
     reason: str | None  # why it was dropped or quarantined
     text: str | None  # the kept text, or the start of a quarantined one
     key: bytes | None = None  # exact-dedup key
-    signature: np.ndarray | None = None  # MinHash signature for near dedup
+    signature: np.ndarray | None = None  # uint32 MinHash signature for near dedup
+    bands: np.ndarray | None = None  # its LSH band hashes, one uint64 per band
     tokens: np.ndarray | None = None
     counts: dict[str, dict[str, int]] | None = None  # step name -> what it counted (e.g. redactions)
 
@@ -65,7 +66,9 @@ class RecordProcessor:
     def __init__(self, config: PrepareConfig, tokenizer_path: str | None) -> None:
         self.config = config
         self.steps = record_steps(config)
-        self.minhasher = MinHasher(config.dedup.num_perm, config.dedup.shingle_words) if config.dedup.near else None
+        dedup = config.dedup
+        self.minhasher = MinHasher(dedup.num_perm, dedup.shingle_words) if dedup.near else None
+        self.bands = lsh_bands(dedup.threshold, dedup.num_perm) if dedup.near else None
         self.tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
 
     def process(self, texts: Sequence[str | None], errors: Sequence[str | None]) -> list[DocResult]:
@@ -82,13 +85,16 @@ class RecordProcessor:
             if outcome.text is None:
                 results.append(DocResult("drop", outcome.reason, None, counts=outcome.counts))
                 continue
+            signature = self.minhasher.signature(outcome.text) if self.minhasher else None
             results.append(
                 DocResult(
                     "keep",
                     None,
                     outcome.text,
-                    key=exact_key(outcome.text) if self.config.dedup.exact else None,
-                    signature=self.minhasher.signature(outcome.text) if self.minhasher else None,
+                    # Every kept document gets a key: it also breaks ties in the dedup order.
+                    key=exact_key(outcome.text),
+                    signature=signature,
+                    bands=band_hashes(signature, self.bands) if self.bands and signature is not None else None,
                     counts=outcome.counts,
                 )
             )

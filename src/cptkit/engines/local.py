@@ -1,23 +1,28 @@
-"""The local engine: record work (rules, dedup keys, signatures, tokens) in a pool of worker processes on
-chunks of documents; corpus decisions (dedup, split) and writing in this process in input order, so the
-result is the same for any number of workers."""
+"""The local engine, in two passes. First, record work (rules, dedup keys, signatures, tokens) in a pool of
+worker processes on chunks of documents, each result spilled to disk and the dedup inputs kept in
+compact arrays (`work_files`). Then the dedup decisions over those arrays, and a second pass over the
+spilled results that splits, writes and counts them in input order. The result is the same for any
+number of workers or chunk size, and, since dedup keeps the smallest stable key (`dedup`), for any input
+order too."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
 import signal
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cptkit.config import PrepareConfig
-from cptkit.corpus import Tally, assign_splits, drop_exact_duplicates, drop_near_duplicates
-from cptkit.dedup import NearDuplicateIndex
+from cptkit.corpus import DUPLICATE_REASONS, KEEP, Tally, assign_splits
 from cptkit.engines import PrepareJob
+from cptkit.engines.work_files import DedupStore, ResultSpill
 from cptkit.prepared_files import PreparedWriter
 from cptkit.processes import die_with_parent
 from cptkit.records import DocResult, RecordProcessor
@@ -25,23 +30,32 @@ from cptkit.sources import ERROR, ID, TEXT
 
 
 def run(job: PrepareJob, advance: Callable[[int], None]) -> Tally:
-    dedup = job.config.dedup
     parquet = pq.ParquetFile(job.snapshot)
     metadata_columns = _metadata_columns(parquet)
     tally = Tally()
-    seen_keys: set[bytes] = set()
-    near = NearDuplicateIndex(dedup.threshold, dedup.num_perm) if dedup.near else None
-    with PreparedWriter(job.directory, job.tokenizer_path is not None) as writer:
-        for batch, results in _record_results(parquet, job):
-            ids = batch.column(ID).to_pylist()
-            metadata = batch.select(metadata_columns).to_pylist() if metadata_columns else [{}] * len(ids)
-            drop_exact_duplicates(results, seen_keys)
-            if near is not None:
-                drop_near_duplicates(results, near)
-            splits = assign_splits(ids, results, job.config.split)
-            writer.write(ids, metadata, results, splits)
-            tally.add(results, splits)
-            advance(len(ids))
+    # A hidden ".*.tmp" name: a killed run's leftovers are removed by the next one (artifacts.invalidate).
+    with tempfile.TemporaryDirectory(prefix=".prepare-work.", suffix=".tmp", dir=job.directory) as work:
+        spill = ResultSpill(Path(work) / "results.arrow")
+        with DedupStore(parquet.metadata.num_rows, job.config.dedup, Path(work)) as store:
+            try:
+                for batch, results in _record_results(parquet, job):
+                    spill.write(batch.select([ID, *metadata_columns]), results)
+                    store.add(batch.column(ID), results)
+                    tally.count_steps(results)
+                    advance(len(results))
+            finally:
+                spill.close()
+            fates = iter(store.fates().tolist())
+        with PreparedWriter(job.directory, job.tokenizer_path is not None) as writer:
+            for batch, results in spill.read():
+                for r in results:
+                    if r.status == "keep" and (fate := next(fates)) != KEEP:
+                        r.drop(DUPLICATE_REASONS[fate])
+                ids = batch.column(ID).to_pylist()
+                metadata = batch.select(metadata_columns).to_pylist() if metadata_columns else [{}] * len(ids)
+                splits = assign_splits(ids, results, job.config.split)
+                writer.write(ids, metadata, results, splits)
+                tally.add(results, splits)
     return tally
 
 
