@@ -465,7 +465,7 @@ class LanguageConfig(Section):
 
 
 class DedupConfig(Section):
-    """Exact and near-duplicate removal; the first occurrence (in source order) is kept."""
+    """Exact and near-duplicate removal; of each group (a chain A~B~C is one) the smallest id is kept."""
 
     exact: bool = Field(True, description="Drop documents whose normalized text was seen before.")
     near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH.")
