@@ -56,11 +56,10 @@ def main() -> None:
         results.append(DocResult("keep", None, None, exact_key(text), signature, band_hashes(signature, bands)))
     ids = [f"doc-{i:08d}" for i in range(n)]
 
-    with tempfile.TemporaryDirectory() as work:
-        # A small run first, so that modules imported on first use are not counted.
-        with DedupStore(1000, config, Path(work)) as warm_up:
-            warm_up.add(pa.array(ids[:1000], pa.string()), results[:1000])
-            warm_up.fates()
+    # A small run first, so that modules imported on first use are not counted.
+    with tempfile.TemporaryDirectory() as work, DedupStore(1000, config, Path(work)) as warm_up:
+        warm_up.add(pa.array(ids[:1000], pa.string()), results[:1000])
+        warm_up.fates()
     with tempfile.TemporaryDirectory() as work:
         arrow_before = pa.total_allocated_bytes()
         tracemalloc.start()
