@@ -28,7 +28,7 @@ Useful tokens are non-padding tokens processed (the seed's attention-mask sum; c
 Tokens/s is useful tokens over the wall time of the training steps (model loading and validation passes
 excluded, the first step included). Peak RSS is each run's own process (`os.wait4`), loading included.
 The final domain validation loss is the mean next-token loss over the first 32 blocks (16k tokens) of
-the demo's domain validation split, computed by the same function (cptkit.train.eval_loss) for each
+the demo's domain validation split, computed by the same function (cptkit.training_step.eval_loss) for each
 trained model.
 
 Run from the repository root, on a quiet machine (every variant is a fresh subprocess, run one after
@@ -145,7 +145,8 @@ def run_seed(steps: int) -> dict[str, Any]:
     from cptkit.loss import CausalLMLoss
     from cptkit.models import resolve_model
     from cptkit.packing import sequence_blocks
-    from cptkit.train import eval_loss, load_train_data
+    from cptkit.train_data import load_train_data
+    from cptkit.training_step import eval_loss
 
     config = demo_config(steps, [])
     model_dir = resolve_model(config.model.name)

@@ -20,7 +20,7 @@ from cptkit.config import Config, load_config, masked_dict
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.extract import DryRunResult
 from cptkit.folders import wait_for_lock
-from cptkit.pipeline import Stage
+from cptkit.pipeline import Reporters, Stage
 from cptkit.progress import LogFormat, console, duration, error_console, event, set_log_format
 from cptkit.secrets import scrub, scrub_logs
 from cptkit.stage import StageResult
@@ -374,19 +374,22 @@ def run_all(
             print_preflight(pipeline.dry_run(cfg))
             return
         stages = pipeline.select(from_, until)
-        reporters = pipeline.Reporters(
-            extract=print_extract,
-            prepare=print_prepare,
-            preflight=print_preflight,
-            train=print_train,
-            evaluate=print_evaluate,
-            register=print_register,
-        )
-        reason = pipeline.not_promoted(pipeline.run_pipeline(cfg, stages, reporters))
+        reason = pipeline.not_promoted(pipeline.run_pipeline(cfg, stages, _reporters()))
         if reason is not None:
             raise CptkitError(reason)
 
     _run(debug, go, wait=wait)
+
+
+def _reporters() -> Reporters:
+    return Reporters(
+        extract=print_extract,
+        prepare=print_prepare,
+        preflight=print_preflight,
+        train=print_train,
+        evaluate=print_evaluate,
+        register=print_register,
+    )
 
 
 @app.command()
@@ -402,16 +405,7 @@ def demo(
     from cptkit.demo import run_demo
 
     def go() -> None:
-        cfg = _load(config, set_)
-        run_demo(
-            cfg,
-            force=force,
-            report_extract=print_extract,
-            report_prepare=print_prepare,
-            report_train=print_train,
-            report_evaluate=print_evaluate,
-            report_register=print_register,
-        )
+        run_demo(_load(config, set_), force, _reporters())
 
     _run(debug, go, wait=wait)
 

@@ -13,20 +13,15 @@ import hashlib
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
 from cptkit.config import Config, DeltaSourceConfig, JsonlSourceConfig
-from cptkit.datasets import datasets
 from cptkit.demo_general import write_general_corpora
 from cptkit.errors import CptkitError
-from cptkit.extract import extract
-from cptkit.prepare import prepare
+from cptkit.pipeline import STAGES, Options, Reporters, run_pipeline
 from cptkit.progress import console
-from cptkit.stage import StageResult
 
 # Packages that are tests, GUI demos or vendored tooling rather than library documentation.
 _SKIP = {
@@ -131,19 +126,11 @@ def _table_fingerprint(table: pa.Table) -> str:
     return h.hexdigest()
 
 
-def run_demo(
-    config: Config,
-    force: bool,
-    report_extract: Callable[[StageResult], None],
-    report_prepare: Callable[[StageResult], None],
-    report_train: Callable[[Any], None],
-    report_evaluate: Callable[[Any], None],
-    report_register: Callable[[Any], None],
-) -> None:
-    """Build the demo inputs, then extract, prepare, train, evaluate and register, printing each stage's time."""
+def run_demo(config: Config, force: bool, report: Reporters) -> None:
+    """Build the demo inputs, then run the pipeline on them (extract, prepare, train, evaluate, register;
+    no preflight: the demo's time budget is for training)."""
     if not isinstance(config.source, DeltaSourceConfig):
         raise CptkitError("the demo config's source must be the demo Delta table (source.type: delta)")
-    timings: dict[str, float] = {}
     started = time.perf_counter()
     rows, written = build_demo_table(config.source.path)
     state = "written" if written else "unchanged"
@@ -156,36 +143,13 @@ def run_demo(
         console.print(
             f"demo: general text (Wikipedia, Lee news) from the gensim wheel -> {corpora['wikipedia'].parent}"
         )
-    timings["inputs"] = time.perf_counter() - started
-
-    for dataset in datasets(config):
-        t = time.perf_counter()
-        report_extract(extract(dataset, force=force))
-        timings[f"extract {dataset.name}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        report_prepare(prepare(config, dataset, force=force))
-        timings[f"prepare {dataset.name}"] = time.perf_counter() - t
-
-    from cptkit.train import train
-
-    t = time.perf_counter()
-    report_train(train(config, force=force))
-    timings["train"] = time.perf_counter() - t
-
-    from cptkit.evaluate import evaluate
-
-    t = time.perf_counter()
-    report_evaluate(evaluate(config, force=force))
-    timings["evaluate"] = time.perf_counter() - t
-
-    from cptkit.register import register
-
-    t = time.perf_counter()
-    registered = register(config)
-    report_register(registered)
-    timings["register"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - started
-    console.print("demo: stage times " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), highlight=False)
+    inputs = {"inputs": time.perf_counter() - started}
+    options = Options(force=force, preflight=False, label="demo")
+    result = run_pipeline(config, STAGES, report, options, timings=inputs)
+    registered = result.registered
+    if registered is None:  # tracking disabled: the pipeline said register was not run
+        console.print(f"demo: adapted model in {config.output_dir}", highlight=False, soft_wrap=True)
+        return
     uri = registered.champion_uri if registered.promoted else registered.model_uri
     console.print(
         f"demo: adapted model in {config.output_dir}, registered as {uri}; MLflow UI: mlflow ui --backend-store-uri "

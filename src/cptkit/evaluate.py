@@ -23,7 +23,7 @@ from cptkit.config import (
     section_fingerprint,
 )
 from cptkit.datasets import domain_dir, replay_dir
-from cptkit.errors import ConfigError, CptkitError
+from cptkit.errors import CptkitError
 from cptkit.eval_sets import DOMAIN, GENERAL, EvalSet, cap_tokens, eval_sources, read_set, set_fingerprint
 from cptkit.folders import claim
 from cptkit.lm_tasks import run_tasks
@@ -133,7 +133,7 @@ def _files_fingerprint(folder: Path, recursive: bool) -> str:
 def _open_tracker(config: Config, summary: dict[str, Any] | None, factory: Callable[..., Tracker]) -> Tracker:
     """The training's MLflow run continued, or a new run when training was not tracked."""
     run_id = (summary or {}).get("mlflow_run_id")
-    run_name = config.tracking.run_name or f"eval-{Path(config.model.name).name}"
+    run_name = config.run_name("eval")
     return factory(config.tracking, run_id, run_name)
 
 
@@ -158,10 +158,7 @@ def _evaluate_sets(
     import torch
 
     ec = config.evaluate
-    context = ec.context_length or config.training.max_seq_length
-    stride = ec.stride or max(1, context // 2)
-    if stride > context:
-        raise ConfigError([f"config error: evaluate.stride: {stride} exceeds the context length {context}"])
+    context, stride = config.evaluation_window()
     device = torch.device(device_choice.value)
     pair = load_pair(config.model.name, cpt_dir, config.training, precision.value, device)
     for line in (device_choice.line("device"), precision.line("precision")):

@@ -17,7 +17,7 @@ from typing import Any
 from cptkit.artifacts import atomic_dir, write_json_atomic
 from cptkit.config import Config
 from cptkit.errors import CptkitError, StageError
-from cptkit.model_folder import trained_training_config
+from cptkit.model_folder import ADAPTER_CONFIG, trained_training_config
 from cptkit.models import is_peft, resolve_model
 from cptkit.roundtrip import (
     ROUNDTRIP_TEXTS,
@@ -52,7 +52,7 @@ def export(config: Config, fmt: str, output: Path | None = None) -> ExportResult
     if fmt not in FORMATS:
         raise CptkitError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     cpt_dir = config.output_dir
-    if not (cpt_dir / "adapter_config.json").is_file() and not (cpt_dir / "config.json").is_file():
+    if not (cpt_dir / ADAPTER_CONFIG).is_file() and not (cpt_dir / "config.json").is_file():
         raise StageError(f"{cpt_dir}: no trained model there; run cptkit train first")
     target = output or cpt_dir / EXPORT_DIR / fmt
     if target.exists() and not (target / MARKER).is_file():

@@ -11,6 +11,7 @@ import yaml
 from cptkit.artifacts import read_json
 from cptkit.config import Config, TrainingConfig
 
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: present where train saved adapters, not full weights
 SUMMARY = "training_summary.json"  # train's summary: steps, tokens, losses, evaluations
 TRAINED_CONFIG = "cptkit_config.yaml"  # the resolved config the model was trained with (secrets masked)
 EVALUATION_DIR = "evaluation"  # evaluate's outputs
@@ -29,7 +30,7 @@ def trained_training_config(cpt_dir: Path, fallback: TrainingConfig) -> Training
                 return TrainingConfig.model_validate(data["training"])
             except ValueError:
                 pass  # written by another cptkit version; infer below
-    if (cpt_dir / "adapter_config.json").is_file():
+    if (cpt_dir / ADAPTER_CONFIG).is_file():
         method = "qlora" if fallback.method == "qlora" else "lora"
         return fallback.model_copy(update={"method": method})
     return fallback.model_copy(update={"method": "full"})
@@ -44,7 +45,7 @@ def trained_base_model(cpt_dir: Path) -> str | None:
         name = (data.get("model") or {}).get("name") if isinstance(data, dict) else None
         if isinstance(name, str) and name:
             return name
-    adapter = read_json(cpt_dir / "adapter_config.json") or {}
+    adapter = read_json(cpt_dir / ADAPTER_CONFIG) or {}
     base = adapter.get("base_model_name_or_path")
     return str(base) if base else None
 

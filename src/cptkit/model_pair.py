@@ -14,7 +14,7 @@ from cptkit.config import (
 )
 from cptkit.errors import CptkitError
 from cptkit.eval_sets import DOMAIN, GENERAL
-from cptkit.model_folder import trained_training_config
+from cptkit.model_folder import ADAPTER_CONFIG, trained_training_config
 from cptkit.models import EMBEDDINGS_FILE
 from cptkit.scoring import ModelRunner, TextTokenizer, adapter_disabled, fixed, text_tokenizer
 
@@ -42,13 +42,13 @@ def load_pair(base_name: str, cpt_dir: Path, training: TrainingConfig, precision
 
     if not cpt_dir.is_dir():
         raise CptkitError(f"{cpt_dir}: no such folder; train first (cptkit train) or pass --cpt-model")
-    if not ((cpt_dir / "adapter_config.json").is_file() or (cpt_dir / "config.json").is_file()):
+    if not ((cpt_dir / ADAPTER_CONFIG).is_file() or (cpt_dir / "config.json").is_file()):
         raise CptkitError(f"{cpt_dir}: no trained model there (neither adapter_config.json nor config.json)")
     device = torch.device(device)
     trained = trained_training_config(cpt_dir, training).model_copy(update={"precision": precision})
     base_dir = resolve_model(base_name)
     cpt = load_trained(base_dir, cpt_dir, trained, device)
-    is_adapter = (cpt_dir / "adapter_config.json").is_file()
+    is_adapter = (cpt_dir / ADAPTER_CONFIG).is_file()
     shared = is_adapter and not (cpt_dir / EMBEDDINGS_FILE).is_file()
     if shared:
         base_runner = adapter_disabled(cpt)

@@ -28,6 +28,7 @@ from cptkit.artifacts import replace_dir
 from cptkit.config import TrainingConfig
 from cptkit.errors import CptkitError
 from cptkit.memory import OPTIMIZER_BYTES, ModelShape, activation_bytes
+from cptkit.model_folder import ADAPTER_CONFIG
 from cptkit.tokenization import SMOLLM2, cache_dir, smollm2_gguf
 
 if TYPE_CHECKING:
@@ -424,7 +425,7 @@ def _param_groups(model: Any, embeddings: list[Any], training: TrainingConfig) -
         {"name": "main", "params": main, "lr": training.learning_rate, "weight_decay": training.weight_decay}
     ]
     if training.embeddings == "train":
-        lr = training.embedding_learning_rate or training.learning_rate / 10
+        lr = training.embedding_rate
         groups.append({"name": "embeddings", "params": embeddings, "lr": lr, "weight_decay": training.weight_decay})
     return groups
 
@@ -591,7 +592,7 @@ def load_trained(
         model = load_base(trained_dir, training, device, bf16)
         model.eval()
         return model  # type: ignore[no-any-return]
-    if not (trained_dir / "adapter_config.json").is_file():
+    if not (trained_dir / ADAPTER_CONFIG).is_file():
         raise CptkitError(f"{trained_dir}: no adapter saved there (no adapter_config.json); was it trained with full?")
     check_adapter_files(trained_dir)
     from peft import PeftModel
@@ -612,7 +613,6 @@ def load_trained(
 # the file. These checks read only the JSON files and the safetensors headers, so they cost nothing.
 
 _WEIGHTS_INDEX = "model.safetensors.index.json"
-_ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -640,12 +640,10 @@ def check_model_files(folder: Path) -> None:
 def check_adapter_files(folder: Path) -> None:
     """What `save_trained` writes for an adapter run is present and readable: the adapter config, its
     weights, and the trained embeddings when there are any."""
-    _check_json(folder / _ADAPTER_CONFIG)
+    _check_json(folder / ADAPTER_CONFIG)
     weights = folder / _ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise CptkitError(
-            f"{weights}: adapter weights missing ({_ADAPTER_CONFIG} is there; train again, or restore it)"
-        )
+        raise CptkitError(f"{weights}: adapter weights missing ({ADAPTER_CONFIG} is there; train again, or restore it)")
     _check_safetensors(weights)
     if (folder / EMBEDDINGS_FILE).is_file():
         _check_safetensors(folder / EMBEDDINGS_FILE)

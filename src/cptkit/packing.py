@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,6 +23,16 @@ import numpy as np
 SEPARATOR_TOKEN = "<|endoftext|>"
 
 IGNORE = -100
+
+
+class PackedRow(NamedTuple):
+    """One training block as the model takes it, with its token counts."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    labels: np.ndarray
+    real_tokens: int  # not padding
+    replay_tokens: int  # real tokens from replay documents
 
 
 @dataclass(frozen=True)
@@ -231,10 +242,11 @@ class BlockStream:
         self.plan = plan_epoch(self.domain, self.replay, self.replay_ratio, self.seed, epoch, self.seq_len)
         return pack(self.plan, self.domain, self.replay, self.separator, self.seq_len)
 
-    def batch(self, start: int, count: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]:
-        """Blocks start..start+count-1 as (input_ids, position_ids, labels, real, replay tokens)."""
+    def batch(self, start: int, count: int) -> Iterator[PackedRow]:
+        """Blocks start..start+count-1."""
         for g in range(start, start + count):
             _, blocks, i = self.get(g)
             ids, pos, labels = blocks.block(i)
             sl = slice(i * self.seq_len, (i + 1) * self.seq_len)
-            yield ids, pos, labels, int(blocks.real[sl].sum()), int((blocks.replay[sl] & blocks.real[sl]).sum())
+            real, replay = int(blocks.real[sl].sum()), int((blocks.replay[sl] & blocks.real[sl]).sum())
+            yield PackedRow(ids, pos, labels, real, replay)

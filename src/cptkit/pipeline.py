@@ -58,7 +58,6 @@ class RunResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    plan: Plan | None = None
     registered: Any = None  # register.RegisterResult
 
 
@@ -71,33 +70,50 @@ def select(first: Stage | None, last: Stage | None) -> list[Stage]:
     return STAGES[start : end + 1]
 
 
-def run_pipeline(config: Config, stages: list[Stage], report: Reporters) -> RunResult:
-    """Run `stages` in order; raise StageFailed naming the stage that failed."""
-    result = RunResult()
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Options:
+    force: bool = False  # rerun stages that are up to date
+    preflight: bool = True  # the preflight (with its timed steps) before training
+    label: str = "run"  # the prefix of the summary lines
+
+
+def run_pipeline(
+    config: Config,
+    stages: list[Stage],
+    report: Reporters,
+    options: Options = Options(),
+    timings: dict[str, float] | None = None,
+) -> RunResult:
+    """Run `stages` in order; raise StageFailed naming the stage that failed. `timings` are of work done
+    before (the demo's inputs), reported first."""
+    result = RunResult(timings=dict(timings or {}))
+    started = time.perf_counter() - sum(result.timings.values())
     try:
         for stage in stages:
-            _run_stage(stage, config, report, result)
+            _run_stage(stage, config, report, result, options)
     finally:
         if result.timings:
             result.timings["total"] = time.perf_counter() - started
-            _print_summary(result)
+            _print_summary(result, options.label)
     return result
 
 
-def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResult) -> None:
-    name = stage.value
+def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResult, options: Options) -> None:
+    name, force = stage.value, options.force
     try:
         if stage is Stage.extract:
             from cptkit.extract import extract
 
-            done = [_timed(result, f"extract {d.name}", report.extract, partial(extract, d)) for d in datasets(config)]
+            done = [
+                _timed(result, f"extract {d.name}", report.extract, partial(extract, d, force=force))
+                for d in datasets(config)
+            ]
             skipped = all(r.skipped for r in done)
         elif stage is Stage.prepare:
             from cptkit.prepare import prepare
 
             done = [
-                _timed(result, f"prepare {d.name}", report.prepare, partial(prepare, config, d))
+                _timed(result, f"prepare {d.name}", report.prepare, partial(prepare, config, d, force=force))
                 for d in datasets(config)
             ]
             skipped = all(r.skipped for r in done)
@@ -106,18 +122,18 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
             from cptkit.tracking import check_tracking
             from cptkit.train import train
 
-            name = "preflight"
-            check_tracking(config.tracking)  # before the preflight measures: an unusable store fails in seconds
-            started = time.perf_counter()
-            result.plan = plan = preflight(config)
-            report.preflight(plan)
-            result.timings["preflight"] = time.perf_counter() - started
+            if options.preflight:
+                name = "preflight"
+                check_tracking(config.tracking)  # before the preflight measures: an unusable store fails in seconds
+                started = time.perf_counter()
+                report.preflight(preflight(config))
+                result.timings["preflight"] = time.perf_counter() - started
             name = "train"
-            skipped = _timed(result, "train", report.train, lambda: train(config)).skipped
+            skipped = _timed(result, "train", report.train, lambda: train(config, force=force)).skipped
         elif stage is Stage.evaluate:
             from cptkit.evaluate import evaluate
 
-            skipped = _timed(result, "evaluate", report.evaluate, lambda: evaluate(config)).skipped
+            skipped = _timed(result, "evaluate", report.evaluate, lambda: evaluate(config, force=force)).skipped
         else:
             if not config.tracking.enabled:
                 console.print("register: not run: tracking.enabled is false (registering needs MLflow)", style="yellow")
@@ -155,16 +171,16 @@ def _timed(result: RunResult, key: str, show: Callable[[Any], None], fn: Callabl
     return out
 
 
-def _print_summary(result: RunResult) -> None:
+def _print_summary(result: RunResult, label: str) -> None:
     parts = []
     if result.ran:
         parts.append("ran " + ", ".join(result.ran))
     if result.skipped:
         parts.append("skipped (up to date) " + ", ".join(result.skipped))
     if parts:
-        console.print("run: " + "; ".join(parts), highlight=False, soft_wrap=True)
+        console.print(f"{label}: " + "; ".join(parts), highlight=False, soft_wrap=True)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-    console.print(f"run: stage times {times}", highlight=False, soft_wrap=True)
+    console.print(f"{label}: stage times {times}", highlight=False, soft_wrap=True)
     event("run", ran=result.ran, skipped=result.skipped, seconds=result.timings)
 
 

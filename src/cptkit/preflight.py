@@ -18,21 +18,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cptkit.artifacts import MANIFEST, read_json, up_to_date
+from cptkit.budget import budget_steps
 from cptkit.choices import Choice, TrainingChoices
 from cptkit.config import Config, TrainingConfig
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import CptkitError
-from cptkit.models import ModelDescription, load_for_training, resolve_model
+from cptkit.models import ModelDescription, resolve_model
 from cptkit.packing import BlockStream, TokenDocs
-from cptkit.schedule import lr_factor, warmup_steps
+from cptkit.schedule import lr_factor, warmup_steps, wsd_decay_start
 from cptkit.tokenization import TokenizerInfo, resolve_tokenizer
-from cptkit.train import (
+from cptkit.train_data import (
     TrainData,
-    budget_steps,
-    choose_for_training,
     load_train_data,
     planned_steps,
     require_replay_source,
@@ -119,12 +116,12 @@ def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Pl
         raise CptkitError("prepare.tokenize is false, but training needs the tokens; set prepare.tokenize: true")
     model_dir = resolve_model(config.model.name)
     model_vocab = _check_model(config, model_dir)
-    from cptkit.choices import choose_eval_precision
+    from cptkit.choices import choose_eval_precision, resolve_training
 
-    choices = choose_for_training(config, model_dir)
+    choices = resolve_training(config.training, model_dir)
     tc = choices.apply(config.training)
     eval_precision = choose_eval_precision(choices.capability, config.evaluate.precision)
-    tokenizer = resolve_tokenizer(config.model.tokenizer or config.model.name)
+    tokenizer = resolve_tokenizer(config.model.tokenizer_name)
     if tokenizer.vocab_size > model_vocab:
         raise CptkitError(
             f"the tokenizer of {tokenizer.name} has {tokenizer.vocab_size:,} tokens but the model's embedding has "
@@ -215,7 +212,7 @@ def learning_rate_points(tc: TrainingConfig, steps: int) -> list[tuple[str, int,
     if warm > 1:
         points.append(("end of warmup", warm, rate(warm)))
     if tc.lr_scheduler == "wsd":
-        decay_start = steps - max(round(tc.decay_ratio * steps), 1)
+        decay_start = wsd_decay_start(tc, steps)
         if warm < decay_start < steps:
             points.append(("decay starts", decay_start + 1, rate(decay_start + 1)))
     if steps > max(warm, 1):
@@ -352,27 +349,15 @@ def measure_steps(
     steps on the stream's first blocks, and measure their time and the peak memory (the same measure train
     records); then free it all."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    from cptkit.loss import CausalLMLoss
-    from cptkit.memory import PeakMemory
+    from cptkit.training_step import optimizer_step, set_up
 
     tc = choices.apply(config.training)
     device = torch.device(choices.device.value)
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=choices.mixed_precision, cpu=device.type == "cpu")
-    memory = PeakMemory(accelerator.device)
-    memory.reset()
     started = time.perf_counter()
-    torch.manual_seed(tc.seed)
-    loaded = load_for_training(model_dir, tc, accelerator.device)
+    setup, _ = set_up(model_dir, tc, choices)
     load_seconds = time.perf_counter() - started
-    model = CausalLMLoss(loaded.model)
-    optimizer = torch.optim.AdamW(loaded.param_groups, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
+    setup.model.train()
     per_step = tc.micro_batch_size * tc.gradient_accumulation_steps
     seconds, tokens = 0.0, 0
     try:
@@ -380,30 +365,21 @@ def measure_steps(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            rows = list(stream.batch(step * per_step, per_step))
-            labels = sum(int((r[2][1:] != -100).sum()) for r in rows)
-            for k in range(0, len(rows), tc.micro_batch_size):
-                group = rows[k : k + tc.micro_batch_size]
-                ids, pos, lab = (torch.from_numpy(np.stack([r[i] for r in group])).to(device) for i in range(3))
-                total, _ = model(ids, pos, lab)
-                accelerator.backward(total / max(labels, 1))
-            if tc.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            result = optimizer_step(setup, list(stream.batch(step * per_step, per_step)), tc)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= WARMUP_STEPS:
                 seconds += time.perf_counter() - t
-                tokens += sum(r[3] for r in rows)
+                tokens += result.real_tokens
     except torch.OutOfMemoryError:
         raise CptkitError(
-            f"training does not fit in {device} memory ({loaded.description}); lower training.micro_batch_size or "
-            "training.max_seq_length, set training.gradient_checkpointing=true, or use training.method qlora"
+            f"training does not fit in {device} memory ({setup.loaded.description}); lower training.micro_batch_size "
+            "or training.max_seq_length, set training.gradient_checkpointing=true, or use training.method qlora"
         ) from None
-    peak = memory.peak_bytes()
-    description = loaded.description
-    del model, optimizer, loaded
+    peak = setup.memory.peak_bytes()
+    description = setup.loaded.description
+    accelerator, memory_kind = setup.accelerator, setup.memory.kind
+    del setup
     accelerator.free_memory()
     gc.collect()
     if device.type == "cuda":
@@ -417,7 +393,7 @@ def measure_steps(
         tokens_per_second=tokens / max(seconds, 1e-9),
         load_seconds=load_seconds,
         peak_memory_bytes=peak,
-        memory_kind=memory.kind,
+        memory_kind=memory_kind,
     )
     return description, measured
 

@@ -57,7 +57,7 @@ def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
     snapshot = dataset.snapshot
     if extract_manifest is None or not snapshot.is_file():
         raise StageError(f"{raw}: no raw snapshot of the {dataset.name} data; run `cptkit extract` first")
-    tokenizer = resolve_tokenizer(config.model.tokenizer or config.model.name) if pc.tokenize else None
+    tokenizer = resolve_tokenizer(config.model.tokenizer_name) if pc.tokenize else None
     out = dataset.directory
     config_fp = prepare_fingerprint(config, tokenizer)
     input_fp = str(extract_manifest.get("content_fingerprint"))

@@ -32,12 +32,16 @@ def lr_factor(step: int, total_steps: int, config: TrainingConfig) -> float:
     if config.lr_scheduler == "cosine":
         progress = min((step - warmup) / max(remaining - 1, 1), 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay = max(round(config.decay_ratio * total_steps), 1)
-    decay_start = total_steps - decay
-    if step < decay_start:
+    start = wsd_decay_start(config, total_steps)
+    if step < start:
         return 1.0
-    progress = min((step - decay_start + 1) / decay, 1.0)
+    progress = min((step - start + 1) / (total_steps - start), 1.0)
     return 1.0 - (1.0 - floor) * progress
+
+
+def wsd_decay_start(config: TrainingConfig, total_steps: int) -> int:
+    """The first step (0-based) of the wsd schedule's decay: the last decay_ratio of the steps, at least one."""
+    return total_steps - max(round(config.decay_ratio * total_steps), 1)
 
 
 def steps_within(

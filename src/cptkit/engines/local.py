@@ -77,9 +77,8 @@ def _run_chunk(texts: Sequence[str | None], errors: Sequence[str | None]) -> lis
 
 
 def _worker_count(config: PrepareConfig, documents: int) -> int:
-    n = config.workers or (os.cpu_count() or 1)
     # Starting processes costs about a second; small inputs are faster in this one.
-    return 1 if documents < 4 * config.chunk_size else n
+    return 1 if documents < 4 * config.chunk_size else config.worker_count
 
 
 def _record_results(parquet: pq.ParquetFile, job: PrepareJob) -> Iterator[tuple[pa.RecordBatch, list[DocResult]]]:

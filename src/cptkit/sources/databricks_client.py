@@ -24,7 +24,6 @@ from cptkit.secrets import Secrets, env_secrets, mask_url
 
 T = TypeVar("T")
 
-INSTALL_SQL_CONNECTOR = "pip install databricks-sql-connector"
 # Seconds slept between retries; tests replace it to run fast.
 SLEEP: Callable[[float], None] = time.sleep
 
