@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import os
 import platform
@@ -139,7 +140,7 @@ def run_pair(model: Any, tokenizer: Any, texts: list[str], context: int, batch_s
         "tokens_per_second": base.tokens / seconds,
         "base_nll": base.nll,
         "adapted_nll": cpt.nll,
-        "drift": drift.as_dict(),
+        "drift": dataclasses.asdict(drift.result()),
     }
 
 

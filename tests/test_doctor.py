@@ -122,9 +122,9 @@ def test_the_preflight_prints_the_choices_and_the_warning(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from conftest import prepared_run
-    from cptkit.cli import print_preflight
     from cptkit.config import load_config
     from cptkit.preflight import preflight
+    from cptkit.printers import print_preflight
     from cptkit.progress import console
 
     fake_probe(monkeypatch, ["cpu"], fp32_gflops=97.0, bf16_gflops=1.3)

@@ -225,7 +225,7 @@ def make_adapter(model_dir: Path, out: Path, seed: int = 1) -> Path:
 def test_adapter_disabled_base_equals_the_separately_loaded_base(tiny_model_dir: Path, tmp_path: Path) -> None:
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     pair = load_pair(str(tiny_model_dir), adapter, TrainingConfig(method="lora"), "fp32", "cpu")
-    assert pair.description["base_scored_as"].startswith("the adapted model with its adapter disabled")
+    assert pair.description.base_scored_as.startswith("the adapted model with its adapter disabled")
     docs = pair.cpt_tokenizer.encode(texts(3))
     (disabled, adapted), drift = score([pair.base_runner, pair.cpt_runner], docs, 48, 16, 4, drift=True)
     (separate,), _ = score([fixed(load_model(tiny_model_dir))], docs, 48, 16, 4)
@@ -242,13 +242,13 @@ def test_drift_is_zero_for_identical_models(tiny_model_dir: Path, tmp_path: Path
     docs = tokenizer_of(tiny_model_dir).encode(texts(3))
     _, drift = score([fixed(model), fixed(model)], docs, 32, 16, 4, drift=True)
     assert drift is not None and drift.positions == sum(len(d) - 1 for d in docs)
-    assert drift.as_dict()["kl"] == pytest.approx(0.0, abs=1e-9)
-    assert drift.as_dict()["top1_agreement"] == 1.0
+    assert drift.result().kl == pytest.approx(0.0, abs=1e-9)
+    assert drift.result().top1_agreement == 1.0
     # A freshly initialized adapter (B = 0) changes nothing either.
     fresh = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear")).eval()
     _, drift = score([adapter_disabled(fresh), fixed(fresh)], docs, 32, 16, 4, drift=True)
     assert drift is not None
-    assert drift.as_dict()["kl"] == pytest.approx(0.0, abs=1e-9) and drift.as_dict()["top1_agreement"] == 1.0
+    assert drift.result().kl == pytest.approx(0.0, abs=1e-9) and drift.result().top1_agreement == 1.0
 
 
 def test_bf16_scores_the_same_without_the_adapters_input_casts(

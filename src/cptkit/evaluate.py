@@ -9,9 +9,8 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -30,6 +29,16 @@ from cptkit.lm_tasks import run_tasks
 from cptkit.model_folder import EVALUATION_DIR, RESULTS, SUMMARY, evaluation_dir, trained_training_config
 from cptkit.model_pair import generate, load_pair
 from cptkit.progress import console
+from cptkit.results import (
+    DataAccounting,
+    Drift,
+    EvaluationResults,
+    EvaluationSettings,
+    ModelScore,
+    SetFacts,
+    TrainingFacts,
+    TrainingSummary,
+)
 from cptkit.scoring import score
 from cptkit.stage import StageResult
 from cptkit.tracking import Tracker, open_tracker
@@ -40,7 +49,7 @@ from cptkit.verdict import relative_change, verdict
 
 @dataclass(frozen=True)
 class EvaluateResult(StageResult):
-    results: dict[str, Any] | None = None
+    results: EvaluationResults | None = None
 
 
 def evaluate(
@@ -74,37 +83,37 @@ def _evaluate(
     input_fp = _input_fingerprint(cpt_dir, sources, task_dir)
     existing = up_to_date(out, config_fp, input_fp)
     if existing is not None and not force:
-        results = read_json(out / RESULTS)
+        results = EvaluationResults.read(out / RESULTS)
         if output is not None and results is not None:
-            write_json_atomic(output, results)
+            write_json_atomic(output, results.to_json())
         return EvaluateResult(existing, out, skipped=True, results=results)
 
     invalidate(out)
     started = time.perf_counter()
     sets = {name: read_set(name, source, ec.max_documents) for name, source in sources.items()}
-    summary = read_json(cpt_dir / SUMMARY)
+    summary = TrainingSummary.read(cpt_dir / SUMMARY)
     results = _evaluate_sets(config, cpt_dir, sets, summary, device, precision)
-    results["seconds"] = round(time.perf_counter() - started, 2)
+    results = replace(results, seconds=round(time.perf_counter() - started, 2))
     from cptkit.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / RESULTS, results)
+    write_json_atomic(out / RESULTS, results.to_json())
     report_files = write_report(results, summary, out)
     # Opened only now: a failed evaluation leaves the training's run as it was, and creates no run.
     tracker = _open_tracker(config, summary, tracker_factory)
     try:
-        _log(tracker, results, out, [RESULTS, *report_files], step=int((summary or {}).get("steps") or 0))
+        _log(tracker, results, out, [RESULTS, *report_files], step=summary.steps if summary else 0)
     finally:
         tracker.end("FINISHED")  # the training run finished; a logging error must not mark it failed
     if output is not None:
-        write_json_atomic(output, results)
+        write_json_atomic(output, results.to_json())
     manifest = new_manifest("evaluate", config_fp, input_fp)
     manifest.update(
         outputs={n: {"bytes": (out / n).stat().st_size} for n in [RESULTS, *report_files]},
         base_model=config.model.name,
         cpt_model=str(cpt_dir),
-        verdict=results["verdict"]["passed"],
-        seconds=results["seconds"],
+        verdict=results.passed,
+        seconds=results.seconds,
     )
     write_json_atomic(out / MANIFEST, manifest)
     return EvaluateResult(manifest, out, skipped=False, results=results)
@@ -130,9 +139,9 @@ def _files_fingerprint(folder: Path, recursive: bool) -> str:
     return json.dumps(stats)
 
 
-def _open_tracker(config: Config, summary: dict[str, Any] | None, factory: Callable[..., Tracker]) -> Tracker:
+def _open_tracker(config: Config, summary: TrainingSummary | None, factory: Callable[..., Tracker]) -> Tracker:
     """The training's MLflow run continued, or a new run when training was not tracked."""
-    run_id = (summary or {}).get("mlflow_run_id")
+    run_id = summary.mlflow_run_id if summary else None
     run_name = config.run_name("eval")
     return factory(config.tracking, run_id, run_name)
 
@@ -151,10 +160,10 @@ def _evaluate_sets(
     config: Config,
     cpt_dir: Path,
     sets: dict[str, EvalSet],
-    summary: dict[str, Any] | None,
+    summary: TrainingSummary | None,
     device_choice: Choice,
     precision: Choice,
-) -> dict[str, Any]:
+) -> EvaluationResults:
     import torch
 
     ec = config.evaluate
@@ -166,25 +175,22 @@ def _evaluate_sets(
     if precision.warning:
         console.print(f"evaluate: warning: {precision.warning}", style="yellow", highlight=False, markup=False)
     bf16 = precision.value == "bf16"
-    results: dict[str, Any] = {
-        **pair.description,
-        "settings": {
-            "context_length": context,
-            "stride": stride,
-            "batch_size": ec.batch_size,
-            "precision": precision.value,
-            "precision_reason": precision.reason,
-            "max_documents": ec.max_documents,
-            "max_tokens": ec.max_tokens,
-            "prefix_token_id": pair.cpt_tokenizer.prefix_id,
-            "device": str(device),
-            "device_reason": device_choice.reason,
-        },
-        "base": {},
-        "cpt": {},
-        "drift": {},
-        "sets": {},
-    }
+    settings = EvaluationSettings(
+        context_length=context,
+        stride=stride,
+        batch_size=ec.batch_size,
+        precision=precision.value,
+        precision_reason=precision.reason,
+        max_documents=ec.max_documents,
+        max_tokens=ec.max_tokens,
+        prefix_token_id=pair.cpt_tokenizer.prefix_id,
+        device=str(device),
+        device_reason=device_choice.reason,
+    )
+    base: dict[str, ModelScore] = {}
+    cpt: dict[str, ModelScore] = {}
+    drifts: dict[str, Drift] = {}
+    facts: dict[str, SetFacts] = {}
     scored_tokens = 0
     score_seconds = 0.0
     for name, eval_set in sets.items():
@@ -202,7 +208,7 @@ def _evaluate_sets(
                 [pair.base_runner, pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16, True, name
             )
             assert drift is not None
-            results["drift"][name] = drift.as_dict()
+            drifts[name] = drift.result()
         else:  # different tokenizers: scored separately; bits per byte still compares them
             (base_score,), _ = score([pair.base_runner], base_docs, context, stride, ec.batch_size, device, bf16)
             (cpt_score,), _ = score([pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16)
@@ -210,84 +216,78 @@ def _evaluate_sets(
         scored_tokens += base_score.tokens + cpt_score.tokens
         for score_ in (base_score, cpt_score):
             score_.bytes = eval_set.bytes
-        results["base"][name] = base_score.as_dict()
-        results["cpt"][name] = cpt_score.as_dict()
-        results["sets"][name] = {
-            "documents": len(eval_set.texts),
-            "skipped": eval_set.skipped,
-            "capped_at_tokens": ec.max_tokens if cut else None,  # the last document cut, later ones left out
-            **eval_set.source,
-        }
+        base[name] = base_score.result()
+        cpt[name] = cpt_score.result()
+        facts[name] = SetFacts(
+            documents=len(eval_set.texts),
+            skipped=eval_set.skipped,
+            capped_at_tokens=ec.max_tokens if cut else None,  # the last document cut, later ones left out
+            source=eval_set.source,
+        )
         console.print(
             f"evaluate {name}: perplexity {base_score.perplexity:.3f} -> {cpt_score.perplexity:.3f}, bits per byte "
             f"{base_score.bits_per_byte:.4f} -> {cpt_score.bits_per_byte:.4f} ({cpt_score.tokens:,} tokens)",
             highlight=False,
         )
 
-    base_domain, cpt_domain = results["base"][DOMAIN]["perplexity"], results["cpt"][DOMAIN]["perplexity"]
-    results["adaptation"] = -relative_change(base_domain, cpt_domain)
+    adaptation = -relative_change(base[DOMAIN].perplexity, cpt[DOMAIN].perplexity)
     held_out = [n for n in sets if n != DOMAIN]
-    results["forgetting_by_set"] = {
-        n: relative_change(results["base"][n]["perplexity"], results["cpt"][n]["perplexity"]) for n in held_out
-    }
-    # The worst held-out set: a gain on one general set must not hide a loss on another.
-    results["forgetting"] = max(results["forgetting_by_set"].values()) if held_out else None
-    general_drift = results["drift"].get(GENERAL)
-    results["drift_kl"] = general_drift["kl"] if general_drift else None
-    results["top1_agreement"] = general_drift["top1_agreement"] if general_drift else None
-    results["tokens_per_second"] = scored_tokens / max(score_seconds, 1e-9)
-    results["tasks"] = run_tasks(pair, ec.tasks, context, ec.batch_size, ec.task_limit, ec.task_include_path, bf16)
-    results["generations"] = generate(pair, ec.generation, device)
-    results["training"] = _training_facts(summary)
-    results["data"] = _data_accounting(config)
-    results["verdict"] = verdict(results, ec)
-    return results
+    forgetting_by_set = {n: relative_change(base[n].perplexity, cpt[n].perplexity) for n in held_out}
+    general_drift = drifts.get(GENERAL)
+    drift_kl = general_drift.kl if general_drift else None
+    return EvaluationResults(
+        pair=pair.description,
+        settings=settings,
+        base=base,
+        cpt=cpt,
+        drift=drifts,
+        sets=facts,
+        adaptation=adaptation,
+        forgetting_by_set=forgetting_by_set,
+        # The worst held-out set: a gain on one general set must not hide a loss on another.
+        forgetting=max(forgetting_by_set.values()) if held_out else None,
+        drift_kl=drift_kl,
+        top1_agreement=general_drift.top1_agreement if general_drift else None,
+        tokens_per_second=scored_tokens / max(score_seconds, 1e-9),
+        tasks=run_tasks(pair, ec.tasks, context, ec.batch_size, ec.task_limit, ec.task_include_path, bf16),
+        generations=generate(pair, ec.generation, device),
+        training=TrainingFacts.of(summary) if summary is not None else None,
+        data=_data_accounting(config),
+        verdict=verdict(adaptation, forgetting_by_set, drift_kl, ec),
+    )
 
 
-def _training_facts(summary: dict[str, Any] | None) -> dict[str, Any] | None:
-    if summary is None:
-        return None
-    keys = ("steps", "tokens", "replay_share", "packing_efficiency", "tokens_per_second", "final_loss", "method")
-    return {k: summary.get(k) for k in keys} | {"stopped_reason": summary.get("stopped_reason")}
-
-
-def _data_accounting(config: Config) -> dict[str, Any]:
+def _data_accounting(config: Config) -> dict[str, DataAccounting]:
     """Document counts from the prepare manifests of the domain and replay data, where they exist."""
     out = {}
     for name, directory in (("domain", domain_dir(config)), ("replay", replay_dir(config))):
         m = read_json(directory / MANIFEST)
         if m is None or m.get("stage") != "prepare":
             continue
-        keys = (
-            "documents_in",
-            "documents_kept",
-            "dropped",
-            "quarantined",
-            "quarantined_by_reason",
-            "train_documents",
-            "val_documents",
-            "train_tokens",
-            "val_tokens",
-            "redactions",
-        )
-        out[name] = {k: m.get(k) for k in keys}
+        out[name] = DataAccounting.of(m)
     return out
 
 
-def _log(tracker: Tracker, results: dict[str, Any], out: Path, files: list[str], step: int) -> None:
+def _log(tracker: Tracker, results: EvaluationResults, out: Path, files: list[str], step: int) -> None:
     metrics: dict[str, float] = {}
-    for model in ("base", "cpt"):
-        for set_name, s in results[model].items():
-            metrics[f"eval/{set_name}/{model}_perplexity"] = s["perplexity"]
-            metrics[f"eval/{set_name}/{model}_bits_per_byte"] = s["bits_per_byte"]
-    for set_name, d in results["drift"].items():
-        metrics[f"eval/{set_name}/drift_kl"] = d["kl"]
-        metrics[f"eval/{set_name}/top1_agreement"] = d["top1_agreement"]
-    for key in ("adaptation", "forgetting", "drift_kl", "top1_agreement"):
-        if results.get(key) is not None:
-            metrics[f"eval/{key}"] = results[key]
-    metrics["eval/passed"] = float(results["verdict"]["passed"])
+    for model, scores in (("base", results.base), ("cpt", results.cpt)):
+        for set_name, s in scores.items():
+            metrics[f"eval/{set_name}/{model}_perplexity"] = s.perplexity
+            metrics[f"eval/{set_name}/{model}_bits_per_byte"] = s.bits_per_byte
+    for set_name, d in results.drift.items():
+        metrics[f"eval/{set_name}/drift_kl"] = d.kl
+        metrics[f"eval/{set_name}/top1_agreement"] = d.top1_agreement
+    changes = {
+        "adaptation": results.adaptation,
+        "forgetting": results.forgetting,
+        "drift_kl": results.drift_kl,
+        "top1_agreement": results.top1_agreement,
+    }
+    for key, value in changes.items():
+        if value is not None:
+            metrics[f"eval/{key}"] = value
+    metrics["eval/passed"] = float(results.passed)
     tracker.log_metrics(metrics, step)
     for name in files:
         tracker.log_artifact(out / name, EVALUATION_DIR)
-    tracker.set_tags({"cptkit.evaluation": "passed" if results["verdict"]["passed"] else "failed"})
+    tracker.set_tags({"cptkit.evaluation": "passed" if results.passed else "failed"})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 from cptkit.model_pair import ModelPair
+from cptkit.results import TaskMetrics, TaskResults
 
 
 def run_tasks(
@@ -18,18 +18,16 @@ def run_tasks(
     limit: int | None,
     include_path: Path | None = None,
     bf16: bool = False,
-) -> dict[str, Any]:
+) -> TaskResults:
     """Run lm-evaluation-harness tasks on both models, the harness's own and those in `include_path`.
     Never fails the evaluation: a task whose data cannot be loaded (offline hub, unknown name) is
     reported as not run, with the reason, and the other tasks still run."""
     if not tasks:
-        return {"status": "not_requested", "tasks": []}
+        return TaskResults(status="not_requested", tasks=[])
     if importlib.util.find_spec("lm_eval") is None:
-        return {
-            "status": "not_run",
-            "tasks": tasks,
-            "reason": "lm-evaluation-harness is not installed (pip install lm-eval)",
-        }
+        return TaskResults(
+            status="not_run", tasks=tasks, reason="lm-evaluation-harness is not installed (pip install lm-eval)"
+        )
     import torch
 
     try:
@@ -46,7 +44,7 @@ def run_tasks(
             except Exception as exc:
                 missing[task] = _exception_line(exc)
         available = [t for t in tasks if t not in missing]
-        results: dict[str, dict[str, Any]] = {}
+        results: TaskMetrics = {}
         for name, runner, tok in (
             ("cpt", pair.cpt_runner, pair.cpt_tokenizer),
             ("base", pair.base_runner, pair.base_tokenizer),
@@ -73,13 +71,13 @@ def run_tasks(
                     if isinstance(value, int | float) and "stderr" not in metric and metric not in _NOT_METRICS:
                         results.setdefault(task, {}).setdefault(metric, {})[name] = float(value)
     except Exception as exc:  # the harness failed in a way a task's check above did not catch
-        return {"status": "not_run", "tasks": tasks, "reason": _exception_line(exc)}
+        return TaskResults(status="not_run", tasks=tasks, reason=_exception_line(exc))
     reason = "; ".join(f"{task}: {why}" for task, why in missing.items())
     if not available:
-        return {"status": "not_run", "tasks": tasks, "reason": reason, "not_run": missing}
+        return TaskResults(status="not_run", tasks=tasks, reason=reason, not_run=missing)
     if missing:
-        return {"status": "partial", "tasks": tasks, "reason": reason, "not_run": missing, "results": results}
-    return {"status": "ok", "tasks": tasks, "results": results}
+        return TaskResults(status="partial", tasks=tasks, reason=reason, not_run=missing, results=results)
+    return TaskResults(status="ok", tasks=tasks, results=results)
 
 
 # What the harness puts next to a task's metrics in its results.

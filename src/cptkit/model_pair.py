@@ -4,7 +4,7 @@ completions of fixed prompts by both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from cptkit.errors import CptkitError
 from cptkit.eval_sets import DOMAIN, GENERAL
 from cptkit.model_folder import ADAPTER_CONFIG, trained_training_config
 from cptkit.models import EMBEDDINGS_FILE
+from cptkit.results import Generation, PairDescription
 from cptkit.scoring import ModelRunner, TextTokenizer, adapter_disabled, fixed, text_tokenizer
 
 
@@ -28,7 +29,7 @@ class ModelPair:
     base_tokenizer: TextTokenizer
     cpt_tokenizer: TextTokenizer
     cpt_model: Any
-    description: dict[str, Any] = field(default_factory=dict)
+    description: PairDescription
 
 
 def load_pair(base_name: str, cpt_dir: Path, training: TrainingConfig, precision: str, device: Any) -> ModelPair:
@@ -64,18 +65,18 @@ def load_pair(base_name: str, cpt_dir: Path, training: TrainingConfig, precision
         cpt_tok = AutoTokenizer.from_pretrained(str(cpt_tok_dir))
     except (OSError, ValueError) as exc:
         raise CptkitError(f"cannot load a tokenizer for evaluation: {str(exc).splitlines()[0]}") from None
-    description = {
-        "base_model": base_name,
-        "base_model_path": str(base_dir),
-        "cpt_model": str(cpt_dir),
-        "method": trained.method,
-        "base_scored_as": "the adapted model with its adapter disabled" if shared else "a separately loaded copy",
-        "quantization": "4-bit NF4 base, as trained" if trained.method == "qlora" else "none",
-    }
+    description = PairDescription(
+        base_model=base_name,
+        base_model_path=str(base_dir),
+        cpt_model=str(cpt_dir),
+        method=trained.method,
+        base_scored_as="the adapted model with its adapter disabled" if shared else "a separately loaded copy",
+        quantization="4-bit NF4 base, as trained" if trained.method == "qlora" else "none",
+    )
     return ModelPair(base_runner, fixed(cpt), text_tokenizer(base_tok), text_tokenizer(cpt_tok), cpt, description)
 
 
-def generate(pair: ModelPair, gc: GenerationConfig, device: Any) -> list[dict[str, str]]:
+def generate(pair: ModelPair, gc: GenerationConfig, device: Any) -> list[Generation]:
     """Completions of the fixed prompts by both models, with the same decoding settings."""
     import torch
     from transformers import GenerationConfig as HfGenerationConfig
@@ -85,7 +86,7 @@ def generate(pair: ModelPair, gc: GenerationConfig, device: Any) -> list[dict[st
     prompts = [(DOMAIN, p) for p in gc.domain_prompts] + [(GENERAL, p) for p in gc.general_prompts]
     out = []
     for kind, prompt in prompts:
-        row = {"kind": kind, "prompt": prompt}
+        completions = {}
         for name, runner, tok in (
             ("base", pair.base_runner, pair.base_tokenizer),
             ("cpt", pair.cpt_runner, pair.cpt_tokenizer),
@@ -106,8 +107,8 @@ def generate(pair: ModelPair, gc: GenerationConfig, device: Any) -> list[dict[st
                 generated = model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings
                 )
-            row[name] = _completion(tok.tokenizer, ids[0], generated[0])
-        out.append(row)
+            completions[name] = _completion(tok.tokenizer, ids[0], generated[0])
+        out.append(Generation(kind=kind, prompt=prompt, **completions))
     return out
 
 

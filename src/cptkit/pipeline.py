@@ -9,15 +9,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 from cptkit.config import Config
 from cptkit.datasets import datasets
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.progress import console, event
+from cptkit.stage import StageResult
 
 if TYPE_CHECKING:
+    from cptkit.evaluate import EvaluateResult
     from cptkit.preflight import Plan
+    from cptkit.register import RegisterResult
+    from cptkit.train import TrainResult
+
+R = TypeVar("R")
 
 
 class Stage(StrEnum):
@@ -45,12 +51,12 @@ class StageFailed(CptkitError):
 class Reporters:
     """How each stage's result is shown (the CLI's print functions)."""
 
-    extract: Callable[[Any], None]
-    prepare: Callable[[Any], None]
+    extract: Callable[[StageResult], None]
+    prepare: Callable[[StageResult], None]
     preflight: Callable[[Plan], None]
-    train: Callable[[Any], None]
-    evaluate: Callable[[Any], None]
-    register: Callable[[Any], None]
+    train: Callable[[TrainResult], None]
+    evaluate: Callable[[EvaluateResult], None]
+    register: Callable[[RegisterResult], None]
 
 
 @dataclass
@@ -58,7 +64,7 @@ class RunResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    registered: Any = None  # register.RegisterResult
+    registered: RegisterResult | None = None
 
 
 def select(first: Stage | None, last: Stage | None) -> list[Stage]:
@@ -163,7 +169,7 @@ def dry_run(config: Config) -> Plan:
         raise StageFailed("preflight", exc) from exc
 
 
-def _timed(result: RunResult, key: str, show: Callable[[Any], None], fn: Callable[[], Any]) -> Any:
+def _timed(result: RunResult, key: str, show: Callable[[R], None], fn: Callable[[], R]) -> R:
     started = time.perf_counter()
     out = fn()
     result.timings[key] = time.perf_counter() - started

@@ -17,9 +17,9 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cptkit import __version__
 from cptkit.artifacts import MANIFEST, new_manifest, read_json, up_to_date, write_json_atomic
@@ -30,6 +30,7 @@ from cptkit.folders import claim
 from cptkit.model_folder import REGISTRATION_DIR, RESULTS, SUMMARY, evaluation_dir, trained_training_config
 from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, is_peft, load_trained, resolve_model
 from cptkit.registry import CHALLENGER, CHAMPION, UNITY_CATALOG, Registry, pinned_requirements, resolve_registry_uri
+from cptkit.results import Champion, Check, EvaluationResults, GateResult, TrainingSummary
 from cptkit.roundtrip import (
     ROUNDTRIP_TEXTS,
     load_float_model,
@@ -44,16 +45,6 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "cptkit."
 FORCED_TAG = "true: promoted with --force despite the failed gate"
-
-
-@dataclass(frozen=True)
-class GateResult:
-    passed: bool
-    checks: list[dict[str, Any]]
-    champion: dict[str, Any] | None = None
-
-    def failures(self) -> list[str]:
-        return [_describe_check(c) for c in self.checks if c["passed"] is False]
 
 
 @dataclass(frozen=True)
@@ -84,6 +75,19 @@ class RegisterResult:
         return (
             f"register: not promoted: {failures} (version {self.version} stays challenger; "
             "cptkit register --force promotes it anyway)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """As the registration manifest's `result` holds it."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(gate=self.gate.to_json(), notes=list(self.notes))
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], skipped: bool) -> Self:
+        known = {f.name for f in fields(cls)} - {"gate", "skipped"}
+        return cls(
+            gate=GateResult.from_json(data["gate"]), skipped=skipped, **{k: v for k, v in data.items() if k in known}
         )
 
 
@@ -122,7 +126,7 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
     input_fp = section_fingerprint(train_manifest.get("created_at"), eval_manifest.get("created_at"))
     existing = up_to_date(out, config_fp, input_fp)
     if existing is not None:
-        previous = _result_from(existing["result"], skipped=True)
+        previous = RegisterResult.from_json(existing["result"], skipped=True)
         if not force or previous.promoted:
             return previous
         # --force on the version the gate refused: promote that version rather than register it again.
@@ -130,10 +134,10 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
         registry.set_version_tags(name, previous.version, {f"{TAG_PREFIX}forced": FORCED_TAG})
         registry.set_alias(name, CHAMPION, previous.version)
         forced_now = replace(previous, promoted=True, forced=True, skipped=False)
-        existing["result"] = asdict(forced_now)
+        existing["result"] = forced_now.to_json()
         write_json_atomic(out / MANIFEST, existing)
         return forced_now
-    summary = read_json(cpt_dir / SUMMARY) or {}
+    summary = TrainingSummary.read(cpt_dir / SUMMARY)
     training = trained_training_config(cpt_dir, config.training)
     env = os.environ
     registry_uri = resolve_registry_uri(config.register_.registry_uri, env) or resolve_tracking_uri(
@@ -155,7 +159,7 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
 
     gate = promotion_gate(results, config, registry, name)
     logged = registry.log_transformers_model(
-        summary.get("mlflow_run_id"),
+        summary.mlflow_run_id if summary else None,
         config.tracking.experiment_name,
         model,
         tokenizer,
@@ -206,7 +210,7 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
         float_base_gap=gap,
     )
     manifest = new_manifest("register", config_fp, input_fp)
-    manifest["result"] = asdict(result)
+    manifest["result"] = result.to_json()
     write_json_atomic(out / MANIFEST, manifest)
     return result
 
@@ -230,20 +234,14 @@ def _check_round_trip(
     return diff
 
 
-def _result_from(data: dict[str, Any], skipped: bool) -> RegisterResult:
-    gate = GateResult(**data.pop("gate"))
-    data.pop("skipped", None)
-    return RegisterResult(gate=gate, skipped=skipped, **data)
-
-
 # ---------------------------------------------------------------- what is registered
 
 
-def _current_evaluation(config: Config, train_manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _current_evaluation(config: Config, train_manifest: dict[str, Any]) -> tuple[EvaluationResults, dict[str, Any]]:
     """The evaluation results of the trained model now in output_dir; an error when there are none, or
     when they were computed before this model was trained."""
     out = evaluation_dir(config)
-    results = read_json(out / RESULTS)
+    results = EvaluationResults.read(out / RESULTS)
     eval_manifest = read_json(out / MANIFEST)
     if results is None or eval_manifest is None:
         raise StageError(
@@ -278,7 +276,11 @@ def decide_merge(rc: RegisterConfig, training: TrainingConfig, cpt_dir: Path, re
 
 
 def model_metadata(
-    config: Config, training: TrainingConfig, summary: dict[str, Any], results: dict[str, Any], merged: bool
+    config: Config,
+    training: TrainingConfig,
+    summary: TrainingSummary | None,
+    results: EvaluationResults,
+    merged: bool,
 ) -> dict[str, Any]:
     """What the registered model is, in its MLmodel file: base, method, data, training and evaluation."""
     return {
@@ -287,14 +289,20 @@ def model_metadata(
         "method": training.method,
         "merged": merged,
         "data": _data_fingerprints(config),
-        "training": {k: summary.get(k) for k in ("steps", "tokens", "replay_share", "final_loss", "mlflow_run_id")},
+        "training": {
+            "steps": summary.steps if summary else None,
+            "tokens": summary.tokens if summary else None,
+            "replay_share": summary.replay_share if summary else None,
+            "final_loss": summary.final_loss if summary else None,
+            "mlflow_run_id": summary.mlflow_run_id if summary else None,
+        },
         "evaluation": {
-            "adaptation": results.get("adaptation"),
-            "forgetting": results.get("forgetting"),
-            "drift_kl": results.get("drift_kl"),
-            "top1_agreement": results.get("top1_agreement"),
-            "passed": (results.get("verdict") or {}).get("passed"),
-            "settings": results.get("settings"),
+            "adaptation": results.adaptation,
+            "forgetting": results.forgetting,
+            "drift_kl": results.drift_kl,
+            "top1_agreement": results.top1_agreement,
+            "passed": results.passed,
+            "settings": asdict(results.settings),
         },
     }
 
@@ -302,7 +310,7 @@ def model_metadata(
 def version_tags(
     config: Config,
     training: TrainingConfig,
-    results: dict[str, Any],
+    results: EvaluationResults,
     merged: bool,
     gap: dict[str, float] | None,
 ) -> dict[str, str]:
@@ -312,12 +320,18 @@ def version_tags(
         f"{TAG_PREFIX}merged": str(merged).lower(),
         f"{TAG_PREFIX}status": "checking",
     }
-    for key in ("adaptation", "forgetting", "drift_kl", "top1_agreement"):
-        if results.get(key) is not None:
-            tags[f"{TAG_PREFIX}eval.{key}"] = f"{results[key]:.6g}"
-    domain = (results.get("cpt") or {}).get(DOMAIN) or {}
-    if domain.get("bits_per_byte") is not None:
-        tags[f"{TAG_PREFIX}eval.domain_bits_per_byte"] = repr(float(domain["bits_per_byte"]))
+    changes = {
+        "adaptation": results.adaptation,
+        "forgetting": results.forgetting,
+        "drift_kl": results.drift_kl,
+        "top1_agreement": results.top1_agreement,
+    }
+    for key, value in changes.items():
+        if value is not None:
+            tags[f"{TAG_PREFIX}eval.{key}"] = f"{value:.6g}"
+    domain = results.cpt.get(DOMAIN)
+    if domain is not None:
+        tags[f"{TAG_PREFIX}eval.domain_bits_per_byte"] = repr(float(domain.bits_per_byte))
         tags[f"{TAG_PREFIX}eval.domain_set"] = domain_set_id(config, results)
     if gap is not None:
         tags[f"{TAG_PREFIX}qlora.on_float_base.max_abs_logit_diff"] = f"{gap['max_abs_logit_diff']:.3g}"
@@ -370,61 +384,52 @@ def float_base_gap(
 # ---------------------------------------------------------------- the promotion gate
 
 
-def promotion_gate(results: dict[str, Any], config: Config, registry: Registry, name: str) -> GateResult:
+def promotion_gate(results: EvaluationResults, config: Config, registry: Registry, name: str) -> GateResult:
     """The evaluation's verdict against the config's thresholds (minimum adaptation, maximum forgetting
     and drift), and, when a champion exists and was evaluated on the same domain text, no worse than it
     on the domain (bits per byte, which does not depend on the tokenizer)."""
-    checks = list(verdict(results, config.evaluate)["checks"])
+    checks = list(verdict(results.adaptation, results.forgetting_by_set, results.drift_kl, config.evaluate).checks)
     champion_version = registry.alias_version(name, CHAMPION)
     champion = None
     if champion_version is not None:
         tags = registry.version_tags(name, champion_version)
-        ours = (results.get("cpt") or {}).get(DOMAIN, {}).get("bits_per_byte")
+        domain = results.cpt.get(DOMAIN)
+        ours = domain.bits_per_byte if domain is not None else None
         theirs = tags.get(f"{TAG_PREFIX}eval.domain_bits_per_byte")
         same_set = tags.get(f"{TAG_PREFIX}eval.domain_set") == domain_set_id(config, results)
-        champion = {"version": champion_version, "domain_bits_per_byte": theirs, "same_domain_set": same_set}
+        champion = Champion(version=champion_version, domain_bits_per_byte=theirs, same_domain_set=same_set)
         if ours is None or theirs is None or not same_set:
             checks.append(
-                {
-                    "name": f"domain vs champion (version {champion_version})",
-                    "value": ours,
-                    "threshold": None,
-                    "passed": None,
-                    "note": "not compared: the champion was evaluated on other domain text or settings",
-                }
+                Check(
+                    name=f"domain vs champion (version {champion_version})",
+                    value=ours,
+                    threshold=None,
+                    passed=None,
+                    note="not compared: the champion was evaluated on other domain text or settings",
+                )
             )
         else:
             checks.append(
-                {
-                    "name": f"domain bits/byte vs champion (version {champion_version})",
-                    "value": float(ours),
-                    "threshold": float(theirs),
-                    "passed": float(ours) <= float(theirs),
-                }
+                Check(
+                    name=f"domain bits/byte vs champion (version {champion_version})",
+                    value=float(ours),
+                    threshold=float(theirs),
+                    passed=float(ours) <= float(theirs),
+                )
             )
-    decided = [c["passed"] for c in checks if c["passed"] is not None]
+    decided = [c.passed for c in checks if c.passed is not None]
     return GateResult(passed=all(decided), checks=checks, champion=champion)
 
 
-def domain_set_id(config: Config, results: dict[str, Any]) -> str:
+def domain_set_id(config: Config, results: EvaluationResults) -> str:
     """An identity of the domain evaluation text and the scoring settings: two versions' domain scores
     are comparable only when it is equal."""
     source = eval_sources(config)[DOMAIN]
     texts = read_set(DOMAIN, source, config.evaluate.max_documents).texts
-    settings = {k: (results.get("settings") or {}).get(k) for k in ("context_length", "stride", "max_documents")}
+    s = results.settings
+    settings = {"context_length": s.context_length, "stride": s.stride, "max_documents": s.max_documents}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()[:16]
-
-
-def _describe_check(check: dict[str, Any]) -> str:
-    name, value, threshold = check["name"], check["value"], check["threshold"]
-    if name == "adaptation":
-        return f"adaptation {value:.1%} < minimum {threshold:.1%}"
-    if name.startswith("forgetting"):
-        return f"{name} {value:+.1%} > maximum {threshold:.1%}"
-    if name == "drift_kl":
-        return f"drift KL {value:.4f} > maximum {threshold:.4f}"
-    return f"{name}: {value:.4f} worse than {threshold:.4f}"

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from cptkit.artifacts import atomic_path
+from cptkit.results import EvaluationResults, TrainingSummary
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
 CHART_METRICS, CHART_LOSSES = "metrics.png", "losses.png"
 BASE_COLOR, CPT_COLOR = "#8c8c8c", "#1f77b4"
 
 
-def write_report(results: dict[str, Any], summary: dict[str, Any] | None, directory: Path) -> list[str]:
+def write_report(results: EvaluationResults, summary: TrainingSummary | None, directory: Path) -> list[str]:
     """Write the charts, report.md and report.html into `directory`; return the file names written."""
     charts = {CHART_METRICS: metrics_chart(results)}
     losses = loss_chart(summary)
@@ -46,53 +47,52 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def headline(results: dict[str, Any]) -> str:
+def headline(results: EvaluationResults) -> str:
     """One sentence: did the model get better on the domain, and what did it cost."""
-    adaptation = results.get("adaptation")
-    forgetting = results.get("forgetting")
+    adaptation = results.adaptation
     parts = [f"domain perplexity {_pct(-adaptation if adaptation is not None else None)}"]
-    for name, value in (results.get("forgetting_by_set") or {}).items():
+    for name, value in results.forgetting_by_set.items():
         parts.append(f"{name} perplexity {_pct(value)}")
-    if results.get("drift_kl") is not None:
-        parts.append(f"drift KL {results['drift_kl']:.4f} nats, top-1 agreement {results['top1_agreement']:.1%}")
-    status = "PASSED" if results["verdict"]["passed"] else "FAILED"
-    if forgetting is None:
+    if results.drift_kl is not None:
+        parts.append(f"drift KL {results.drift_kl:.4f} nats, top-1 agreement {results.top1_agreement:.1%}")
+    status = "PASSED" if results.passed else "FAILED"
+    if results.forgetting is None:
         parts.append("no held-out general set, so forgetting was not measured")
     return f"{status}: " + "; ".join(parts) + "."
 
 
-def _check_rows(results: dict[str, Any]) -> list[list[str]]:
+def _check_rows(results: EvaluationResults) -> list[list[str]]:
     rows = []
-    for c in results["verdict"]["checks"]:
-        is_kl = c["name"] == "drift_kl"
-        value = _num(c["value"], 4) if is_kl else _pct(c["value"])
-        if c["threshold"] is None:
+    for c in results.verdict.checks:
+        is_kl = c.name == "drift_kl"
+        value = _num(c.value, 4) if is_kl else _pct(c.value)
+        if c.threshold is None:
             limit = "no threshold"
-        elif c["name"] == "adaptation":
-            limit = f">= {c['threshold']:.1%}"
+        elif c.name == "adaptation":
+            limit = f">= {c.threshold:.1%}"
         else:
-            limit = f"<= {_num(c['threshold'], 4) if is_kl else format(c['threshold'], '.1%')}"
-        status = {True: "pass", False: "FAIL", None: "not checked"}[c["passed"]]
-        rows.append([c["name"], value, limit, status])
+            limit = f"<= {_num(c.threshold, 4) if is_kl else format(c.threshold, '.1%')}"
+        status = {True: "pass", False: "FAIL", None: "not checked"}[c.passed]
+        rows.append([c.name, value, limit, status])
     return rows
 
 
-def _metric_rows(results: dict[str, Any]) -> list[list[str]]:
+def _metric_rows(results: EvaluationResults) -> list[list[str]]:
     rows = []
-    for name, base in results["base"].items():
-        cpt = results["cpt"][name]
-        change = (cpt["perplexity"] - base["perplexity"]) / base["perplexity"]
+    for name, base in results.base.items():
+        cpt = results.cpt[name]
+        change = (cpt.perplexity - base.perplexity) / base.perplexity
         rows.append(
             [
                 name,
-                _num(base["perplexity"]),
-                _num(cpt["perplexity"]),
+                _num(base.perplexity),
+                _num(cpt.perplexity),
                 _pct(change),
-                _num(base["bits_per_byte"], 4),
-                _num(cpt["bits_per_byte"], 4),
-                f"{cpt['tokens']:,}",
-                f"{cpt['bytes']:,}",
-                f"{cpt['documents']:,}",
+                _num(base.bits_per_byte, 4),
+                _num(cpt.bits_per_byte, 4),
+                f"{cpt.tokens:,}",
+                f"{cpt.bytes:,}",
+                f"{cpt.documents:,}",
             ]
         )
     return rows
@@ -102,27 +102,24 @@ METRIC_HEADER = ["set", "base ppl", "adapted ppl", "change", "base bits/byte", "
 METRIC_HEADER += ["documents"]
 
 
-def _drift_rows(results: dict[str, Any]) -> list[list[str]]:
-    return [
-        [name, _num(d["kl"], 4), f"{d['top1_agreement']:.1%}", f"{d['positions']:,}"]
-        for name, d in results["drift"].items()
-    ]
+def _drift_rows(results: EvaluationResults) -> list[list[str]]:
+    return [[name, _num(d.kl, 4), f"{d.top1_agreement:.1%}", f"{d.positions:,}"] for name, d in results.drift.items()]
 
 
-def _training_rows(results: dict[str, Any]) -> list[list[str]]:
-    t = results.get("training")
-    if not t:
+def _training_rows(results: EvaluationResults) -> list[list[str]]:
+    t = results.training
+    if t is None:
         return []
     rows = [
-        ["method", str(t.get("method"))],
-        ["steps", f"{t.get('steps')}"],
-        ["tokens trained", f"{t.get('tokens') or 0:,}"],
-        ["realized replay share", _share(t.get("replay_share"))],
-        ["packing efficiency", _share(t.get("packing_efficiency"))],
-        ["final training loss", _num(t.get("final_loss"), 4)],
+        ["method", str(t.method)],
+        ["steps", f"{t.steps}"],
+        ["tokens trained", f"{t.tokens or 0:,}"],
+        ["realized replay share", _share(t.replay_share)],
+        ["packing efficiency", _share(t.packing_efficiency)],
+        ["final training loss", _num(t.final_loss, 4)],
     ]
-    if t.get("stopped_reason"):
-        rows.append(["stopped early", str(t["stopped_reason"])])
+    if t.stopped_reason:
+        rows.append(["stopped early", str(t.stopped_reason)])
     return rows
 
 
@@ -130,20 +127,20 @@ def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def _data_rows(results: dict[str, Any]) -> list[list[str]]:
+def _data_rows(results: EvaluationResults) -> list[list[str]]:
     rows = []
-    for name, m in (results.get("data") or {}).items():
-        dropped = m.get("dropped") or {}
+    for name, m in results.data.items():
+        dropped = m.dropped or {}
         dropped_text = ", ".join(f"{k} {v:,}" for k, v in dropped.items()) or "none"
         rows.append(
             [
                 name,
-                f"{m.get('documents_in') or 0:,}",
-                f"{m.get('documents_kept') or 0:,}",
+                f"{m.documents_in or 0:,}",
+                f"{m.documents_kept or 0:,}",
                 f"{sum(dropped.values()):,} ({dropped_text})",
-                f"{m.get('quarantined') or 0:,}",
-                f"{m.get('train_documents') or 0:,} / {m.get('val_documents') or 0:,}",
-                f"{m.get('train_tokens') or 0:,} / {m.get('val_tokens') or 0:,}",
+                f"{m.quarantined or 0:,}",
+                f"{m.train_documents or 0:,} / {m.val_documents or 0:,}",
+                f"{m.train_tokens or 0:,} / {m.val_tokens or 0:,}",
             ]
         )
     return rows
@@ -153,9 +150,9 @@ DATA_HEADER = ["data", "documents in", "kept", "dropped (by reason)", "quarantin
 DATA_HEADER += ["train / val tokens"]
 
 
-def _task_rows(results: dict[str, Any]) -> list[list[str]]:
+def _task_rows(results: EvaluationResults) -> list[list[str]]:
     rows = []
-    for task, metrics in (results["tasks"].get("results") or {}).items():
+    for task, metrics in (results.tasks.results or {}).items():
         for metric, by_model in metrics.items():
             base, cpt = by_model.get("base"), by_model.get("cpt")
             delta = f"{cpt - base:+.4f}" if base is not None and cpt is not None else "n/a"
@@ -163,27 +160,28 @@ def _task_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _tasks_note(results: dict[str, Any]) -> str:
-    tasks = results["tasks"]
-    if tasks["status"] == "not_requested":
+def _tasks_note(results: EvaluationResults) -> str:
+    tasks = results.tasks
+    if tasks.status == "not_requested":
         return "No lm-evaluation-harness tasks were requested (`--tasks` or `evaluate.tasks`)."
-    if tasks["status"] == "not_run":
-        return f"lm-evaluation-harness tasks {', '.join(tasks['tasks'])} were NOT run: {tasks['reason']}."
-    if tasks["status"] == "partial":  # the reason names each task not run
-        return f"lm-evaluation-harness tasks {', '.join(tasks['not_run'])} were NOT run: {tasks['reason']}."
+    if tasks.status == "not_run":
+        return f"lm-evaluation-harness tasks {', '.join(tasks.tasks)} were NOT run: {tasks.reason}."
+    if tasks.status == "partial":  # the reason names each task not run
+        return f"lm-evaluation-harness tasks {', '.join(tasks.not_run or {})} were NOT run: {tasks.reason}."
     return ""
 
 
-def _settings_line(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    capped = [name for name, info in results.get("sets", {}).items() if info.get("capped_at_tokens")]
-    cap = f"Sets capped at {s['max_tokens']:,} tokens: {', '.join(capped)}. " if capped else ""
+def _settings_line(results: EvaluationResults) -> str:
+    s = results.settings
+    capped = [name for name, facts in results.sets.items() if facts.capped_at_tokens]
+    cap = f"Sets capped at {s.max_tokens:,} tokens: {', '.join(capped)}. " if capped else ""
+    pair = results.pair
     return (
-        f"Sliding windows of {s['context_length']} tokens advancing by {s['stride']} (every token scored once), "
-        f"batches of {s['batch_size']} windows, {s['precision']} on {s['device']}; method {results['method']}, "
-        f"base scored as {results['base_scored_as']}; quantization: {results['quantization']}. {cap}"
-        f"Evaluation took {results.get('seconds', 0):.1f} s "
-        f"({results.get('tokens_per_second', 0):,.0f} tokens/s scored)."
+        f"Sliding windows of {s.context_length} tokens advancing by {s.stride} (every token scored once), "
+        f"batches of {s.batch_size} windows, {s.precision} on {s.device}; method {pair.method}, "
+        f"base scored as {pair.base_scored_as}; quantization: {pair.quantization}. {cap}"
+        f"Evaluation took {results.seconds or 0:.1f} s "
+        f"({results.tokens_per_second or 0:,.0f} tokens/s scored)."
     )
 
 
@@ -197,9 +195,9 @@ READING = (
 )
 
 
-def markdown(results: dict[str, Any], charts: list[str]) -> str:
+def markdown(results: EvaluationResults, charts: list[str]) -> str:
     lines = [
-        f"# Evaluation: `{results['cpt_model']}` vs base `{results['base_model']}`",
+        f"# Evaluation: `{results.pair.cpt_model}` vs base `{results.pair.base_model}`",
         "",
         f"**{headline(results)}**",
         "",
@@ -212,7 +210,7 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
         *_md_table(METRIC_HEADER, _metric_rows(results)),
         "",
     ]
-    if results["drift"]:
+    if results.drift:
         lines += [*_md_table(["drift on", "KL(base || adapted), nats", "top-1 agreement", "positions"],
                              _drift_rows(results)), ""]  # fmt: skip
     lines += [f"![base vs adapted]({CHART_METRICS})", "", _settings_line(results), ""]
@@ -229,14 +227,14 @@ def markdown(results: dict[str, Any], charts: list[str]) -> str:
     lines += [*_md_table(["task", "metric", "base", "adapted", "delta"], task_rows)] if task_rows else []
     note = _tasks_note(results)
     lines += [note, ""] if note else [""]
-    if results["generations"]:
+    if results.generations:
         lines += ["## Generations", "", "The same prompts and decoding settings for both models.", ""]
-        for g in results["generations"]:
-            lines += [f"### {g['kind']}: {g['prompt']}", ""]
-            for label, key in (("base", "base"), ("adapted", "cpt")):
+        for g in results.generations:
+            lines += [f"### {g.kind}: {g.prompt}", ""]
+            for label, completion in (("base", g.base), ("adapted", g.cpt)):
                 # rstrip only: the completion's leading space separates it from the prompt.
-                text = g[key].rstrip() if g[key].strip() else " (nothing)"
-                lines += [f"**{label}:** {g['prompt']}" + text.replace("\n", " "), ""]
+                text = completion.rstrip() if completion.strip() else " (nothing)"
+                lines += [f"**{label}:** {g.prompt}" + text.replace("\n", " "), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -262,20 +260,21 @@ font-size:.9em}img{max-width:100%}.note{color:#555}
 """
 
 
-def to_html(results: dict[str, Any], charts: dict[str, bytes]) -> str:
+def to_html(results: EvaluationResults, charts: dict[str, bytes]) -> str:
     e = html.escape
-    passed = results["verdict"]["passed"]
+    passed = results.passed
+    cpt_model, base_model = results.pair.cpt_model, results.pair.base_model
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>cptkit evaluation: {e(results['cpt_model'])}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Evaluation: <code>{e(results['cpt_model'])}</code> vs base <code>{e(results['base_model'])}</code></h1>",
+        f"<title>cptkit evaluation: {e(cpt_model)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Evaluation: <code>{e(cpt_model)}</code> vs base <code>{e(base_model)}</code></h1>",
         f"<div class='verdict {'pass' if passed else 'fail'}'><b>{e(headline(results))}</b></div>",
         _html_table(["check", "measured", "threshold", "result"], _check_rows(results), status_col=3),
         f"<p class='note'>{e(READING).replace('*', '')}</p>",
         "<h2>Base vs adapted</h2>",
         _html_table(METRIC_HEADER, _metric_rows(results)),
     ]
-    if results["drift"]:
+    if results.drift:
         header = ["drift on", "KL(base || adapted), nats", "top-1 agreement", "positions"]
         parts.append(_html_table(header, _drift_rows(results)))
     parts += [_img(charts[CHART_METRICS], "base vs adapted"), f"<p class='note'>{e(_settings_line(results))}</p>"]
@@ -294,14 +293,12 @@ def to_html(results: dict[str, Any], charts: dict[str, bytes]) -> str:
     note = _tasks_note(results)
     if note:
         parts.append(f"<p>{e(note)}</p>")
-    if results["generations"]:
+    if results.generations:
         parts += ["<h2>Generations</h2>", "<p>The same prompts and decoding settings for both models.</p>"]
         parts.append("<table class='gen'><tr><th>base</th><th>adapted</th></tr>")
-        for g in results["generations"]:
-            parts.append(f"<tr><th colspan='2'>{e(g['kind'])}: {e(g['prompt'])}</th></tr>")
-            parts.append(
-                f"<tr><td><b>{e(g['prompt'])}</b>{e(g['base'])}</td><td><b>{e(g['prompt'])}</b>{e(g['cpt'])}</td></tr>"
-            )
+        for g in results.generations:
+            parts.append(f"<tr><th colspan='2'>{e(g.kind)}: {e(g.prompt)}</th></tr>")
+            parts.append(f"<tr><td><b>{e(g.prompt)}</b>{e(g.base)}</td><td><b>{e(g.prompt)}</b>{e(g.cpt)}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -348,12 +345,12 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def metrics_chart(results: dict[str, Any]) -> bytes:
+def metrics_chart(results: EvaluationResults) -> bytes:
     """Perplexity of both models per set, and the relative change with the verdict's thresholds."""
     plt = _pyplot()
-    names = list(results["base"])
-    base = [results["base"][n]["perplexity"] for n in names]
-    cpt = [results["cpt"][n]["perplexity"] for n in names]
+    names = list(results.base)
+    base = [results.base[n].perplexity for n in names]
+    cpt = [results.cpt[n].perplexity for n in names]
     change = [(c - b) / b * 100 for b, c in zip(base, cpt, strict=True)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     xs = range(len(names))
@@ -367,13 +364,12 @@ def metrics_chart(results: dict[str, Any]) -> bytes:
     colors = ["#34a853" if c <= 0 else "#d93025" for c in change]
     right.bar(list(xs), change, color=colors)
     right.axhline(0, color="#444", linewidth=0.8)
-    thresholds = {c["name"]: c["threshold"] for c in results["verdict"]["checks"]}
-    if thresholds.get("adaptation") is not None:
-        right.axhline(-thresholds["adaptation"] * 100, color="#34a853", linestyle="--", linewidth=1,
-                      label=f"domain target -{thresholds['adaptation']:.0%}")  # fmt: skip
-    forgetting = next(
-        (c["threshold"] for c in results["verdict"]["checks"] if c["name"].startswith("forgetting")), None
-    )
+    checks = results.verdict.checks
+    adaptation = next((c.threshold for c in checks if c.name == "adaptation"), None)
+    if adaptation is not None:
+        right.axhline(-adaptation * 100, color="#34a853", linestyle="--", linewidth=1,
+                      label=f"domain target -{adaptation:.0%}")  # fmt: skip
+    forgetting = next((c.threshold for c in checks if c.name.startswith("forgetting")), None)
     if forgetting is not None:
         right.axhline(forgetting * 100, color="#d93025", linestyle="--", linewidth=1,
                       label=f"forgetting limit +{forgetting:.0%}")  # fmt: skip
@@ -388,15 +384,15 @@ def metrics_chart(results: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def loss_chart(summary: dict[str, Any] | None) -> bytes | None:
+def loss_chart(summary: TrainingSummary | None) -> bytes | None:
     """Training loss per step and the validation losses (domain and general) at each evaluation."""
-    if not summary or not summary.get("losses"):
+    if summary is None or not summary.losses:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    losses = summary["losses"]
+    losses = summary.losses
     ax.plot(range(1, len(losses) + 1), losses, color="#bbbbbb", linewidth=1, label="training loss")
-    evals = summary.get("evals") or []
+    evals = summary.evals
     for key, color, label in (
         ("eval/domain_loss", CPT_COLOR, "domain validation"),
         ("eval/general_loss", "#ff7f0e", "general validation"),

@@ -22,6 +22,7 @@ import numpy as np
 
 from cptkit.packing import SEPARATOR_TOKEN
 from cptkit.progress import progress_bar
+from cptkit.results import Drift, ModelScore
 
 # A model to score with: entering the context yields the module (e.g. the adapted model with its adapter
 # disabled), so the same weights can serve as two models.
@@ -114,15 +115,15 @@ class SetScore:
     def bits_per_byte(self) -> float:
         return self.nll / (math.log(2) * self.bytes) if self.bytes else float("nan")
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "perplexity": self.perplexity,
-            "bits_per_byte": self.bits_per_byte,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "documents": self.documents,
-            "nll": self.nll,
-        }
+    def result(self) -> ModelScore:
+        return ModelScore(
+            perplexity=self.perplexity,
+            bits_per_byte=self.bits_per_byte,
+            tokens=self.tokens,
+            bytes=self.bytes,
+            documents=self.documents,
+            nll=self.nll,
+        )
 
 
 @dataclass
@@ -133,9 +134,10 @@ class DriftScore:
     agree: int = 0
     positions: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def result(self) -> Drift:
+        """The means over positions."""
         n = max(self.positions, 1)
-        return {"kl": self.kl / n, "top1_agreement": self.agree / n, "positions": self.positions}
+        return Drift(kl=self.kl / n, top1_agreement=self.agree / n, positions=self.positions)
 
 
 def fixed(model: Any) -> ModelRunner:

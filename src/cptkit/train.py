@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from cptkit.forgetting import BEST, forgetting_check
 from cptkit.model_folder import SUMMARY
 from cptkit.packing import Blocks, BlockStream, sequence_blocks
 from cptkit.progress import console, detail, duration, event
+from cptkit.results import ChoiceRecord, TrainingSummary
 from cptkit.schedule import lr_factor
 from cptkit.stage import StageResult
 from cptkit.tracking import Tracker, open_tracker
@@ -59,7 +60,7 @@ CHECKPOINTS = "checkpoints"
 
 @dataclass(frozen=True)
 class TrainResult(StageResult):
-    summary: dict[str, Any] | None = None
+    summary: TrainingSummary | None = None
 
 
 def train(
@@ -81,7 +82,7 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
     fingerprint = train_fingerprint(config, data)
     existing = up_to_date(out, fingerprint, fingerprint)
     if existing is not None and not force:
-        return TrainResult(existing, out, skipped=True, summary=read_json(out / SUMMARY))
+        return TrainResult(existing, out, skipped=True, summary=TrainingSummary.read(out / SUMMARY))
     run = _set_up(config, data, fingerprint, force, tracker_factory)
     try:
         _loop(run)
@@ -335,7 +336,7 @@ def _finish(run: _Run, config: Config, fingerprint: str) -> TrainResult:
     loaded = run.setup.loaded
     summary = _summary(state, tc, run.epoch0, run.plan["total"], loaded.description, run.choices, run.cap_steps)
     # This process's part of the run (a resumed run's earlier part is not included).
-    summary.update(peak_memory_bytes=run.setup.memory.peak_bytes(), peak_memory_kind=run.setup.memory.kind)
+    summary = replace(summary, peak_memory_bytes=run.setup.memory.peak_bytes(), peak_memory_kind=run.setup.memory.kind)
     if run.setup.accelerator.is_main_process:
         try:
             # The saved config names what was trained (auto resolved), for evaluate, register and export.
@@ -348,8 +349,9 @@ def _finish(run: _Run, config: Config, fingerprint: str) -> TrainResult:
                 run.tracker.end("FAILED")
             raise
         if run.tracker is not None:
-            run.tracker.log_dict(summary, SUMMARY)
-            run.tracker.log_metrics({"train/final_loss": summary["final_loss"]}, state.step)
+            run.tracker.log_dict(summary.to_json(), SUMMARY)
+            if summary.final_loss is not None:  # None only for a run of no steps
+                run.tracker.log_metrics({"train/final_loss": summary.final_loss}, state.step)
             run.tracker.end("FINISHED")
         shutil.rmtree(run.ckpt_root, ignore_errors=True)
     manifest = read_json(out / MANIFEST) or {}
@@ -452,46 +454,46 @@ def _summary(
     description: Any,
     choices: TrainingChoices,
     cap_steps: int,
-) -> dict[str, Any]:
+) -> TrainingSummary:
     last_eval = state.evals[-1] if state.evals else {}
-    return {
-        "steps": state.step,
-        "planned_steps": total_steps,
-        "tokens": state.tokens,
-        "replay_tokens": state.replay_tokens,
-        "replay_share": state.replay_tokens / max(state.tokens, 1),
+    return TrainingSummary(
+        steps=state.step,
+        planned_steps=total_steps,
+        tokens=state.tokens,
+        replay_tokens=state.replay_tokens,
+        replay_share=state.replay_tokens / max(state.tokens, 1),
         # Training throughput: the loop's time less the validation passes.
-        "tokens_per_second": state.tokens / max(state.train_seconds - state.eval_seconds, 1e-9),
-        "train_seconds": round(state.train_seconds, 2),
-        "eval_seconds": round(state.eval_seconds, 2),
-        "final_loss": state.losses[-1] if state.losses else None,
-        "losses": state.losses,
-        "learning_rates": state.learning_rates,
-        "step_seconds": state.step_seconds,
-        "evals": state.evals,
-        "base_general_loss": state.base_general_loss,
-        "final_eval": last_eval,
-        "best": state.best,
-        "stopped_reason": state.stopped_reason,
-        "packing_efficiency": epoch0.efficiency,
-        "precision": tc.precision,
-        "method": tc.method,
-        "device": choices.device.value,
-        "choices": {w: {"value": c.value, "reason": c.reason} for w, c in _named_choices(choices)},
-        "max_minutes": tc.max_minutes,
+        tokens_per_second=state.tokens / max(state.train_seconds - state.eval_seconds, 1e-9),
+        train_seconds=round(state.train_seconds, 2),
+        eval_seconds=round(state.eval_seconds, 2),
+        final_loss=state.losses[-1] if state.losses else None,
+        losses=state.losses,
+        learning_rates=state.learning_rates,
+        step_seconds=state.step_seconds,
+        evals=state.evals,
+        base_general_loss=state.base_general_loss,
+        final_eval=last_eval,
+        best=state.best,
+        stopped_reason=state.stopped_reason,
+        packing_efficiency=epoch0.efficiency,
+        precision=tc.precision,
+        method=tc.method,
+        device=choices.device.value,
+        choices={w: ChoiceRecord(value=c.value, reason=c.reason) for w, c in _named_choices(choices)},
+        max_minutes=tc.max_minutes,
         # The budget's step count (None without training.max_minutes, or when the cap came first).
-        "derived_steps": state.planned_steps,
-        "max_planned_steps": cap_steps,
-        "model": str(description),
-        "mlflow_run_id": state.run_id,
-    }
+        derived_steps=state.planned_steps,
+        max_planned_steps=cap_steps,
+        model=str(description),
+        mlflow_run_id=state.run_id,
+    )
 
 
 def _named_choices(choices: TrainingChoices) -> list[tuple[str, Any]]:
     return [("device", choices.device), ("precision", choices.precision), ("method", choices.method)]
 
 
-def _write_outputs(config: Config, model: Any, model_dir: Path, summary: dict[str, Any], fingerprint: str) -> None:
+def _write_outputs(config: Config, model: Any, model_dir: Path, summary: TrainingSummary, fingerprint: str) -> None:
     from transformers import AutoTokenizer
 
     from cptkit.models import save_trained
@@ -510,12 +512,18 @@ def _write_outputs(config: Config, model: Any, model_dir: Path, summary: dict[st
         os.replace(item, out / item.name)
         names.append(item.name)
     shutil.rmtree(staging, ignore_errors=True)
-    write_json_atomic(out / SUMMARY, summary)
+    write_json_atomic(out / SUMMARY, summary.to_json())
     manifest = new_manifest("train", fingerprint, fingerprint)
     manifest.update(
         outputs={n: {"bytes": (out / n).stat().st_size} for n in [*names, SUMMARY] if (out / n).is_file()},
         base_model=config.model.name,
         base_model_path=str(model_dir),
-        summary={k: summary[k] for k in ("steps", "tokens", "tokens_per_second", "final_loss", "replay_share")},
+        summary={
+            "steps": summary.steps,
+            "tokens": summary.tokens,
+            "tokens_per_second": summary.tokens_per_second,
+            "final_loss": summary.final_loss,
+            "replay_share": summary.replay_share,
+        },
     )
     write_json_atomic(out / MANIFEST, manifest)
