@@ -497,7 +497,7 @@ def test_smollm2_converts_once_and_is_then_read_from_the_cache(
     def no_conversion(*args: Any) -> None:
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(models.resolve, "_convert_gguf", no_conversion)
     started = time.perf_counter()
     assert resolve_model("smollm2-135m") == smollm2["path"]
     assert time.perf_counter() - started < 0.5 < smollm2["seconds"]
@@ -589,7 +589,7 @@ def test_a_gguf_file_converts_into_a_trainable_model(tmp_path: Path, tiny_tokeni
     gguf_path = write_gguf(tmp_path / "tiny.gguf", tiny_tokenizer_dir)
     folder = resolve_model(str(gguf_path))
     assert folder.parent == Path(os.environ["CPTKIT_CACHE"]) / "models" and folder.name.startswith("tiny-")
-    assert json.loads((folder / models._SOURCE_FILE).read_text())["dtype"] == "float32"
+    assert json.loads((folder / models.resolve.SOURCE_FILE).read_text())["dtype"] == "float32"
     assert resolve_model(str(gguf_path)) == folder
     loaded = load_for_training(folder, training_config("qlora"), "cpu")
     assert torch.isfinite(loaded.model(**batch(400)).loss)

@@ -225,7 +225,7 @@ def test_preflight_errors_stop_before_training(
     # A model that will not fit in this machine's memory.
     import cptkit.models
 
-    monkeypatch.setattr(cptkit.models, "_device_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(cptkit.models.for_training, "_device_memory", lambda device: 1 << 20)
     result = cli("run", "--config", cfg, "--dry-run")
     assert result.exit_code == 1
     assert "error: preflight failed: training needs about" in " ".join(result.output.split())
