@@ -15,7 +15,7 @@ from cptkit.config import TrainingConfig
 from cptkit.errors import CptkitError
 from cptkit.memory import OPTIMIZER_BYTES, ModelShape, activation_bytes
 from cptkit.models.files import check_model_files
-from cptkit.models.text import count, first_line, human_size
+from cptkit.models.text import first_line, human_size, short_count
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +54,8 @@ class ModelDescription:
     def __str__(self) -> str:
         share = self.trainable_params / max(self.total_params, 1)
         return (
-            f"{self.method}: {count(self.trainable_params)} trainable of {count(self.total_params)} parameters "
+            f"{self.method}: {short_count(self.trainable_params)} trainable of "
+            f"{short_count(self.total_params)} parameters "
             f"({share:.2%}), {human_size(self.saved_bytes)} saved; training memory about "
             f"{human_size(self.estimated_memory_bytes)} (weights {human_size(self.weights_bytes)}, optimizer "
             f"{human_size(self.optimizer_bytes)}, activations {human_size(self.activation_bytes)}, logits "
