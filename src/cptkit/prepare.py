@@ -10,6 +10,7 @@ Always: documents_in == documents_kept + sum(dropped) + quarantined.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import pyarrow.parquet as pq
@@ -24,7 +25,7 @@ from cptkit.artifacts import (
     write_json_atomic,
 )
 from cptkit.config import Config, section_fingerprint
-from cptkit.corpus import TRAIN_SPLIT, VAL_SPLIT
+from cptkit.corpus import TRAIN_SPLIT, VAL_SPLIT, Tally
 from cptkit.datasets import Dataset
 from cptkit.dedup import SEMANTICS as DEDUP_SEMANTICS
 from cptkit.engines import PrepareJob
@@ -39,9 +40,17 @@ from cptkit.tokenization import TokenizerInfo, resolve_tokenizer
 
 
 def prepare_fingerprint(config: Config, tokenizer: TokenizerInfo | None) -> str:
-    # Worker count and chunk size change speed, not results; a new dedup definition changes results.
-    rules = config.prepare.model_dump(mode="python", exclude={"workers", "chunk_size"})
+    # The engine, worker count and chunk size change speed, not results; a new dedup definition does.
+    rules = config.prepare.model_dump(mode="python", exclude={"engine", "spark", "workers", "chunk_size"})
     return section_fingerprint(rules, tokenizer.fingerprint if tokenizer else None, DEDUP_SEMANTICS)
+
+
+def _run_engine(job: PrepareJob, advance: Callable[[int], None]) -> Tally:
+    if job.config.engine == "spark":
+        from cptkit.engines import spark  # pyspark is an optional extra
+
+        return spark.run(job, advance)
+    return local_engine.run(job, advance)
 
 
 def prepare(config: Config, dataset: Dataset, force: bool = False) -> StageResult:
@@ -70,7 +79,7 @@ def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
     documents_in = pq.ParquetFile(snapshot).metadata.num_rows
     job = PrepareJob(snapshot, out, pc, tokenizer.path if tokenizer else None)
     with progress_bar(f"prepare {dataset.name}", documents_in) as advance:
-        tally = local_engine.run(job, advance)
+        tally = _run_engine(job, advance)
     tally.check(documents_in)
     seconds = time.perf_counter() - started
     manifest = new_manifest("prepare", config_fp, input_fp)

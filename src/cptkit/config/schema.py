@@ -205,7 +205,19 @@ class SplitConfig(Section):
     seed: int = Field(0, description="Salt of the id hash that assigns a document to a split.")
 
 
+class SparkConfig(Section):
+    """Where `prepare.engine: spark` runs. An active SparkSession (a notebook or job on a Databricks
+    cluster) is used as it is; otherwise cptkit starts one with this master."""
+
+    master: str = Field("local[2]", description="Spark master of the session cptkit starts, e.g. local[4].")
+
+
 class PrepareConfig(Section):
+    engine: Literal["local", "spark"] = Field(
+        "local",
+        description="local: worker processes on this machine; spark: a SparkSession (the same outputs).",
+    )
+    spark: SparkConfig = Field(default_factory=SparkConfig)
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     language: LanguageConfig = Field(default_factory=LanguageConfig)

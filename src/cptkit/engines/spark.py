@@ -1,0 +1,301 @@
+"""The Spark engine: the same outputs as the local engine, with the record work on a SparkSession.
+
+Spark reads the snapshot with its Parquet reader and runs `RecordProcessor` (the same code as the local
+engine) in `mapInArrow`; each document's result (status, reason, text, exact key, band hashes, signature,
+tokens, step counts) comes back as Arrow columns with its row number in the snapshot, and Spark writes
+them, ordered by that number, to a work folder. The driver then makes the corpus decisions over the
+collected keys, bands and signatures (`DedupStore`, as in the local engine) and writes the prepared files
+in input order with `PreparedWriter`, taking ids and metadata from the snapshot itself, so that their
+values are the ones the local engine writes. The connected components of near dedup run on the driver in
+this increment; see docs/architecture.md.
+
+pyspark is an optional extra (`pip install 'cptkit[spark]'`) and needs Java; it is imported on use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cptkit.config import PrepareConfig, SparkConfig
+from cptkit.corpus import DUPLICATE_REASONS, KEEP, Tally, assign_splits
+from cptkit.engines import PrepareJob
+from cptkit.engines.work_files import DedupStore
+from cptkit.errors import CptkitError, StageError
+from cptkit.prepared_files import PreparedWriter, token_lists
+from cptkit.records import DocResult, RecordProcessor, Status
+from cptkit.sources import ERROR, ID, TEXT
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+MakeProcessor = Callable[[PrepareConfig, str | None], RecordProcessor]
+
+_POSITION, _STATUS, _REASON, _KEY = "position", "status", "reason", "key"
+_BANDS, _SIGNATURE, _TOKENS, _COUNTS = "bands", "signature", "tokens", "counts"
+# uint64 band hashes and uint32 signature values travel as Spark's signed longs and ints (same bits).
+_RESULT_SCHEMA = pa.schema(
+    [
+        (_POSITION, pa.int64()),
+        (ID, pa.string()),
+        (_STATUS, pa.string()),
+        (_REASON, pa.string()),
+        (TEXT, pa.string()),
+        (_KEY, pa.binary()),
+        (_BANDS, pa.list_(pa.int64())),
+        (_SIGNATURE, pa.list_(pa.int32())),
+        (_TOKENS, pa.list_(pa.int32())),
+        (_COUNTS, pa.string()),  # the step counts as JSON
+    ]
+)
+_RESULT_DDL = (
+    f"{_POSITION} long, {ID} string, {_STATUS} string, {_REASON} string, {TEXT} string, {_KEY} binary, "
+    f"{_BANDS} array<long>, {_SIGNATURE} array<int>, {_TOKENS} array<int>, {_COUNTS} string"
+)
+# Marks the one line a failed task reports, so the driver can find it in Spark's error text.
+_TASK_ERROR = "cptkit-task-error:"
+
+
+def run(job: PrepareJob, advance: Callable[[int], None], make_processor: MakeProcessor = RecordProcessor) -> Tally:
+    """`make_processor` builds each task's record processor (a parameter so that tests can make one fail)."""
+    spark = session(job.config.spark)
+    snapshot = pq.ParquetFile(job.snapshot)
+    metadata_columns = [n for n in snapshot.schema_arrow.names if n not in (ID, TEXT, ERROR)]
+    tally = Tally()
+    # A hidden ".*.tmp" name: a killed run's leftovers are removed by the next one (artifacts.invalidate).
+    with tempfile.TemporaryDirectory(prefix=".prepare-work.", suffix=".tmp", dir=job.directory) as work:
+        files = _ordered_results(spark, job, Path(work), make_processor)
+        with DedupStore(snapshot.metadata.num_rows, job.config.dedup, Path(work)) as store:
+            for batch in _read(files, [ID, _STATUS, _KEY, _BANDS, _SIGNATURE, _COUNTS]):
+                results = _dedup_inputs(batch)
+                store.add(batch.column(ID), results)
+                tally.count_steps(results)
+            fates = iter(store.fates().tolist())
+        documents = _SnapshotRows(snapshot, [ID, *metadata_columns], job.config.chunk_size)
+        done = 0
+        with PreparedWriter(job.directory, job.tokenizer_path is not None) as writer:
+            for batch in _read(files, [_POSITION, _STATUS, _REASON, TEXT, _TOKENS]):
+                positions = np.asarray(batch.column(_POSITION))
+                if not np.array_equal(positions, np.arange(done, done + len(batch))):
+                    raise StageError(f"{job.snapshot}: Spark returned rows {positions[:3]}... where {done} was next")
+                results = _written_results(batch)
+                for r in results:
+                    if r.status == "keep" and (fate := next(fates)) != KEEP:
+                        r.drop(DUPLICATE_REASONS[fate])
+                rows = documents.take(len(batch))
+                ids = rows.column(ID).to_pylist()
+                metadata = rows.select(metadata_columns).to_pylist() if metadata_columns else [{}] * len(ids)
+                splits = assign_splits(ids, results, job.config.split)
+                writer.write(ids, metadata, results, splits)
+                tally.add(results, splits)
+                done += len(batch)
+                advance(len(batch))
+    return tally
+
+
+def session(config: SparkConfig) -> SparkSession:
+    """The active SparkSession (a notebook or job on a cluster), or a new one on `config.master`."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise StageError("prepare.engine is spark, but pyspark is not installed: pip install 'cptkit[spark]'") from None
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    require_java()
+    # Spark's Python workers must run this interpreter, where cptkit and its dependencies are.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = cast(Any, SparkSession.builder)
+    try:
+        spark = (
+            builder.master(config.master)
+            .appName("cptkit-prepare")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.ui.enabled", "false")
+            .getOrCreate()
+        )
+    except Exception as exc:
+        raise StageError(f"prepare.spark.master={config.master}: Spark did not start: {_first_line(exc)}") from exc
+    spark.sparkContext.setLogLevel("ERROR")
+    return cast("SparkSession", spark)
+
+
+def require_java() -> None:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and Path(java_home, "bin", "java").is_file():
+        return
+    if shutil.which("java") is None:
+        raise StageError(
+            "prepare.engine is spark, but Java was not found (no JAVA_HOME, no java on PATH): install Java 17, "
+            "e.g. apt-get install openjdk-17-jre-headless"
+        )
+
+
+def _ordered_results(spark: SparkSession, job: PrepareJob, work: Path, make_processor: MakeProcessor) -> list[Path]:
+    """Run the record work on Spark; the result files, whose rows are in snapshot order."""
+    # The row number within the snapshot file, from Spark's Parquet reader: the local engine's order.
+    from pyspark.sql.functions import col
+
+    # Absolute paths: the JVM's working folder need not be this process's.
+    work = work.resolve()
+    task = _record_task(job.config, job.tokenizer_path, make_processor)
+    with _spark_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pyspark's notice about the pandas version
+        snapshot = spark.read.parquet(str(job.snapshot.resolve()))
+        documents = snapshot.select(ID, TEXT, ERROR, col("_metadata.row_index").alias(_POSITION))
+        # Written once, then ordered from the files: ordering the task's output directly would run the
+        # record work twice (once to sample the range boundaries).
+        documents.mapInArrow(task, _RESULT_DDL).write.parquet(str(work / "results"))
+        results = spark.read.schema(_RESULT_DDL).parquet(str(work / "results"))
+        results.orderBy(_POSITION).write.parquet(str(work / "ordered"))
+    # Part files are numbered in the order of the ranges they hold.
+    return sorted((work / "ordered").glob("part-*.parquet"))
+
+
+def _record_task(
+    config: PrepareConfig, tokenizer_path: str | None, make_processor: MakeProcessor
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    def task(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        # One Python worker per core already; the tokenizer's own thread pool would oversubscribe them.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        processor = make_processor(config, tokenizer_path)
+        for batch in batches:
+            for start in range(0, batch.num_rows, config.chunk_size):
+                chunk = batch.slice(start, config.chunk_size)
+                yield _result_batch(chunk, _process(processor, chunk))
+
+    return task
+
+
+def _process(processor: RecordProcessor, batch: pa.RecordBatch) -> list[DocResult]:
+    texts, errors = batch.column(TEXT).to_pylist(), batch.column(ERROR).to_pylist()
+    try:
+        return processor.process(texts, errors)
+    except Exception:
+        # Find the document: one line naming it is what the driver reports, not a JVM stack trace.
+        for doc_id, text, error in zip(batch.column(ID).to_pylist(), texts, errors, strict=True):
+            try:
+                processor.process([text], [error])
+            except Exception as exc:
+                raise RuntimeError(f"{_TASK_ERROR} document {doc_id!r}: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def _result_batch(batch: pa.RecordBatch, results: Sequence[DocResult]) -> pa.RecordBatch:
+    columns = [
+        batch.column(_POSITION),
+        batch.column(ID),
+        pa.array([r.status for r in results], pa.string()),
+        pa.array([r.reason for r in results], pa.string()),
+        pa.array([r.text for r in results], pa.string()),
+        pa.array([r.key for r in results], pa.binary()),
+        _lists([r.bands for r in results], np.int64),
+        _lists([r.signature for r in results], np.int32),
+        token_lists([r.tokens for r in results]),
+        pa.array([None if r.counts is None else json.dumps(r.counts) for r in results], pa.string()),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=_RESULT_SCHEMA)
+
+
+def _lists(arrays: list[np.ndarray | None], dtype: type[np.signedinteger[Any]]) -> pa.ListArray:
+    """Arrays of unsigned integers as an Arrow list column of the signed type of their size (Spark has no
+    unsigned types; the bits are kept)."""
+    present = [a.view(dtype) for a in arrays if a is not None]
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([0 if a is None else len(a) for a in arrays], out=offsets[1:])
+    values = pa.array(np.concatenate(present) if present else np.zeros(0, dtype))
+    mask = pa.array([a is None for a in arrays]) if len(present) < len(arrays) else None
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
+
+
+def _read(files: Sequence[Path], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    for path in files:
+        yield from pq.ParquetFile(path).iter_batches(columns=columns)
+
+
+def _rows(column: pa.Array, dtype: type[np.generic]) -> list[np.ndarray | None]:
+    """A list column as one numpy array (viewed as `dtype`) per row, None where null."""
+    lists = cast(pa.ListArray, column)
+    offsets = np.asarray(lists.offsets)
+    values = np.asarray(lists.values).view(dtype)
+    present = np.asarray(lists.is_valid())
+    return [values[offsets[i] : offsets[i + 1]] if present[i] else None for i in range(len(lists))]
+
+
+def _dedup_inputs(batch: pa.RecordBatch) -> list[DocResult]:
+    bands, signatures = _rows(batch.column(_BANDS), np.uint64), _rows(batch.column(_SIGNATURE), np.uint32)
+    counts, keys = batch.column(_COUNTS).to_pylist(), batch.column(_KEY).to_pylist()
+    return [
+        DocResult(
+            cast(Status, status),
+            None,
+            None,
+            key=keys[i],
+            bands=bands[i],
+            signature=signatures[i],
+            counts=None if counts[i] is None else json.loads(counts[i]),
+        )
+        for i, status in enumerate(batch.column(_STATUS).to_pylist())
+    ]
+
+
+def _written_results(batch: pa.RecordBatch) -> list[DocResult]:
+    tokens = _rows(batch.column(_TOKENS), np.int32)
+    reasons, texts = batch.column(_REASON).to_pylist(), batch.column(TEXT).to_pylist()
+    return [
+        DocResult(cast(Status, status), reasons[i], texts[i], tokens=tokens[i])
+        for i, status in enumerate(batch.column(_STATUS).to_pylist())
+    ]
+
+
+class _SnapshotRows:
+    """The snapshot's rows in order, taken `n` at a time whatever the batches they were read in."""
+
+    def __init__(self, parquet: pq.ParquetFile, columns: list[str], batch_size: int) -> None:
+        self._batches = parquet.iter_batches(batch_size=batch_size, columns=columns)
+        self._pending = pa.schema([parquet.schema_arrow.field(c) for c in columns]).empty_table()
+
+    def take(self, n: int) -> pa.Table:
+        while self._pending.num_rows < n:
+            batch = next(self._batches)
+            self._pending = pa.concat_tables([self._pending, pa.Table.from_batches([batch])])
+        rows, self._pending = self._pending.slice(0, n), self._pending.slice(n)
+        return rows
+
+
+@contextmanager
+def _spark_errors() -> Iterator[None]:
+    """Spark's errors as one line: a failed task's own line (the document and the error), else the first
+    line of Spark's message; the JVM stack trace stays on the exception's cause (--debug)."""
+    try:
+        yield
+    except CptkitError:
+        raise
+    except Exception as exc:
+        from py4j.protocol import Py4JError
+        from pyspark.errors import PySparkException
+
+        if not isinstance(exc, PySparkException | Py4JError):
+            raise
+        found = re.search(rf"{_TASK_ERROR} (.+)", str(exc))
+        if found:
+            raise StageError(f"prepare on Spark: {found.group(1).strip()}") from exc
+        raise StageError(f"prepare on Spark failed: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
