@@ -269,3 +269,15 @@ def prepared_run(
         extract(dataset)
         prepare(config, dataset)
     return cfg_path
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    """One local[2] SparkSession for every Spark test (starting one takes seconds)."""
+    from cptkit.config import SparkConfig
+    from cptkit.engines.spark import session
+
+    started = session(SparkConfig(master="local[2]"))
+    started.conf.set("spark.sql.shuffle.partitions", "4")
+    yield started
+    started.stop()

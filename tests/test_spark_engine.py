@@ -1,5 +1,5 @@
-"""prepare.engine: spark gives the same outputs as the local engine (one local[2] SparkSession for the
-module); its errors are one line. The Spark tests skip when pyspark or Java is missing."""
+"""prepare.engine: spark gives the same outputs as the local engine (the shared local[2] SparkSession
+of conftest); its errors are one line. The Spark tests skip when pyspark or Java is missing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_doc, write_config, write_jsonl
-from cptkit.config import PrepareConfig, SparkConfig, load_config
+from cptkit.config import PrepareConfig, load_config
 from cptkit.dedup import MinHasher, band_hashes, estimated_jaccard, lsh_bands
 from cptkit.engines import PrepareJob
 from cptkit.errors import StageError
@@ -46,16 +45,6 @@ MANIFEST_COUNTS = (
     "val_tokens",
     "dedup_semantics",
 )
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from cptkit.engines.spark import session
-
-    started = session(SparkConfig(master="local[2]"))
-    started.conf.set("spark.sql.shuffle.partitions", "4")
-    yield started
-    started.stop()
 
 
 def _edited(text: str, positions: range) -> str:

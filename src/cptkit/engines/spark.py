@@ -3,11 +3,11 @@
 Spark reads the snapshot with its Parquet reader and runs `RecordProcessor` (the same code as the local
 engine) in `mapInArrow`; each document's result (status, reason, text, exact key, band hashes, signature,
 tokens, step counts) comes back as Arrow columns with its row number in the snapshot, and Spark writes
-them, ordered by that number, to a work folder. The driver then makes the corpus decisions over the
-collected keys, bands and signatures (`DedupStore`, as in the local engine) and writes the prepared files
-in input order with `PreparedWriter`, taking ids and metadata from the snapshot itself, so that their
-values are the ones the local engine writes. The connected components of near dedup run on the driver in
-this increment; see docs/architecture.md.
+them to a work folder. The dedup decisions run on Spark too (`spark_dedup`: the same definition as
+`corpus.duplicate_fates`, as DataFrame operations), and each document's fate is joined to its result; Spark
+writes them ordered by row number. The driver then streams those files and writes the prepared files in
+input order with `PreparedWriter`, taking ids and metadata from the snapshot itself, so that their values
+are the ones the local engine writes. It holds nothing per document.
 
 pyspark is an optional extra (`pip install 'cptkit[spark]'`) and needs Java; it is imported on use.
 """
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from cptkit.config import PrepareConfig, SparkConfig
 from cptkit.corpus import DUPLICATE_REASONS, KEEP, Tally, assign_splits
 from cptkit.engines import PrepareJob
-from cptkit.engines.work_files import DedupStore
+from cptkit.engines.spark_dedup import FATE, duplicate_fates
 from cptkit.errors import CptkitError, StageError
 from cptkit.prepared_files import PreparedWriter, token_lists
 from cptkit.records import DocResult, RecordProcessor, Status
@@ -78,22 +78,17 @@ def run(job: PrepareJob, advance: Callable[[int], None], make_processor: MakePro
     # A hidden ".*.tmp" name: a killed run's leftovers are removed by the next one (artifacts.invalidate).
     with tempfile.TemporaryDirectory(prefix=".prepare-work.", suffix=".tmp", dir=job.directory) as work:
         files = _ordered_results(spark, job, Path(work), make_processor)
-        with DedupStore(snapshot.metadata.num_rows, job.config.dedup, Path(work)) as store:
-            for batch in _read(files, [ID, _STATUS, _KEY, _BANDS, _SIGNATURE, _COUNTS]):
-                results = _dedup_inputs(batch)
-                store.add(batch.column(ID), results)
-                tally.count_steps(results)
-            fates = iter(store.fates().tolist())
         documents = _SnapshotRows(snapshot, [ID, *metadata_columns], job.config.chunk_size)
         done = 0
         with PreparedWriter(job.directory, job.tokenizer_path is not None) as writer:
-            for batch in _read(files, [_POSITION, _STATUS, _REASON, TEXT, _TOKENS]):
+            for batch in _read(files, [_POSITION, _STATUS, _REASON, TEXT, _TOKENS, _COUNTS, FATE]):
                 positions = np.asarray(batch.column(_POSITION))
                 if not np.array_equal(positions, np.arange(done, done + len(batch))):
                     raise StageError(f"{job.snapshot}: Spark returned rows {positions[:3]}... where {done} was next")
                 results = _written_results(batch)
-                for r in results:
-                    if r.status == "keep" and (fate := next(fates)) != KEEP:
+                tally.count_steps(results)
+                for r, fate in zip(results, batch.column(FATE).to_pylist(), strict=True):
+                    if r.status == "keep" and fate != KEEP:
                         r.drop(DUPLICATE_REASONS[fate])
                 rows = documents.take(len(batch))
                 ids = rows.column(ID).to_pylist()
@@ -160,7 +155,17 @@ def _ordered_results(spark: SparkSession, job: PrepareJob, work: Path, make_proc
         # record work twice (once to sample the range boundaries).
         documents.mapInArrow(task, _RESULT_DDL).write.parquet(str(work / "results"))
         results = spark.read.schema(_RESULT_DDL).parquet(str(work / "results"))
-        results.orderBy(_POSITION).write.parquet(str(work / "ordered"))
+        fates = duplicate_fates(
+            results.where(col(_STATUS) == "keep"),
+            job.config.dedup,
+            position=_POSITION,
+            doc_id=ID,
+            key=_KEY,
+            bands=_BANDS,
+            signature=_SIGNATURE,
+        )
+        ordered = results.drop(_KEY, _BANDS, _SIGNATURE).join(fates, on=_POSITION, how="left")
+        ordered.orderBy(_POSITION).write.parquet(str(work / "ordered"))
     # Part files are numbered in the order of the ranges they hold.
     return sorted((work / "ordered").glob("part-*.parquet"))
 
@@ -235,28 +240,18 @@ def _rows(column: pa.Array, dtype: type[np.generic]) -> list[np.ndarray | None]:
     return [values[offsets[i] : offsets[i + 1]] if present[i] else None for i in range(len(lists))]
 
 
-def _dedup_inputs(batch: pa.RecordBatch) -> list[DocResult]:
-    bands, signatures = _rows(batch.column(_BANDS), np.uint64), _rows(batch.column(_SIGNATURE), np.uint32)
-    counts, keys = batch.column(_COUNTS).to_pylist(), batch.column(_KEY).to_pylist()
-    return [
-        DocResult(
-            cast(Status, status),
-            None,
-            None,
-            key=keys[i],
-            bands=bands[i],
-            signature=signatures[i],
-            counts=None if counts[i] is None else json.loads(counts[i]),
-        )
-        for i, status in enumerate(batch.column(_STATUS).to_pylist())
-    ]
-
-
 def _written_results(batch: pa.RecordBatch) -> list[DocResult]:
     tokens = _rows(batch.column(_TOKENS), np.int32)
     reasons, texts = batch.column(_REASON).to_pylist(), batch.column(TEXT).to_pylist()
+    counts = batch.column(_COUNTS).to_pylist()
     return [
-        DocResult(cast(Status, status), reasons[i], texts[i], tokens=tokens[i])
+        DocResult(
+            cast(Status, status),
+            reasons[i],
+            texts[i],
+            tokens=tokens[i],
+            counts=None if counts[i] is None else json.loads(counts[i]),
+        )
         for i, status in enumerate(batch.column(_STATUS).to_pylist())
     ]
 
