@@ -105,7 +105,10 @@ def _run(debug: bool, fn: Any, *args: Any, wait: bool = False) -> Any:
     """Call fn, translating errors into a message and an exit code. Every message, log record and
     warning is masked of secrets (URL userinfo, known credential values), with --debug too."""
     scrub_logs()
-    if not debug:
+    if debug:
+        os.environ["CPTKIT_DEBUG"] = "1"  # read where a library starts its own logging (Spark's JVM)
+    else:
+        os.environ.pop("CPTKIT_DEBUG", None)
         _quiet_libraries()
     wait_for_lock.set(wait)
     try:

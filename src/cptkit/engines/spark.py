@@ -65,6 +65,9 @@ _RESULT_DDL = (
     f"{_POSITION} long, {ID} string, {_STATUS} string, {_REASON} string, {TEXT} string, {_KEY} binary, "
     f"{_BANDS} array<long>, {_SIGNATURE} array<int>, {_TOKENS} array<int>, {_COUNTS} string"
 )
+# Set by the CLI under --debug: Spark then logs with its default profile.
+DEBUG_ENV = "CPTKIT_DEBUG"
+_QUIET_LOG4J = Path(__file__).with_name("spark-log4j2.properties")
 # Marks the one line a failed task reports, so the driver can find it in Spark's error text.
 _TASK_ERROR = "cptkit-task-error:"
 
@@ -113,15 +116,14 @@ def session(config: SparkConfig) -> SparkSession:
     require_java()
     # Spark's Python workers must run this interpreter, where cptkit and its dependencies are.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = cast(Any, SparkSession.builder)
+    builder = cast(Any, SparkSession.builder).master(config.master).appName("cptkit-prepare")
+    builder = builder.config("spark.ui.showConsoleProgress", "false").config("spark.ui.enabled", "false")
+    if not os.environ.get(DEBUG_ENV):
+        # The driver JVM is not started yet: spark-submit passes this to it, so even Spark's start-up
+        # lines (before setLogLevel could act) follow our errors-only configuration.
+        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={_QUIET_LOG4J.as_uri()}")
     try:
-        spark = (
-            builder.master(config.master)
-            .appName("cptkit-prepare")
-            .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.ui.enabled", "false")
-            .getOrCreate()
-        )
+        spark = builder.getOrCreate()
     except Exception as exc:
         raise StageError(f"prepare.spark.master={config.master}: Spark did not start: {_first_line(exc)}") from exc
     spark.sparkContext.setLogLevel("ERROR")
