@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from cptkit import models
+from cptkit import attention, models
 from cptkit.config import LoraConfig, TrainingConfig
 from cptkit.errors import CptkitError
 from cptkit.models import load_for_training, load_trained, resolve_model, save_trained
@@ -127,7 +127,7 @@ def test_load_for_training_trains_what_the_method_says(family: str, method: str,
     model = loaded.model
     vocab = model.get_input_embeddings().weight.shape[0]
     assert model.config.use_cache is False
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == attention.NAME  # on a CPU
 
     out = model(**batch(vocab))
     assert torch.isfinite(out.loss)
@@ -232,9 +232,9 @@ def test_description_estimates_memory_and_prints_on_one_line(tiny_models: dict[s
     training = training_config("lora")
     desc = load_for_training(tiny_models["llama"], training, "cpu").description
     tokens = training.micro_batch_size * training.max_seq_length
-    # The fused loss holds one chunk of float32 log-probabilities and a 16-bit copy; these few tokens fit
-    # in one chunk.
-    assert desc.logits_bytes == tokens * 400 * (4 + 2)
+    # The fused loss holds one chunk of logits (at most float32) and one of float32 log-probabilities;
+    # these few tokens fit in one chunk.
+    assert desc.logits_bytes == tokens * 400 * (4 + 4)
     assert desc.activation_bytes == tokens * 64 * 2 * 25 * 4  # hidden x layers x values x fp32
     assert desc.optimizer_bytes == 16 * desc.trainable_params
     assert desc.estimated_memory_bytes == sum(

@@ -162,7 +162,8 @@ def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
     """flash-attention on a GPU where the flash-attn package is installed and weights are 16-bit: transformers
     derives each packed document's boundaries from the restarting position ids and runs its varlen kernel,
     so no attention is computed across documents at all. Elsewhere SDPA, with a block-diagonal mask built
-    from the same position ids."""
+    from the same position ids; on a CPU in query chunks that skip most of the masked triangle
+    (cptkit.attention)."""
     import torch
 
     if (
@@ -171,6 +172,10 @@ def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
         and importlib.util.find_spec("flash_attn") is not None
     ):
         return "flash_attention_2"
+    if device.type == "cpu":
+        from cptkit.attention import register
+
+        return register()
     return "sdpa"
 
 
