@@ -79,6 +79,10 @@ def test_secret_keys(key: str, secret: bool) -> None:
         ("write to ops@example.com", "write to ops@example.com"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
         ("C:/Users/me@corp/x", "C:/Users/me@corp/x"),
+        # MLflow model URIs name an alias after the @: not a credential.
+        ("models:/python-docs-smollm2@champion", "models:/python-docs-smollm2@champion"),
+        ("serve -m 'models:/main.docs.model@challenger'", "serve -m 'models:/main.docs.model@challenger'"),
+        ("s3:/AKIAKEY:secret@bucket/x", "s3:/***@bucket/x"),  # one slash (a URL typed as a path), a password
     ],
 )
 def test_url_userinfo_is_masked_and_the_rest_kept(text: str, masked: str) -> None:

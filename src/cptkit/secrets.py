@@ -86,6 +86,9 @@ def mask_url(text: str) -> str:
         scheme, userinfo = match.group(1), match.group(0)[len(match.group(1)) : -1]
         if scheme.lower().rstrip(":/") in _CONTAINER_SCHEMES and ":" not in userinfo:
             return match.group(0)
+        # With one slash only `user:secret@` is a credential: MLflow's `models:/name@alias` names an alias.
+        if not scheme.endswith("//") and ":" not in userinfo:
+            return match.group(0)
         return f"{scheme}{MASK}@"
 
     return _URL_USERINFO.sub(masked, text)
