@@ -113,8 +113,9 @@ def run_cptkit(steps: int, method: str, checkpointing: bool) -> dict[str, Any]:
             "output_dir=out/cptkit_model",
         ],
     )
-    summary = train(config, force=True).summary
-    assert summary is not None
+    trained = train(config, force=True).summary
+    assert trained is not None
+    summary = trained.to_json()  # training_summary.json's form
     return {
         "method": summary["method"],
         "precision": summary["precision"],

@@ -277,15 +277,8 @@ def _log(tracker: Tracker, results: EvaluationResults, out: Path, files: list[st
     for set_name, d in results.drift.items():
         metrics[f"eval/{set_name}/drift_kl"] = d.kl
         metrics[f"eval/{set_name}/top1_agreement"] = d.top1_agreement
-    changes = {
-        "adaptation": results.adaptation,
-        "forgetting": results.forgetting,
-        "drift_kl": results.drift_kl,
-        "top1_agreement": results.top1_agreement,
-    }
-    for key, value in changes.items():
-        if value is not None:
-            metrics[f"eval/{key}"] = value
+    for key, value in results.headline().items():
+        metrics[f"eval/{key}"] = value
     metrics["eval/passed"] = float(results.passed)
     tracker.log_metrics(metrics, step)
     for name in files:

@@ -320,15 +320,8 @@ def version_tags(
         f"{TAG_PREFIX}merged": str(merged).lower(),
         f"{TAG_PREFIX}status": "checking",
     }
-    changes = {
-        "adaptation": results.adaptation,
-        "forgetting": results.forgetting,
-        "drift_kl": results.drift_kl,
-        "top1_agreement": results.top1_agreement,
-    }
-    for key, value in changes.items():
-        if value is not None:
-            tags[f"{TAG_PREFIX}eval.{key}"] = f"{value:.6g}"
+    for key, value in results.headline().items():
+        tags[f"{TAG_PREFIX}eval.{key}"] = f"{value:.6g}"
     domain = results.cpt.get(DOMAIN)
     if domain is not None:
         tags[f"{TAG_PREFIX}eval.domain_bits_per_byte"] = repr(float(domain.bits_per_byte))

@@ -349,6 +349,16 @@ class EvaluationResults:
     verdict: Verdict
     seconds: float | None = None
 
+    def headline(self) -> dict[str, float]:
+        """The changes the verdict judges (domain adaptation, worst forgetting, drift), those measured."""
+        changes = {
+            "adaptation": self.adaptation,
+            "forgetting": self.forgetting,
+            "drift_kl": self.drift_kl,
+            "top1_agreement": self.top1_agreement,
+        }
+        return {key: value for key, value in changes.items() if value is not None}
+
     @property
     def passed(self) -> bool:
         return self.verdict.passed
