@@ -99,13 +99,9 @@ def print_train(result: TrainResult) -> None:
         "train",
         result,
         directory=result.directory,
-        steps=s.steps if s else None,
-        tokens=s.tokens if s else None,
-        replay_share=s.replay_share if s else None,
-        tokens_per_second=s.tokens_per_second if s else None,
-        final_loss=s.final_loss if s else None,
-        final_eval=s.final_eval if s else None,
-        peak_memory_bytes=s.peak_memory_bytes if s else None,
+        **_attributes(
+            s, "steps", "tokens", "replay_share", "tokens_per_second", "final_loss", "final_eval", "peak_memory_bytes"
+        ),
     )
     if result.skipped:
         console.print(f"train: up to date, skipped ({result.directory}/manifest.json matches)")
@@ -121,6 +117,11 @@ def print_train(result: TrainResult) -> None:
         console.print(f"train: {s.stopped_reason}", style="yellow", highlight=False)
 
 
+def _attributes(obj: object | None, *names: str) -> dict[str, Any]:
+    """The named attributes of a stage's result for its JSON event; None each when it has none."""
+    return {name: getattr(obj, name) if obj is not None else None for name in names}
+
+
 def print_evaluate(result: EvaluateResult) -> None:
     from cptkit.report import REPORT_HTML, headline
 
@@ -129,12 +130,7 @@ def print_evaluate(result: EvaluateResult) -> None:
         "evaluate",
         result,
         report=result.directory / REPORT_HTML,
-        passed=r.passed if r else None,
-        adaptation=r.adaptation if r else None,
-        forgetting=r.forgetting if r else None,
-        forgetting_by_set=r.forgetting_by_set if r else None,
-        drift_kl=r.drift_kl if r else None,
-        top1_agreement=r.top1_agreement if r else None,
+        **_attributes(r, "passed", "adaptation", "forgetting", "forgetting_by_set", "drift_kl", "top1_agreement"),
     )
     if result.skipped:
         console.print(f"evaluate: up to date, skipped ({result.directory}/manifest.json matches)")
