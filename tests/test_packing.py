@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cptkit.config import TrainingConfig
-from cptkit.packing import IGNORE, BlockStream, TokenDocs, pack, plan_epoch, sequence_blocks
+from cptkit.packing import IGNORE, Blocks, BlockStream, TokenDocs, pack, plan_epoch, sequence_blocks
 from cptkit.schedule import lr_factor
 
 
@@ -18,6 +18,32 @@ def docs(*lengths: int, start: int = 10) -> TokenDocs:
         out.append(list(range(tok, tok + n)))
         tok += n
     return TokenDocs.from_lists(out)
+
+
+def epoch_arrays(blocks: Blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, replay mask, real mask) of all the epoch's blocks, one after another."""
+    windows = [blocks.window(i) for i in range(len(blocks))]
+    tokens = np.concatenate([w[0] for w in windows])
+    real = np.concatenate([w[2] for w in windows])
+    return tokens, np.repeat(blocks.is_replay, blocks.seq_len), real
+
+
+def eager_blocks(domain: list[list[int]], order: list[int], separator: int, seq_len: int) -> list[list[int]]:
+    """The reference: the whole stream built, padded, then cut."""
+    stream = [t for i in order for t in [*domain[i], separator]]
+    stream += [separator] * (-len(stream) % seq_len)
+    return [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+
+
+@pytest.mark.parametrize("seq_len", [3, 8, 50])
+def test_blocks_cut_from_the_documents_equal_the_whole_stream_cut(seq_len: int) -> None:
+    rng = np.random.default_rng(seq_len)
+    lists = [rng.integers(2, 99, int(n)).tolist() for n in rng.integers(0, 40, size=30)]
+    d = TokenDocs.from_lists(lists)
+    plan = plan_epoch(d, None, 0.0, seed=5, epoch=0, seq_len=seq_len)
+    blocks = pack(plan, d, None, separator=1, seq_len=seq_len)
+    expected = eager_blocks(lists, plan.domain_order.tolist(), 1, seq_len)
+    assert [blocks.window(i)[0].tolist() for i in range(len(blocks))] == expected
 
 
 def test_pack_restarts_positions_per_document_and_masks_first_tokens() -> None:
@@ -55,13 +81,14 @@ def test_replay_share_of_tokens_matches_the_ratio(ratio: float) -> None:
     blocks = pack(plan, domain, replay, separator=1, seq_len=256)
     assert blocks.replay_share == pytest.approx(ratio, abs=0.01)
     # Every domain token is trained on exactly once per epoch.
-    domain_tokens = blocks.tokens[~blocks.replay & blocks.real]
+    tokens, replay_mask, real = epoch_arrays(blocks)
+    domain_tokens = tokens[~replay_mask & real]
     assert sorted(t for t in domain_tokens.tolist() if t != 1) == sorted(domain.values.tolist())
     # Interleaved, not appended: the replay share of each quarter of the epoch is near the ratio too.
-    quarter = len(blocks.tokens) // 4
+    quarter = len(tokens) // 4
     for q in range(4):
         sl = slice(q * quarter, (q + 1) * quarter)
-        assert blocks.replay[sl].mean() == pytest.approx(ratio, abs=0.02)
+        assert replay_mask[sl].mean() == pytest.approx(ratio, abs=0.02)
 
 
 def test_long_replay_documents_do_not_bunch_up() -> None:
@@ -71,7 +98,7 @@ def test_long_replay_documents_do_not_bunch_up() -> None:
     replay = docs(*([5000] * 10), start=90_000)
     plan = plan_epoch(domain, replay, 0.2, seed=0, epoch=0, seq_len=256)
     blocks = pack(plan, domain, replay, separator=1, seq_len=256)
-    per_block = blocks.replay.reshape(-1, 256)[:, 0]
+    per_block = blocks.is_replay
     for start in range(0, len(per_block) - 10, 10):
         assert 1 <= per_block[start : start + 10].sum() <= 3
 

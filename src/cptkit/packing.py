@@ -100,59 +100,95 @@ def plan_epoch(
 
 
 @dataclass(frozen=True)
-class Blocks:
-    """Packed training sequences of one epoch, built from a flat token stream."""
+class _Stream:
+    """Documents in an order, each followed by the separator, as one token stream that is never built:
+    a window of it is cut from the documents when asked for. It holds 8 bytes per document, so an epoch
+    costs memory in proportion to its documents, not to its tokens (which may be memory-mapped)."""
 
-    tokens: np.ndarray  # int32, the epoch's stream padded to a multiple of seq_len
-    doc_start: np.ndarray  # bool, True at each document's first token
-    real: np.ndarray  # bool, False on padding
-    replay: np.ndarray  # bool, True on replay tokens
-    seq_len: int
+    docs: TokenDocs
+    order: np.ndarray
+    ends: np.ndarray  # int64: the stream's length after each document and its separator
+
+    @staticmethod
+    def of(docs: TokenDocs, order: np.ndarray) -> _Stream:
+        return _Stream(docs, order, np.cumsum(docs.lengths[order] + 1, dtype=np.int64))
 
     def __len__(self) -> int:
-        return len(self.tokens) // self.seq_len
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def window(self, start: int, stop: int, separator: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens start..stop-1 of the stream (stop <= len) and the mask of document starts among them."""
+        k = int(np.searchsorted(self.ends, start, side="right"))  # the first document ending after start
+        first = begin = int(self.ends[k - 1]) if k else 0
+        pieces: list[np.ndarray] = []
+        starts = np.zeros(stop - start, dtype=bool)
+        sep = np.asarray([separator], dtype=np.int32)
+        while begin < stop:
+            if begin >= start:
+                starts[begin - start] = True
+            pieces += [np.asarray(self.docs.doc(int(self.order[k])), dtype=np.int32), sep]
+            begin = int(self.ends[k])
+            k += 1
+        return np.concatenate(pieces)[start - first : stop - first], starts
+
+
+class Blocks:
+    """Packed training sequences of one epoch: the domain stream cut every `seq_len` tokens (its last block
+    padded with separators) and, spread evenly among them, the replay stream's blocks. A block is cut from
+    the documents when asked for (see `_Stream`)."""
+
+    def __init__(self, domain: _Stream, replay: _Stream | None, replay_blocks: int, separator: int, seq_len: int):
+        self.domain, self.replay, self.separator, self.seq_len = domain, replay, separator, seq_len
+        n_domain = -(-len(domain) // seq_len)
+        n_replay = replay_blocks if replay is not None else 0
+        total = n_domain + n_replay
+        j = np.arange(total)
+        # Block j is a replay block where the running share of replay blocks steps up: evenly spread.
+        self.is_replay = (j + 1) * n_replay // total > j * n_replay // total if total else np.zeros(0, bool)
+        self.row = np.empty(total, dtype=np.int64)  # the block's row in its own stream
+        self.row[self.is_replay] = np.arange(n_replay)
+        self.row[~self.is_replay] = np.arange(n_domain)
+        self.real_tokens = len(domain) + n_replay * seq_len
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def window(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens int32, document-start mask, real-token mask) of block i."""
+        start = int(self.row[i]) * self.seq_len
+        if self.is_replay[i]:
+            assert self.replay is not None
+            tokens, starts = self.replay.window(start, start + self.seq_len, self.separator)
+            return tokens, starts, np.ones(self.seq_len, bool)
+        stop = min(start + self.seq_len, len(self.domain))
+        tokens, starts = self.domain.window(start, stop, self.separator)
+        padding = self.seq_len - len(tokens)
+        if padding:
+            tokens = np.concatenate([tokens, np.full(padding, self.separator, np.int32)])
+            starts = np.concatenate([starts, np.zeros(padding, bool)])
+        return tokens, starts, np.arange(self.seq_len) < self.seq_len - padding
 
     def block(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids, position_ids, labels) of block i."""
-        sl = slice(i * self.seq_len, (i + 1) * self.seq_len)
-        tokens, starts, real = self.tokens[sl], self.doc_start[sl].copy(), self.real[sl]
+        tokens, doc_start, real = self.window(i)
+        starts = doc_start.copy()
         starts[0] = True  # a block boundary also restarts positions
         idx = np.arange(self.seq_len)
         last_start = np.maximum.accumulate(np.where(starts, idx, 0))
         positions = (idx - last_start).astype(np.int64)
         labels = tokens.astype(np.int64)
-        labels[self.doc_start[sl] | ~real] = IGNORE
+        labels[doc_start | ~real] = IGNORE
         return tokens.astype(np.int64), positions, labels
-
-    @property
-    def real_tokens(self) -> int:
-        return int(self.real.sum())
 
     @property
     def replay_share(self) -> float:
         """Share of real tokens that come from replay documents."""
-        return int((self.replay & self.real).sum()) / max(self.real_tokens, 1)
+        return int(self.is_replay.sum()) * self.seq_len / max(self.real_tokens, 1)
 
     @property
     def efficiency(self) -> float:
         """Share of positions that hold real tokens (not padding)."""
-        return self.real_tokens / max(len(self.tokens), 1)
-
-
-def _stream(docs: TokenDocs, order: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
-    """The documents in `order`, each followed by the separator, and a mask of document starts."""
-    if len(order) == 0:
-        return np.zeros(0, np.int32), np.zeros(0, bool)
-    pieces: list[np.ndarray] = []
-    sep = np.asarray([separator], dtype=np.int32)
-    for idx in order:
-        pieces.append(docs.doc(int(idx)))
-        pieces.append(sep)
-    stream = np.concatenate(pieces)
-    starts = np.zeros(len(stream), dtype=bool)
-    lengths = docs.lengths[order] + 1
-    starts[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
-    return stream, starts
+        return self.real_tokens / max(len(self) * self.seq_len, 1)
 
 
 def pack(plan: EpochPlan, domain: TokenDocs, replay: TokenDocs | None, separator: int, seq_len: int) -> Blocks:
@@ -160,37 +196,8 @@ def pack(plan: EpochPlan, domain: TokenDocs, replay: TokenDocs | None, separator
     blocks are spread evenly among the domain blocks, so that any stretch of training (a short run, the
     first steps) sees the configured share, however long the replay documents are. The last domain
     block is padded with separators; the replay stream is cut at its last full block."""
-    tokens, starts = _stream(domain, plan.domain_order, separator)
-    padding = (-len(tokens)) % seq_len
-    real = np.concatenate([np.ones(len(tokens), bool), np.zeros(padding, bool)])
-    tokens = np.concatenate([tokens, np.full(padding, separator, np.int32)])
-    starts = np.concatenate([starts, np.zeros(padding, bool)])
-    if plan.replay_blocks == 0 or replay is None:
-        return Blocks(tokens, starts, real, np.zeros(len(tokens), bool), seq_len)
-
-    r_tokens, r_starts = _stream(replay, plan.replay_order, separator)
-    r_len = plan.replay_blocks * seq_len
-    n_domain, n_replay = len(tokens) // seq_len, plan.replay_blocks
-    total = n_domain + n_replay
-    j = np.arange(total)
-    is_replay = (j + 1) * n_replay // total > j * n_replay // total
-    by_block = np.empty(total, dtype=np.int64)  # row of each block in its own stream
-    by_block[is_replay] = np.arange(n_replay)
-    by_block[~is_replay] = np.arange(n_domain)
-
-    def interleave(d: np.ndarray, r: np.ndarray) -> np.ndarray:
-        out = np.empty((total, seq_len), dtype=d.dtype)
-        out[is_replay] = r[:r_len].reshape(n_replay, seq_len)
-        out[~is_replay] = d.reshape(n_domain, seq_len)
-        return out.reshape(-1)
-
-    return Blocks(
-        interleave(tokens, r_tokens),
-        interleave(starts, r_starts),
-        interleave(real, np.ones(r_len, bool)),
-        np.repeat(is_replay, seq_len),
-        seq_len,
-    )
+    replay_stream = _Stream.of(replay, plan.replay_order) if replay is not None and plan.replay_blocks else None
+    return Blocks(_Stream.of(domain, plan.domain_order), replay_stream, plan.replay_blocks, separator, seq_len)
 
 
 def sequence_blocks(docs: TokenDocs, separator: int, seq_len: int) -> Blocks:
@@ -247,6 +254,5 @@ class BlockStream:
         for g in range(start, start + count):
             _, blocks, i = self.get(g)
             ids, pos, labels = blocks.block(i)
-            sl = slice(i * self.seq_len, (i + 1) * self.seq_len)
-            real, replay = int(blocks.real[sl].sum()), int((blocks.replay[sl] & blocks.real[sl]).sum())
-            yield PackedRow(ids, pos, labels, real, replay)
+            real = int(blocks.window(i)[2].sum())
+            yield PackedRow(ids, pos, labels, real, real if blocks.is_replay[i] else 0)
