@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from conftest import make_doc, write_config, write_jsonl
+from conftest import make_doc, shard_rows, write_config, write_jsonl
 from cptkit.config import DedupConfig, PrepareConfig
 from cptkit.corpus import DUPLICATE_REASONS, drop_duplicates
 from cptkit.dedup import (
@@ -25,6 +24,7 @@ from cptkit.dedup import (
     exact_duplicates,
     lsh_bands,
     near_duplicates,
+    similar_links,
 )
 from cptkit.engines.work_files import DedupStore
 from cptkit.records import RecordProcessor
@@ -185,11 +185,9 @@ def _prepare(cli: Any, tmp_path: Path, name: str, rows: list[Any], settings: dic
         "val": sorted(map(json.dumps, _jsonl(out / "val.jsonl"))),
         "dropped": sorted(map(json.dumps, _jsonl(out / "dropped.jsonl"))),
         "tokens": {
-            split: sorted(
-                (r["id"], tuple(r["input_ids"])) for r in pq.read_table(out / f"{split}_tokens.parquet").to_pylist()
-            )
+            split: sorted((r["id"], tuple(r["input_ids"])) for r in shard_rows(out / f"{split}_tokens"))
             for split in ("train", "val")
-            if (out / f"{split}_tokens.parquet").exists()
+            if (out / f"{split}_tokens").exists()
         },
     }
 
@@ -240,3 +238,39 @@ def test_a_killed_runs_work_folder_is_removed_by_the_next(tmp_path: Path, cli: A
     out = _prepare(cli, tmp_path, "w", rows, settings)
     assert not stale.exists() and not list(Path("out_w").glob(".*.tmp"))
     assert out["manifest"]["dropped"] == {"exact_duplicate": 2}
+
+
+def test_similar_links_connect_what_all_similar_pairs_connect_with_fewer_links() -> None:
+    """A bucket's links are a spanning forest of its similar pairs: the same components as linking every
+    pair whose estimated Jaccard reaches the threshold, with at most one link per member."""
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 2**31, size=(6, 64))
+    # Members near one of six bases (a few values changed), so similarity varies across the threshold.
+    rows = np.stack([base[i % 6].copy() for i in range(120)])
+    for row in rows:
+        row[rng.choice(64, size=int(rng.integers(0, 24)), replace=False)] = rng.integers(0, 2**31, size=1)
+    threshold = 0.75
+
+    def components(pairs: list[tuple[int, int]]) -> list[int]:
+        parent = list(range(len(rows)))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                x = parent[x]
+            return x
+
+        for a, b in pairs:
+            parent[find(a)] = find(b)
+        return [min(j for j in range(len(rows)) if find(j) == find(i)) for i in range(len(rows))]
+
+    every_pair = [
+        (i, j)
+        for i in range(len(rows))
+        for j in range(i + 1, len(rows))
+        if estimated_jaccard(rows[i], rows[j]) >= threshold
+    ]
+    links = list(similar_links(rows, threshold))
+    assert components(links) == components(every_pair)
+    assert len(links) < len(rows) < len(every_pair)
+    # k mutual duplicates: k - 1 links, not k * (k - 1) / 2 pairs.
+    assert len(list(similar_links(np.repeat(base[:1], 50, axis=0), threshold))) == 49

@@ -166,13 +166,19 @@ def near_duplicates(bands: np.ndarray, signatures: np.ndarray, order: np.ndarray
 
 
 def _link_similar(group: np.ndarray, signatures: np.ndarray, threshold: float, roots: _Components) -> None:
-    """Link every pair of `group` whose `estimated_jaccard` is at least `threshold`: a search from
-    each unvisited member, comparing it with all unvisited members at once, so a group of k mutual near
-    duplicates costs one comparison of k signatures rather than k*(k-1)/2."""
     group = np.sort(group)  # a fixed visiting order; the components do not depend on it
-    rows = np.asarray(signatures[group])
-    unvisited = np.ones(len(group), dtype=bool)
-    for start in range(len(group)):
+    for i, j in similar_links(np.asarray(signatures[group]), threshold):
+        roots.union(int(group[i]), int(group[j]))
+
+
+def similar_links(rows: np.ndarray, threshold: float) -> Iterator[tuple[int, int]]:
+    """Pairs (i, j) of `rows` (signatures of one band bucket) that connect each component of the graph
+    of pairs whose `estimated_jaccard` is at least `threshold`: a spanning forest of it, so linking these
+    pairs gives the same components as linking every similar pair. A search from each unvisited row
+    compares it with all unvisited rows at once, so a bucket of k mutual near duplicates costs one
+    comparison of k signatures rather than k*(k-1)/2. Both engines link buckets with it."""
+    unvisited = np.ones(len(rows), dtype=bool)
+    for start in range(len(rows)):
         if not unvisited[start]:
             continue
         unvisited[start] = False
@@ -186,8 +192,8 @@ def _link_similar(group: np.ndarray, signatures: np.ndarray, threshold: float, r
             jaccard = np.count_nonzero(rows[candidates] == rows[current], axis=1) / rows.shape[1]
             for linked in candidates[jaccard >= threshold]:
                 unvisited[linked] = False
-                roots.union(int(group[current]), int(group[linked]))
                 frontier.append(int(linked))
+                yield current, int(linked)
 
 
 class _Components:

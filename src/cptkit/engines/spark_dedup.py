@@ -8,10 +8,11 @@ on the driver.
   consecutive) whose comparisons are the order's.
 - **Exact duplicates**: a document whose rank is not the smallest among those with its exact key.
 - **Near duplicates**, over one representative per exact key (its copies have the same signature, so
-  they join its component and never bring it another member; this keeps groups of identical
-  documents from making quadratic candidate pairs): the band hashes exploded and self-joined on
-  (band, hash) give the candidate pairs, each linked when `count equal / num_perm >= threshold` (the
-  division of `dedup.estimated_jaccard`, in doubles, so the boundary falls the same way). The linked
+  they join its component and never bring it another member): the band hashes exploded and grouped by
+  (band, hash) give the buckets; the members of each bucket of two or more are linked by
+  `dedup.similar_links` in a Python task (`applyInArrow`), the local engine's own search, which
+  returns a spanning forest of the pairs whose estimated Jaccard reaches the threshold, so a large
+  bucket costs at most one search per member rather than quadratic candidate pairs. The linked
   pairs' connected components come from the large-star/small-star iteration (Kiveris et al., 2014),
   which ends with every member of a component pointing at its smallest rank; every document of a
   component but that one is a near duplicate, and so is every copy of a representative.
@@ -19,10 +20,15 @@ on the driver.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
 
 from cptkit.config import DedupConfig
 from cptkit.corpus import EXACT, KEEP, NEAR
+from cptkit.dedup import similar_links
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -57,25 +63,36 @@ def duplicate_fates(
 
 def _near_duplicate_ranks(nodes: DataFrame, bands: str, signature: str, threshold: float) -> DataFrame:
     """(rank, near=True) for each of `nodes` linked to one of smaller rank."""
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     exploded = nodes.select(_RANK, F.posexplode(bands).alias("band", "hash"))
-    left, right = exploded.alias("l"), exploded.alias("r")
-    candidates = (
-        left.join(right, on=["band", "hash"])
-        .where(F.col(f"l.{_RANK}") < F.col(f"r.{_RANK}"))
-        .select(F.col(f"l.{_RANK}").alias(_SRC), F.col(f"r.{_RANK}").alias(_DST))
-        .distinct()
-    )
-    signatures = nodes.select(_RANK, signature)
-    a = signatures.select(F.col(_RANK).alias(_SRC), F.col(signature).alias("a"))
-    b = signatures.select(F.col(_RANK).alias(_DST), F.col(signature).alias("b"))
-    equal = F.size(F.filter(F.zip_with("a", "b", lambda x, y: x == y), lambda same: same))
-    jaccard = equal.cast("double") / F.size("a").cast("double")
-    edges = candidates.join(a, on=_SRC).join(b, on=_DST).where(jaccard >= F.lit(float(threshold))).select(_SRC, _DST)
+    # Only the documents of buckets with more than one member take their signatures into the shuffle
+    # that groups the buckets: most documents share a band with no other.
+    sizes = F.count(F.lit(1)).over(Window.partitionBy("band", "hash"))
+    colliding = exploded.withColumn("members", sizes).where(F.col("members") > 1).drop("members")
+    members = colliding.join(nodes.select(_RANK, signature), on=_RANK)
+    edges = members.groupBy("band", "hash").applyInArrow(_bucket_links(signature, threshold), _EDGES_DDL)
     stars = _components(edges.localCheckpoint())
     # Every node with an edge to a smaller one after the iteration is not its component's smallest.
     return stars.select(F.col(_SRC).alias(_RANK)).distinct().withColumn("near", F.lit(True))
+
+
+_EDGES_DDL = f"{_SRC} long, {_DST} long"
+
+
+def _bucket_links(signature: str, threshold: float) -> Callable[[pa.Table], pa.Table]:
+    """The task that links one band bucket's members: `dedup.similar_links`, as the local engine does, so
+    a bucket of k documents costs at most k searches, not the k*(k-1)/2 pairs of a self-join."""
+
+    def links(bucket: pa.Table) -> pa.Table:
+        ranks = bucket.column(_RANK).to_numpy()
+        column = bucket.column(signature).combine_chunks()
+        rows = np.asarray(column.flatten()).reshape(len(ranks), -1)
+        pairs = np.asarray(list(similar_links(rows, threshold)), dtype=np.int64).reshape(-1, 2)
+        return pa.table({_SRC: ranks[pairs[:, 0]], _DST: ranks[pairs[:, 1]]})
+
+    return links
 
 
 def _components(edges: DataFrame) -> DataFrame:
