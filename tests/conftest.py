@@ -148,6 +148,13 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def shard_rows(folder: Path) -> list[dict[str, Any]]:
+    """The rows of a prepared shard folder (`train_tokens/part-*.parquet`), in shard order."""
+    import pyarrow.parquet as pq
+
+    return [row for part in sorted(folder.glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
+
+
 def write_config(path: Path, data: dict[str, Any]) -> Path:
     import yaml
 

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from conftest import make_doc, write_config, write_jsonl
+from conftest import make_doc, shard_rows, write_config, write_jsonl
 from cptkit.config import load_config
 from cptkit.corpus import split_of
 
@@ -47,7 +46,7 @@ def test_extract_then_prepare_writes_the_seed_files_and_tokens(
     assert first == {"id": "d0", "text": make_doc(0), "team": "t0"}
 
     tokenizer = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
-    tokens = pq.read_table("out/train_tokens.parquet").to_pylist()
+    tokens = shard_rows(Path("out/train_tokens"))
     assert [t["id"] for t in tokens] == [r["id"] for r in train]
     for row, tok in zip(train, tokens, strict=True):
         assert tok["input_ids"] == tokenizer.encode(row["text"], add_special_tokens=False).ids
@@ -120,7 +119,7 @@ def test_every_document_is_accounted_for(tmp_path: Path, cli) -> None:  # type: 
         "german": "language",
         "empty": "empty",
     }
-    assert not Path("out/train_tokens.parquet").exists()
+    assert not Path("out/train_tokens").exists()
     assert m["train_tokens"] is None
 
 
@@ -177,7 +176,7 @@ def test_two_workers_give_the_same_output_as_one(tmp_path: Path, cli, tiny_token
         outs.append(
             [
                 Path(f"out{workers}/{n}").read_bytes()
-                for n in ("train.jsonl", "val.jsonl", "dropped.jsonl", "train_tokens.parquet")
+                for n in ("train.jsonl", "val.jsonl", "dropped.jsonl", "train_tokens/part-00000.parquet")
             ]
         )
         assert manifest(Path(f"out{workers}"))["dropped"] == {"exact_duplicate": 15}

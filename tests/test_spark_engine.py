@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_doc, write_config, write_jsonl
+from conftest import make_doc, shard_rows, write_config, write_jsonl
 from cptkit.config import PrepareConfig, load_config
 from cptkit.dedup import MinHasher, band_hashes, estimated_jaccard, lsh_bands
 from cptkit.engines import PrepareJob
@@ -108,8 +108,10 @@ def outputs(folder: Path) -> dict[str, Any]:
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     return {
         **{name: (folder / name).read_text(encoding="utf-8") for name in OUTPUT_FILES},
-        **{name: pq.read_table(folder / name).to_pylist() for name in ("train_tokens.parquet", "val_tokens.parquet")},
+        **{name: shard_rows(folder / name) for name in ("train_tokens", "val_tokens")},
         "manifest": {key: manifest[key] for key in MANIFEST_COUNTS},
+        # File by file: the same shards, byte for byte (their sha256 is in the list).
+        "shards": manifest["shards"],
     }
 
 
@@ -133,6 +135,7 @@ def test_spark_gives_the_same_outputs_as_local(
             "prepare": {
                 "max_document_bytes": 20_000,
                 "chunk_size": 4,
+                "shard_documents": 5,
                 "split": {"val_ratio": 0.3},
                 "redact": {"enabled": True},
             },
@@ -166,6 +169,8 @@ def test_spark_gives_the_same_outputs_as_local(
     }
     assert m["quarantined"] == 6 and m["redactions"].get("email") == 1
     assert m["train_tokens"] > 0 and m["val_documents"] > 0
+    shards = results["spark"]["shards"]["train_tokens"]
+    assert len(shards) > 1 and sum(s["tokens"] for s in shards) == m["train_tokens"]
 
 
 class _FailsOnBoom(RecordProcessor):

@@ -14,7 +14,9 @@ DOMAIN, REPLAY = "domain", "replay"
 RAW = "raw"
 SNAPSHOT = "documents.parquet"
 TRAIN, VAL = "train.jsonl", "val.jsonl"
-TRAIN_TOKENS, VAL_TOKENS = "train_tokens.parquet", "val_tokens.parquet"
+# Folders of Parquet shards (`prepared_files`): the token ids of each split, and the training text when
+# train.jsonl is not written.
+TRAIN_TOKENS, VAL_TOKENS, TRAIN_TEXT = "train_tokens", "val_tokens", "train_text"
 QUARANTINE, DROPPED = "quarantine.jsonl", "dropped.jsonl"
 
 
@@ -33,7 +35,7 @@ class Dataset:
         return self.raw_dir / SNAPSHOT
 
     def tokens(self, split: str) -> Path:
-        """The token file of the train or val split."""
+        """The token shards' folder of the train or val split."""
         return self.directory / (TRAIN_TOKENS if split == "train" else VAL_TOKENS)
 
 

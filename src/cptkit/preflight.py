@@ -238,17 +238,16 @@ def _check_model(config: Config, model_dir: Path) -> int:
 
 
 def _check_token_ids(data: TrainData, model_vocab: int) -> None:
-    for name, docs in (
-        ("domain", data.domain_train),
-        ("domain", data.domain_val),
-        ("replay", data.replay_train),
-        ("replay", data.general_val),
-    ):
-        if docs is not None and len(docs.values) and int(docs.values.max()) >= model_vocab:
-            raise CptkitError(
-                f"the prepared {name} data holds token id {int(docs.values.max()):,} but the model's embedding has "
-                f"{model_vocab:,} rows: it was tokenized with another tokenizer; rerun prepare with the model's"
-            )
+    # From the manifests' shard lists: the tokens themselves may be larger than memory.
+    for name, manifest in data.manifests.items():
+        for folder, shards in (manifest.get("shards") or {}).items():
+            largest = max((int(s.get("max_token_id", -1)) for s in shards), default=-1)
+            if largest >= model_vocab:
+                raise CptkitError(
+                    f"the prepared {name} data ({folder}) holds token id {largest:,} but the model's embedding has "
+                    f"{model_vocab:,} rows: it was tokenized with another tokenizer; rerun prepare with the model's "
+                    "tokenizer"
+                )
 
 
 # ---------------------------------------------------------------- data counts

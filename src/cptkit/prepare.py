@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -24,7 +25,7 @@ from cptkit.artifacts import (
     up_to_date,
     write_json_atomic,
 )
-from cptkit.config import Config, section_fingerprint
+from cptkit.config import Config, PrepareConfig, section_fingerprint
 from cptkit.corpus import TRAIN_SPLIT, VAL_SPLIT, Tally
 from cptkit.datasets import Dataset
 from cptkit.dedup import SEMANTICS as DEDUP_SEMANTICS
@@ -32,7 +33,7 @@ from cptkit.engines import PrepareJob
 from cptkit.engines import local as local_engine
 from cptkit.errors import StageError
 from cptkit.folders import claim
-from cptkit.prepared_files import output_names
+from cptkit.prepared_files import describe_shards, output_files
 from cptkit.progress import progress_bar
 from cptkit.rules.steps import Redact
 from cptkit.stage import StageResult
@@ -41,8 +42,23 @@ from cptkit.tokenization import TokenizerInfo, resolve_tokenizer
 
 def prepare_fingerprint(config: Config, tokenizer: TokenizerInfo | None) -> str:
     # The engine, worker count and chunk size change speed, not results; a new dedup definition does.
-    rules = config.prepare.model_dump(mode="python", exclude={"engine", "spark", "workers", "chunk_size"})
-    return section_fingerprint(rules, tokenizer.fingerprint if tokenizer else None, DEDUP_SEMANTICS)
+    # Sharding and the train text's format change the files, not the data: the manifest lists the files.
+    speed_only = {"engine", "spark", "workers", "chunk_size", "shard_documents", "train_jsonl"}
+    rules = config.prepare.model_dump(mode="python", exclude=speed_only)
+    return section_fingerprint(rules, tokenizer.fingerprint if tokenizer else None, DEDUP_SEMANTICS, LAYOUT)
+
+
+# The files a prepared folder holds (`prepared_files`); a new layout makes older folders out of date.
+LAYOUT = "parquet-shards-v1"
+# prepare.train_jsonl: auto writes train.jsonl up to this much raw text: one JSON-lines file of many GB is
+# rarely wanted (nothing in cptkit reads it; it is for people and other tools).
+TRAIN_JSONL_AUTO_BYTES = 1_000_000_000
+
+
+def _train_jsonl(pc: PrepareConfig, extract_manifest: dict[str, Any]) -> bool:
+    if pc.train_jsonl == "auto":
+        return int(extract_manifest.get("bytes", 0)) <= TRAIN_JSONL_AUTO_BYTES
+    return pc.train_jsonl
 
 
 def _run_engine(job: PrepareJob, advance: Callable[[int], None]) -> Tally:
@@ -77,7 +93,7 @@ def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
     invalidate(out)
     started = time.perf_counter()
     documents_in = pq.ParquetFile(snapshot).metadata.num_rows
-    job = PrepareJob(snapshot, out, pc, tokenizer.path if tokenizer else None)
+    job = PrepareJob(snapshot, out, pc, tokenizer.path if tokenizer else None, _train_jsonl(pc, extract_manifest))
     with progress_bar(f"prepare {dataset.name}", documents_in) as advance:
         tally = _run_engine(job, advance)
     tally.check(documents_in)
@@ -99,7 +115,9 @@ def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
         train_tokens=tally.tokens[TRAIN_SPLIT] if tokenizer else None,
         val_tokens=tally.tokens[VAL_SPLIT] if tokenizer else None,
         source=extract_manifest.get("source"),
-        outputs=describe_outputs(out, output_names(tokenizer is not None)),
+        train_text="train.jsonl" if job.train_jsonl else "train_text/",
+        shards=describe_shards(out),
+        outputs=describe_outputs(out, output_files(out)),
         seconds=round(seconds, 3),
         input_megabytes_per_second=round(int(extract_manifest.get("bytes", 0)) / 1e6 / max(seconds, 1e-9), 3),
     )

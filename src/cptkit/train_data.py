@@ -3,6 +3,7 @@ between packed documents, and the run's fingerprint and step count. Train and th
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from cptkit.artifacts import MANIFEST, read_json
+from cptkit.artifacts import MANIFEST, atomic_dir, read_json
 from cptkit.config import Config, TrainingConfig, section_fingerprint
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import ConfigError, StageError
 from cptkit.packing import SEPARATOR_TOKEN, TokenDocs
+from cptkit.tokenization import cache_dir
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,40 @@ class TrainData:
     manifests: dict[str, dict[str, Any]]  # dataset name -> prepare manifest
 
 
-def read_tokens(path: Path) -> TokenDocs:
-    column = pq.read_table(path, columns=["input_ids"]).column("input_ids").combine_chunks()
-    values = column.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    return TokenDocs(values, offsets - offsets[0])
+def read_tokens(folder: Path, shards: list[dict[str, Any]]) -> TokenDocs:
+    """A split's token shards as one TokenDocs whose tokens are memory-mapped, so that training's memory
+    does not grow with the corpus (8 bytes per document stay in memory: the offsets). Parquet is compressed
+    and cannot be mapped; its tokens are copied once, one row group at a time, into a flat file in the
+    cptkit cache, named by the shards' fingerprints (so a new preparation gets a new copy, and a resumed or
+    repeated run reuses it)."""
+    if sum(int(s.get("tokens", 0)) for s in shards) == 0:
+        return TokenDocs(np.zeros(0, np.int32), np.zeros(1, np.int64))
+    key = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:32]
+    cached = cache_dir() / "tokens" / key
+    if not (cached / _OFFSETS).is_file():
+        with atomic_dir(cached) as tmp:
+            _flatten(folder, shards, tmp)
+    return TokenDocs(np.memmap(cached / _VALUES, dtype=np.int32, mode="r"), np.load(cached / _OFFSETS))
+
+
+_VALUES, _OFFSETS = "values.int32", "offsets.npy"
+
+
+def _flatten(folder: Path, shards: list[dict[str, Any]], out: Path) -> None:
+    offsets = [np.zeros(1, np.int64)]
+    end = 0
+    with (out / _VALUES).open("wb") as values:
+        for shard in shards:
+            path = folder.parent / shard["file"]
+            if not path.is_file():
+                raise StageError(f"{path}: a token shard the manifest lists is missing; rerun `cptkit prepare`")
+            for batch in pq.ParquetFile(path).iter_batches(columns=["input_ids"]):
+                column = batch.column(0)
+                np.asarray(column.flatten(), dtype=np.int32).tofile(values)
+                ends = column.offsets.to_numpy().astype(np.int64)
+                offsets.append(ends[1:] - ends[0] + end)
+                end = int(offsets[-1][-1]) if len(offsets[-1]) else end
+    np.save(out / _OFFSETS, np.concatenate(offsets))
 
 
 def _dataset_tokens(dataset: Dataset) -> tuple[TokenDocs, TokenDocs, dict[str, Any]]:
@@ -44,7 +75,9 @@ def _dataset_tokens(dataset: Dataset) -> tuple[TokenDocs, TokenDocs, dict[str, A
             f"{dataset.directory}: the {dataset.name} data was prepared without tokens; "
             "set prepare.tokenize: true and run `cptkit prepare`"
         )
-    return read_tokens(dataset.tokens("train")), read_tokens(dataset.tokens("val")), manifest
+    shards = manifest.get("shards") or {}
+    train, val = dataset.tokens("train"), dataset.tokens("val")
+    return read_tokens(train, shards.get(train.name, [])), read_tokens(val, shards.get(val.name, [])), manifest
 
 
 def separator_id(tokenizer_info: dict[str, Any]) -> int:

@@ -228,6 +228,14 @@ class PrepareConfig(Section):
     max_document_bytes: int = Field(10_000_000, gt=0, description="Larger documents are quarantined, not processed.")
     workers: int = Field(0, ge=0, description="Worker processes; 0 means one per CPU core.")
     chunk_size: int = Field(256, gt=0, description="Documents per unit of work sent to a worker.")
+    shard_documents: int = Field(
+        100_000, gt=0, description="Documents per Parquet shard of the token (and training text) folders."
+    )
+    train_jsonl: bool | Literal["auto"] = Field(
+        "auto",
+        description="Write the training text as train.jsonl (the seed's file); false: as train_text/ Parquet "
+        "shards; auto: JSON lines up to 1 GB of raw text, shards above.",
+    )
 
     @property
     def worker_count(self) -> int:

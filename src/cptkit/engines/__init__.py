@@ -18,3 +18,4 @@ class PrepareJob:
     directory: Path  # where the prepared files go
     config: PrepareConfig
     tokenizer_path: str | None  # a tokenizer.json; None when prepare.tokenize is off
+    train_jsonl: bool = True  # the training text as train.jsonl, else as train_text/ shards

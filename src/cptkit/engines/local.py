@@ -46,7 +46,9 @@ def run(job: PrepareJob, advance: Callable[[int], None]) -> Tally:
             finally:
                 spill.close()
             fates = iter(store.fates().tolist())
-        with PreparedWriter(job.directory, job.tokenizer_path is not None) as writer:
+        with PreparedWriter(
+            job.directory, job.tokenizer_path is not None, job.config.shard_documents, job.train_jsonl
+        ) as writer:
             for batch, results in spill.read():
                 for r in results:
                     if r.status == "keep" and (fate := next(fates)) != KEEP:

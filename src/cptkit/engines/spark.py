@@ -83,7 +83,9 @@ def run(job: PrepareJob, advance: Callable[[int], None], make_processor: MakePro
         files = _ordered_results(spark, job, Path(work), make_processor)
         documents = _SnapshotRows(snapshot, [ID, *metadata_columns], job.config.chunk_size)
         done = 0
-        with PreparedWriter(job.directory, job.tokenizer_path is not None) as writer:
+        with PreparedWriter(
+            job.directory, job.tokenizer_path is not None, job.config.shard_documents, job.train_jsonl
+        ) as writer:
             for batch in _read(files, [_POSITION, _STATUS, _REASON, TEXT, _TOKENS, _COUNTS, FATE]):
                 positions = np.asarray(batch.column(_POSITION))
                 if not np.array_equal(positions, np.arange(done, done + len(batch))):
