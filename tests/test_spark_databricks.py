@@ -78,9 +78,18 @@ def databricks_config(path: Path, tokenizer: Path, **extra: Any) -> Path:
 def test_a_databricks_table_read_by_spark_prepares_like_the_same_rows_read_locally(
     spark: Any, table: str, cli: Any, tiny_tokenizer_dir: Path, no_databricks_calls: list[str]
 ) -> None:
+    from cptkit.config import load_config
+    from cptkit.datasets import datasets
+    from cptkit.extract import dry_run, extract, spark_settings
+    from cptkit.prepare import prepare
+
     cfg = databricks_config(Path("remote.yaml"), tiny_tokenizer_dir)
-    done = cli("extract", "-c", str(cfg))
-    assert done.exit_code == 0, done.output
+    # As in a notebook on a cluster (README, recipe 2): the active session reads the table.
+    config = load_config(cfg)
+    (dataset,) = datasets(config)
+    plan = dry_run(dataset, spark=spark_settings(config)).plan
+    assert (plan["method"], plan["rows"]) == ("spark", 15) and "ORDER BY `id`" in plan["query"]
+    assert not extract(dataset, spark=spark_settings(config)).skipped
     assert not list(Path("remote/raw").glob(".*.tmp"))  # Spark's part files are gone
     manifest = json.loads(Path("remote/raw/manifest.json").read_text(encoding="utf-8"))
     assert manifest["source"]["method"] == "spark" and manifest["rows"] == 15
@@ -106,7 +115,7 @@ def test_a_databricks_table_read_by_spark_prepares_like_the_same_rows_read_local
         == json.loads(Path("local/raw/manifest.json").read_text())["content_fingerprint"]
     )
 
-    assert cli("prepare", "-c", str(cfg)).exit_code == 0
+    assert not prepare(config, dataset).skipped
     assert cli("prepare", "-c", str(local)).exit_code == 0
     assert outputs(Path("remote")) == outputs(Path("local"))
     assert outputs(Path("remote"))["manifest"]["documents_kept"] == 12
