@@ -225,3 +225,19 @@ def test_cluster_id_and_serverless_need_remote() -> None:
         load_config(None, [*remote, "prepare.spark.cluster_id=c1"])
     spark = load_config(None, ["prepare.spark.remote=databricks", "prepare.spark.serverless=true"]).prepare.spark
     assert spark.remote == "databricks" and spark.serverless
+
+
+def test_results_spark_wrote_out_of_reach_are_an_error_not_an_empty_snapshot(tmp_path: Path) -> None:
+    """On a cluster, a local path can mean dbfs:/ to Spark: the driver would find no part files."""
+    from cptkit.errors import SourceError
+    from cptkit.secrets import Secrets
+    from cptkit.sources.databricks_spark import SparkWarehouse
+    from cptkit.sources.databricks_sql import Query
+
+    written: list[str] = []
+    frame = types.SimpleNamespace(write=types.SimpleNamespace(parquet=written.append))
+    session = types.SimpleNamespace(sql=lambda text, args=None: frame)
+    warehouse = SparkWarehouse(session, tmp_path, 100, Secrets())
+    with pytest.raises(SourceError, match=r"cannot read them .*put data.output_dir under /Volumes/"):
+        list(warehouse.stream(Query("SELECT 1")))
+    assert len(written) == 1 and not list(tmp_path.iterdir())  # the work folder is gone

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cptkit.errors import CptkitError
+from cptkit.errors import CptkitError, SourceError
 from cptkit.secrets import Secrets
 from cptkit.sources.databricks_client import translate
 from cptkit.sources.databricks_sql import Query, Warehouse
@@ -67,6 +67,12 @@ class SparkWarehouse(Warehouse):
         try:
             # Absolute paths: the JVM's working folder need not be this process's.
             frame.write.parquet(str(work / "rows"))
+            if not (work / "rows").is_dir():
+                # On a cluster a plain path can name another file system (dbfs:/): nothing would be read.
+                raise SourceError(
+                    f"Spark wrote the table's rows where this process cannot read them ({work}); on a Databricks "
+                    "cluster put data.output_dir under /Volumes/"
+                )
             # An ordered result is written one range per part file, numbered in order.
             for path in sorted((work / "rows").glob("part-*.parquet")):
                 yield from pq.ParquetFile(path).iter_batches(batch_size=self._batch_size)
