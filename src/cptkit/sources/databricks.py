@@ -6,8 +6,8 @@ Connections are built at the edge and can be passed in: `connect` makes a DB-API
 databricks-sql-connector), `workspace` makes a databricks-sdk WorkspaceClient (default from the SDK's
 unified configuration), `spark` makes a `Warehouse` that runs the same queries on a SparkSession
 (`prepare.engine: spark`; then a table is read by Spark whatever `method` says, and only a Volume or a
-Delta `path` keeps its own reader). Every read pins the table version it saw first, so the snapshot, the manifest's
-`delta_version` and the next increment agree.
+Delta `path` keeps its own reader). Every read pins the table version it saw first, so the snapshot, the
+manifest's `delta_version` and the next increment agree.
 """
 
 from __future__ import annotations
