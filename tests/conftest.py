@@ -282,7 +282,7 @@ def prepared_run(
 def spark() -> Iterator[Any]:
     """One local[2] SparkSession for every Spark test (starting one takes seconds)."""
     from cptkit.config import SparkConfig
-    from cptkit.engines.spark import session
+    from cptkit.engines.spark_session import session
 
     started = session(SparkConfig(master="local[2]"))
     started.conf.set("spark.sql.shuffle.partitions", "4")

@@ -204,7 +204,7 @@ def test_a_failed_spark_task_is_one_line_naming_the_document(spark: Any, tmp_pat
 
 
 def test_missing_java_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cptkit.engines.spark import require_java
+    from cptkit.engines.spark_session import require_java
 
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")

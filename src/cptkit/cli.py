@@ -166,13 +166,18 @@ def extract(
     what changed since the last run; --force rereads everything)."""
     from cptkit.extract import dry_run as plan_extract
     from cptkit.extract import extract as run_extract
+    from cptkit.extract import spark_settings
 
     def go() -> None:
         from cptkit.datasets import datasets
 
         cfg = _load(config, set_)
         for dataset in datasets(cfg):
-            print_extract(plan_extract(dataset) if dry_run else run_extract(dataset, force=force))
+            spark = spark_settings(cfg)
+            if dry_run:
+                print_extract(plan_extract(dataset, spark=spark))
+            else:
+                print_extract(run_extract(dataset, force=force, spark=spark))
 
     _run(debug, go, wait=wait)
 

@@ -3,6 +3,9 @@
 The snapshot keeps every row the source yields, malformed ones included (with their `error`), so that
 prepare can account for each document. Its content fingerprint is what prepare keys on.
 
+With `prepare.engine: spark` (`spark` given), a Databricks table is read by Spark (`databricks_spark`);
+other sources keep their readers.
+
 An incremental source (Databricks watermark or change-data-feed mode) reads only what changed since the
 state saved by the last successful run and applies it to the previous snapshot by id. The new snapshot
 replaces the old one atomically and the state is saved after it, so an interrupted run loses nothing and
@@ -33,7 +36,7 @@ from cptkit.artifacts import (
     up_to_date,
     write_json_atomic,
 )
-from cptkit.config import DatabricksSourceConfig, section_fingerprint
+from cptkit.config import Config, DatabricksSourceConfig, SparkConfig, section_fingerprint
 from cptkit.datasets import SNAPSHOT, Dataset
 from cptkit.folders import check_writable, claim
 from cptkit.progress import progress_bar
@@ -55,12 +58,14 @@ def extract(
     *,
     connect: Callable[[], Any] | None = None,
     workspace: Callable[[], Any] | None = None,
+    spark: SparkConfig | None = None,
 ) -> StageResult:
     """Snapshot one dataset's source into `<dataset dir>/raw`. `connect` / `workspace` replace the default
-    Databricks connections (see `open_source`). `force` rereads everything, incremental sources included."""
+    Databricks connections (see `open_source`); `spark` (prepare.spark, when prepare.engine is spark) reads
+    a Databricks table with Spark. `force` rereads everything, incremental sources included."""
     # The prepared data goes to the raw folder's parent: refuse a user's folder before writing anything there.
     check_writable(dataset.directory, "prepare")
-    source = open_source(dataset.source, connect=connect, workspace=workspace)
+    source = open_source(dataset.source, connect=connect, workspace=workspace, spark=_spark_reader(dataset, spark))
     try:
         with claim(dataset.raw_dir, "extract"):
             return _extract(dataset, source, force)
@@ -74,9 +79,10 @@ def dry_run(
     *,
     connect: Callable[[], Any] | None = None,
     workspace: Callable[[], Any] | None = None,
+    spark: SparkConfig | None = None,
 ) -> DryRunResult:
     """The query, column mapping and row count a real extract would use; writes nothing."""
-    source = open_source(dataset.source, connect=connect, workspace=workspace)
+    source = open_source(dataset.source, connect=connect, workspace=workspace, spark=_spark_reader(dataset, spark))
     if isinstance(source, IncrementalSource):
         try:
             plan = source.dry_run(_saved_state(dataset.raw_dir, source))
@@ -94,6 +100,30 @@ def dry_run(
             "rows": sum(batch.num_rows for batch in source.batches()),
         }
     return DryRunResult({"dataset": dataset.name, **plan})
+
+
+def spark_settings(config: Config) -> SparkConfig | None:
+    """prepare.spark when prepare.engine is spark: then extract reads Databricks tables with Spark too."""
+    return config.prepare.spark if config.prepare.engine == "spark" else None
+
+
+def _spark_reader(dataset: Dataset, spark: SparkConfig | None) -> Callable[[], Any] | None:
+    """The factory of the Spark reader of a Databricks table (its session started only when read)."""
+    source = dataset.source
+    if spark is None or not isinstance(source, DatabricksSourceConfig):
+        return None
+
+    def reader() -> Any:
+        from cptkit.engines.spark_session import is_remote, session
+        from cptkit.sources.databricks_client import config_secrets
+        from cptkit.sources.databricks_spark import SparkWarehouse
+
+        # The same connection as the source's own: a Databricks Connect session authenticates with it.
+        work_dir = None if is_remote(spark) else dataset.raw_dir
+        dataset.raw_dir.mkdir(parents=True, exist_ok=True)
+        return SparkWarehouse(session(spark, source), work_dir, source.batch_size, config_secrets(source))
+
+    return reader
 
 
 def _saved_state(out: Path, source: IncrementalSource) -> dict[str, Any] | None:

@@ -108,10 +108,11 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
     name, force = stage.value, options.force
     try:
         if stage is Stage.extract:
-            from cptkit.extract import extract
+            from cptkit.extract import extract, spark_settings
 
+            spark = spark_settings(config)
             done = [
-                _timed(result, f"extract {d.name}", report.extract, partial(extract, d, force=force))
+                _timed(result, f"extract {d.name}", report.extract, partial(extract, d, force=force, spark=spark))
                 for d in datasets(config)
             ]
             skipped = all(r.skipped for r in done)

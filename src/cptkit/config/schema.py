@@ -207,9 +207,27 @@ class SplitConfig(Section):
 
 class SparkConfig(Section):
     """Where `prepare.engine: spark` runs. An active SparkSession (a notebook or job on a Databricks
-    cluster) is used as it is; otherwise cptkit starts one with this master."""
+    cluster) is used as it is; with `remote: databricks` the session is a Databricks Connect one;
+    otherwise cptkit starts one with this master."""
 
     master: str = Field("local[2]", description="Spark master of the session cptkit starts, e.g. local[4].")
+    remote: Literal["databricks"] | None = Field(
+        None,
+        description="databricks: a Databricks Connect session (pip install 'cptkit[databricks-connect]'), "
+        "authenticated like the Databricks source (host, token, OAuth or profile; see docs/databricks.md).",
+    )
+    cluster_id: str | None = Field(
+        None, description="remote only: the cluster Databricks Connect runs on (DATABRICKS_CLUSTER_ID)."
+    )
+    serverless: bool = Field(False, description="remote only: run on serverless compute instead of a cluster.")
+
+    @model_validator(mode="after")
+    def _remote_keys(self) -> SparkConfig:
+        if self.remote is None and (self.cluster_id is not None or self.serverless):
+            raise ValueError("cluster_id and serverless are for remote: databricks")
+        if self.cluster_id is not None and self.serverless:
+            raise ValueError("set cluster_id or serverless, not both")
+        return self
 
 
 class PrepareConfig(Section):

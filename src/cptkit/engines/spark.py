@@ -9,7 +9,8 @@ writes them ordered by row number. The driver then streams those files and write
 input order with `PreparedWriter`, taking ids and metadata from the snapshot itself, so that their values
 are the ones the local engine writes. It holds nothing per document.
 
-pyspark is an optional extra (`pip install 'cptkit[spark]'`) and needs Java; it is imported on use.
+pyspark is an optional extra (`pip install 'cptkit[spark]'`) and needs Java; it is imported on use. Where the
+session comes from is `spark_session`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -30,10 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cptkit.config import PrepareConfig, SparkConfig
+from cptkit.config import PrepareConfig
 from cptkit.corpus import DUPLICATE_REASONS, KEEP, Tally, assign_splits
 from cptkit.engines import PrepareJob
 from cptkit.engines.spark_dedup import FATE, duplicate_fates
+from cptkit.engines.spark_session import first_line, is_remote, session
 from cptkit.errors import CptkitError, StageError
 from cptkit.prepared_files import PreparedWriter, token_lists
 from cptkit.records import DocResult, RecordProcessor, Status
@@ -65,15 +65,20 @@ _RESULT_DDL = (
     f"{_POSITION} long, {ID} string, {_STATUS} string, {_REASON} string, {TEXT} string, {_KEY} binary, "
     f"{_BANDS} array<long>, {_SIGNATURE} array<int>, {_TOKENS} array<int>, {_COUNTS} string"
 )
-# Set by the CLI under --debug: Spark then logs with its default profile.
-DEBUG_ENV = "CPTKIT_DEBUG"
-_QUIET_LOG4J = Path(__file__).with_name("spark-log4j2.properties")
 # Marks the one line a failed task reports, so the driver can find it in Spark's error text.
 _TASK_ERROR = "cptkit-task-error:"
 
 
 def run(job: PrepareJob, advance: Callable[[int], None], make_processor: MakeProcessor = RecordProcessor) -> Tally:
     """`make_processor` builds each task's record processor (a parameter so that tests can make one fail)."""
+    if is_remote(job.config.spark):
+        # The record work reads the snapshot and writes its results as files under data.output_dir, which a
+        # cluster reached through Databricks Connect cannot see.
+        raise StageError(
+            "prepare.spark.remote=databricks: prepare's files under data.output_dir are on this machine, which "
+            "the cluster cannot read; run prepare with a local master, or run cptkit on the cluster (see "
+            "docs/databricks.md)"
+        )
     spark = session(job.config.spark)
     snapshot = pq.ParquetFile(job.snapshot)
     metadata_columns = [n for n in snapshot.schema_arrow.names if n not in (ID, TEXT, ERROR)]
@@ -104,43 +109,6 @@ def run(job: PrepareJob, advance: Callable[[int], None], make_processor: MakePro
                 done += len(batch)
                 advance(len(batch))
     return tally
-
-
-def session(config: SparkConfig) -> SparkSession:
-    """The active SparkSession (a notebook or job on a cluster), or a new one on `config.master`."""
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError:
-        raise StageError("prepare.engine is spark, but pyspark is not installed: pip install 'cptkit[spark]'") from None
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        return active
-    require_java()
-    # Spark's Python workers must run this interpreter, where cptkit and its dependencies are.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = cast(Any, SparkSession.builder).master(config.master).appName("cptkit-prepare")
-    builder = builder.config("spark.ui.showConsoleProgress", "false").config("spark.ui.enabled", "false")
-    if not os.environ.get(DEBUG_ENV):
-        # The driver JVM is not started yet: spark-submit passes this to it, so even Spark's start-up
-        # lines (before setLogLevel could act) follow our errors-only configuration.
-        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={_QUIET_LOG4J.as_uri()}")
-    try:
-        spark = builder.getOrCreate()
-    except Exception as exc:
-        raise StageError(f"prepare.spark.master={config.master}: Spark did not start: {_first_line(exc)}") from exc
-    spark.sparkContext.setLogLevel("ERROR")
-    return cast("SparkSession", spark)
-
-
-def require_java() -> None:
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and Path(java_home, "bin", "java").is_file():
-        return
-    if shutil.which("java") is None:
-        raise StageError(
-            "prepare.engine is spark, but Java was not found (no JAVA_HOME, no java on PATH): install Java 17, "
-            "e.g. apt-get install openjdk-17-jre-headless"
-        )
 
 
 def _ordered_results(spark: SparkSession, job: PrepareJob, work: Path, make_processor: MakeProcessor) -> list[Path]:
@@ -292,9 +260,4 @@ def _spark_errors() -> Iterator[None]:
         found = re.search(rf"{_TASK_ERROR} (.+)", str(exc))
         if found:
             raise StageError(f"prepare on Spark: {found.group(1).strip()}") from exc
-        raise StageError(f"prepare on Spark failed: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
+        raise StageError(f"prepare on Spark failed: {first_line(exc)}") from exc

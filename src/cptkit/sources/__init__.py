@@ -33,10 +33,12 @@ def open_source(
     *,
     connect: Callable[[], Any] | None = None,
     workspace: Callable[[], Any] | None = None,
+    spark: Callable[[], Any] | None = None,
 ) -> Source:
     """The Source for a config section. A new source type is one more branch here. `connect` (a DB-API
     connection factory) and `workspace` (a databricks-sdk WorkspaceClient factory) replace the default
-    Databricks connections; other sources ignore them."""
+    Databricks connections; `spark` (a factory of a `databricks_spark.SparkWarehouse`) reads a Databricks
+    table with Spark instead. Other sources ignore them."""
     if isinstance(config, JsonlSourceConfig):
         return JsonlSource(config)
     if isinstance(config, ParquetSourceConfig):
@@ -48,5 +50,5 @@ def open_source(
     if isinstance(config, DatabricksSourceConfig):
         from cptkit.sources.databricks import DatabricksSource
 
-        return DatabricksSource(config, connect=connect, workspace=workspace)
+        return DatabricksSource(config, connect=connect, workspace=workspace, spark=spark)
     return FilesSource(config)

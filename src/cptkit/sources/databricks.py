@@ -4,8 +4,10 @@ watermark or change-data-feed mode.
 
 Connections are built at the edge and can be passed in: `connect` makes a DB-API connection (default
 databricks-sql-connector), `workspace` makes a databricks-sdk WorkspaceClient (default from the SDK's
-unified configuration). Every read pins the table version it saw first, so the snapshot, the manifest's
-`delta_version` and the next increment agree.
+unified configuration), `spark` makes a `Warehouse` that runs the same queries on a SparkSession
+(`prepare.engine: spark`; then a table is read by Spark whatever `method` says, and only a Volume or a
+Delta `path` keeps its own reader). Every read pins the table version it saw first, so the snapshot, the
+manifest's `delta_version` and the next increment agree.
 """
 
 from __future__ import annotations
@@ -50,8 +52,13 @@ class DatabricksSource:
         *,
         connect: Callable[[], Any] | None = None,
         workspace: Callable[[], Any] | None = None,
+        spark: Callable[[], Warehouse] | None = None,
     ) -> None:
         self.config = config
+        # Spark reads catalog tables; a Volume's files and a Delta folder keep their readers.
+        self._spark = spark if config.method != "volume" and config.path is None else None
+        # How the table is read: "spark" runs the sql method's queries on a SparkSession.
+        self.method = "spark" if self._spark is not None else config.method
         self.secrets = config_secrets(config)
         self.retrying = Retrying(config.max_retries, config.timeout_seconds, self.secrets)
         self._connect = connect
@@ -75,7 +82,9 @@ class DatabricksSource:
         if self._warehouse is None:
             c = self.config
             self.retrying.start_clock()
-            if c.method == "sql":
+            if self._spark is not None:
+                self._warehouse = self._spark()
+            elif c.method == "sql":
                 connect = self._connect or connect_sql_warehouse(c, self.secrets)
                 self._warehouse = ConnectorWarehouse(connect, self.retrying, c.batch_size)
             else:
@@ -119,7 +128,7 @@ class DatabricksSource:
                 self._version = None
             elif c.version is not None:
                 self._version = c.version
-            elif c.method == "delta":
+            elif self.method == "delta":
                 self._version = self.delta().current_version()
             else:
                 self._version = self._history_version()
@@ -149,7 +158,7 @@ class DatabricksSource:
         c = self.config
         return {
             "type": "databricks",
-            "method": c.method,
+            "method": self.method,
             "host": mask_url(c.host) if c.host is not None else None,
             "table": self.where(),
             "version": self.table_version(),
@@ -189,7 +198,7 @@ class DatabricksSource:
             start = int(previous["version"]) + 1
             if version is None:
                 raise SourceError(f"{self.where()}: mode cdf needs a Delta table with a version history")
-            query = changes_query(c, start, version) if c.method != "delta" else None
+            query = changes_query(c, start, version) if self.method != "delta" else None
             raw = self._raw_changes(start, version) if start <= version else iter(())
             cdf_state = {"key": self.state_key(), "mode": "cdf", "version": version}
             batches = self._canonical(raw, None, changes=True)
@@ -203,7 +212,7 @@ class DatabricksSource:
                 watermark = {"value": decode_value(saved["value"]), "id": decode_value(saved["id"])}
                 details["after_watermark"] = {"value": saved["value"]["value"], "id": saved["id"]["value"]}
         tracker = WatermarkTracker((watermark["value"], watermark["id"]) if watermark else None)
-        query = snapshot_query(c, version, watermark) if c.method in ("sql", "statement") else None
+        query = snapshot_query(c, version, watermark) if self.method != "delta" else None
         raw = self._raw_snapshot(version, watermark)
         batches = self._canonical(raw, tracker if c.mode == "watermark" else None, changes=watermark is not None)
 
@@ -219,13 +228,13 @@ class DatabricksSource:
         return query.shown() if query is not None else None
 
     def _raw_snapshot(self, version: int | None, watermark: dict[str, Any] | None) -> Iterator[pa.RecordBatch]:
-        if self.config.method == "delta":
+        if self.method == "delta":
             assert version is not None
             return self.delta().snapshot(version, watermark)
         return self.warehouse().stream(snapshot_query(self.config, version, watermark))
 
     def _raw_changes(self, start: int, end: int) -> Iterator[pa.RecordBatch]:
-        if self.config.method == "delta":
+        if self.method == "delta":
             return self.delta().changes(start, end)
         return self.warehouse().stream(changes_query(self.config, start, end))
 
@@ -279,7 +288,7 @@ class DatabricksSource:
         c = self.config
         out: dict[str, Any] = {
             "source": self.where(),
-            "method": c.method,
+            "method": self.method,
             "mode": c.mode,
             "columns": {
                 "id": c.id_column or ("path under volume_path" if c.method == "volume" else "hash of the text"),
@@ -300,7 +309,7 @@ class DatabricksSource:
                 assert previous is not None and version is not None
                 start = int(previous["version"]) + 1
                 out["increment"] = f"changes from version {start} to {version}"
-                if c.method == "delta":
+                if self.method == "delta":
                     out["query"] = f"deltalake load_cdf({self.where()}, {start}, {version})"
                     out["rows"] = (
                         sum(b.num_rows for b in self.delta().changes(start, version)) if start <= version else 0
@@ -315,7 +324,7 @@ class DatabricksSource:
                 saved = previous["watermark"]
                 watermark = {"value": decode_value(saved["value"]), "id": decode_value(saved["id"])}
                 out["increment"] = f"rows after {c.watermark_column} = {watermark['value']!r} (id {watermark['id']!r})"
-            if c.method == "delta":
+            if self.method == "delta":
                 assert version is not None
                 expr = filter_expression(c.filter)
                 out["query"] = f"deltalake read of {self.where()} at version {version}" + (

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cptkit import network
-from cptkit.config import DatabricksSourceConfig
+from cptkit.config import DatabricksConnection, DatabricksSourceConfig
 from cptkit.errors import CptkitError, SourceError
 from cptkit.secrets import Secrets, env_secrets, mask_url
 
@@ -28,11 +28,16 @@ T = TypeVar("T")
 SLEEP: Callable[[float], None] = time.sleep
 
 
-def config_secrets(config: DatabricksSourceConfig) -> Secrets:
-    """What the adapter masks: the credential environment variables and the source's own secrets."""
+# The SDK's retry budget where the connection is not a source's (a Databricks Connect session).
+DEFAULT_TIMEOUT_SECONDS = 600.0
+
+
+def config_secrets(config: DatabricksConnection) -> Secrets:
+    """What the adapter masks: the credential environment variables and the connection's own secrets."""
     values = list(env_secrets())
     values += [s.get_secret_value() for s in (config.token, config.client_secret) if s is not None]
-    values += [v.get_secret_value() for v in config.storage_options.values()]
+    if isinstance(config, DatabricksSourceConfig):
+        values += [v.get_secret_value() for v in config.storage_options.values()]
     return Secrets(values)
 
 
@@ -40,18 +45,21 @@ def config_secrets(config: DatabricksSourceConfig) -> Secrets:
 # Authentication.
 
 
-def sdk_config(config: DatabricksSourceConfig, secrets: Secrets) -> Any:
-    """The SDK's unified configuration for this source: explicit keys win, then DATABRICKS_* variables,
+def sdk_config(config: DatabricksConnection, secrets: Secrets, compute: dict[str, Any] | None = None) -> Any:
+    """The SDK's unified configuration for this connection: explicit keys win, then DATABRICKS_* variables,
     then ~/.databrickscfg (a profile). PAT, OAuth M2M and profiles all resolve here, nowhere else.
+    `compute` (cluster_id or serverless_compute_id, for a Databricks Connect session) replaces the SQL
+    warehouse.
 
     The host is checked first: the SDK probes it while building its configuration and retries a refused
     connection or an unknown name for as long as its retry budget allows (up to 2 minutes)."""
     from databricks.sdk.core import Config
 
+    timeout = config.timeout_seconds if isinstance(config, DatabricksSourceConfig) else DEFAULT_TIMEOUT_SECONDS
     host = configured_host(config)
     if host is not None:
         started = time.monotonic()
-        reason = network.unreachable(host, min(network.CONNECT_TIMEOUT_SECONDS, config.timeout_seconds))
+        reason = network.unreachable(host, min(network.CONNECT_TIMEOUT_SECONDS, timeout))
         if reason is not None:
             raise SourceError(
                 f"cannot reach the Databricks host {mask_url(host)} ({reason}); check DATABRICKS_HOST "
@@ -63,10 +71,10 @@ def sdk_config(config: DatabricksSourceConfig, secrets: Secrets) -> Any:
         "profile": config.profile,
         "client_id": config.client_id,
         "client_secret": config.client_secret.get_secret_value() if config.client_secret is not None else None,
-        "warehouse_id": config.warehouse_id,
+        **(compute if compute is not None else {"warehouse_id": config.warehouse_id}),
         # The SDK retries network failures within this budget (also its host-metadata probe at start-up).
-        "retry_timeout_seconds": max(1, int(min(config.timeout_seconds, 120))),
-        "http_timeout_seconds": min(60.0, config.timeout_seconds),
+        "retry_timeout_seconds": max(1, int(min(timeout, 120))),
+        "http_timeout_seconds": min(60.0, timeout),
         "product": "cptkit",
     }
     try:
@@ -79,8 +87,8 @@ def sdk_config(config: DatabricksSourceConfig, secrets: Secrets) -> Any:
         ) from None
 
 
-def configured_host(config: DatabricksSourceConfig) -> str | None:
-    """The workspace URL the SDK will use: the source's host (DATABRICKS_HOST fills it), else the host of
+def configured_host(config: DatabricksConnection) -> str | None:
+    """The workspace URL the SDK will use: the connection's host (DATABRICKS_HOST fills it), else the host of
     its profile in ~/.databrickscfg (DATABRICKS_CONFIG_FILE), else None (the SDK's other ways to find one)."""
     if config.host:
         return config.host
