@@ -17,7 +17,7 @@ import pytest
 
 from conftest import make_doc, write_config, write_jsonl
 from test_databricks_standins import TOKEN, Workspace, workspace_fixture  # noqa: F401 (fixtures)
-from test_spark_engine import needs_spark, outputs
+from test_spark_engine import crafted_rows, needs_spark, outputs
 
 TABLE = "spark_catalog.default.cptkit_pages"
 
@@ -178,12 +178,6 @@ def test_databricks_connect_is_authenticated_like_the_source_and_streams_the_tab
     assert [r["id"] for r in snapshot] == [r["id"] for r in rows()]
     assert snapshot[0]["team"] == "t0" and snapshot[-2]["error"] == "null_text"
 
-    # prepare's files are on this machine: refused in one line, before anything is written.
-    done = cli("prepare", "-c", str(cfg))
-    assert done.exit_code == 1
-    assert done.output.startswith("error: prepare.spark.remote=databricks: prepare's files under data.output_dir")
-    assert not Path("remote/manifest.json").exists()
-
     # A failed connection is one line without the token, even where the vendor's message holds it.
     calls = fake_connect(monkeypatch, spark, fail=f"bad request: token={TOKEN}\n  at grpc")
     done = cli("extract", "-c", str(cfg), "--force")
@@ -241,3 +235,98 @@ def test_results_spark_wrote_out_of_reach_are_an_error_not_an_empty_snapshot(tmp
     with pytest.raises(SourceError, match=r"cannot read them .*put data.output_dir under /Volumes/"):
         list(warehouse.stream(Query("SELECT 1")))
     assert len(written) == 1 and not list(tmp_path.iterdir())  # the work folder is gone
+
+
+@needs_spark
+def test_prepare_through_databricks_connect_sends_the_snapshot_as_data_and_writes_the_local_outputs(
+    spark: Any, cli: Any, tiny_tokenizer_dir: Path, workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyspark.sql import DataFrameReader, DataFrameWriter, SparkSession
+
+    write_jsonl(Path("docs.jsonl"), crafted_rows())
+    cfg = write_config(
+        Path("c.yaml"),
+        {
+            "model": {"name": str(tiny_tokenizer_dir)},
+            "databricks": {"host": workspace.url, "token": TOKEN},
+            "source": {"type": "jsonl", "path": "docs.jsonl", "id_column": "id"},
+            "data": {"output_dir": "out"},
+            "prepare": {
+                "max_document_bytes": 20_000,
+                "chunk_size": 4,
+                "shard_documents": 5,
+                "split": {"val_ratio": 0.3},
+                "redact": {"enabled": True},
+            },
+        },
+    )
+    assert cli("extract", "-c", str(cfg)).exit_code == 0
+    assert cli("prepare", "-c", str(cfg)).exit_code == 0
+    local = outputs(Path("out"))
+
+    calls = fake_connect(monkeypatch, spark)
+    # Any file path handed to the session would be one the cluster cannot read (or this machine cannot).
+    paths: list[str] = []
+
+    def spy(name: str, method: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            paths.append(f"{name}{args}")
+            return method(self, *args, **kwargs)
+
+        return call
+
+    for cls, names in ((DataFrameReader, ("parquet", "load")), (DataFrameWriter, ("parquet", "save"))):
+        for name in names:
+            monkeypatch.setattr(cls, name, spy(f"{cls.__name__}.{name}", getattr(cls, name)))
+    pieces: list[int] = []
+    create = SparkSession.createDataFrame
+
+    def counted(self: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+        pieces.append(data.num_rows)
+        return create(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(SparkSession, "createDataFrame", counted)
+    # A small threshold: the snapshot goes up in several pieces, as a large one would.
+    size = pq.read_table("out/raw/documents.parquet", columns=["id", "text", "error"]).nbytes
+    spark.conf.set("spark.sql.session.localRelationCacheThreshold", str(size // 3))
+    try:
+        remote = ["--set", "prepare.engine=spark", "--set", "prepare.spark.remote=databricks"]
+        done = cli("prepare", "-c", str(cfg), "--force", *remote, "--set", "prepare.spark.cluster_id=c-1")
+    finally:
+        spark.conf.unset("spark.sql.session.localRelationCacheThreshold")
+    assert done.exit_code == 0, done.output
+    (name, sdk), _ = calls
+    assert name == "sdkConfig" and (sdk.host, sdk.token, sdk.cluster_id) == (workspace.url, TOKEN, "c-1")
+    assert outputs(Path("out")) == local
+    assert paths == []
+    assert len(pieces) in (3, 4) and sum(pieces) == local["manifest"]["documents_in"]
+    assert not list(Path("out").glob(".*.tmp"))
+
+
+@needs_spark
+def test_a_failed_task_through_databricks_connect_is_one_line_and_writes_nothing(
+    spark: Any, tmp_path: Path, workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow as pa
+    from pyspark import cloudpickle
+
+    import test_spark_engine
+    from cptkit.config import DatabricksConfig, PrepareConfig, SparkConfig
+    from cptkit.engines import PrepareJob
+    from cptkit.engines import spark as spark_engine
+    from cptkit.errors import StageError
+
+    fake_connect(monkeypatch, spark)
+    cloudpickle.register_pickle_by_value(test_spark_engine)  # the failing processor, for Spark's workers
+    texts = [make_doc(i) for i in range(6)]
+    texts[4] += " BOOM"
+    snapshot = tmp_path / "snapshot.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(6)], "text": texts, "error": [None] * 6}), snapshot)
+    (tmp_path / "out").mkdir()
+    config = PrepareConfig(tokenize=False, spark=SparkConfig(remote="databricks", cluster_id="c-1"))
+    connection = DatabricksConfig(host=workspace.url, token=TOKEN)
+    job = PrepareJob(snapshot, tmp_path / "out", config, None, connection=connection)
+    with pytest.raises(StageError) as failed:
+        spark_engine.run(job, lambda n: None, make_processor=test_spark_engine._FailsOnBoom)
+    assert str(failed.value) == "prepare on Spark: document 'd4': ValueError: cannot handle this text"
+    assert not list((tmp_path / "out").iterdir())

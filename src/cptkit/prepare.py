@@ -25,7 +25,7 @@ from cptkit.artifacts import (
     up_to_date,
     write_json_atomic,
 )
-from cptkit.config import Config, PrepareConfig, section_fingerprint
+from cptkit.config import Config, DatabricksConnection, PrepareConfig, section_fingerprint
 from cptkit.corpus import TRAIN_SPLIT, VAL_SPLIT, Tally
 from cptkit.datasets import Dataset
 from cptkit.dedup import SEMANTICS as DEDUP_SEMANTICS
@@ -93,7 +93,10 @@ def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
     invalidate(out)
     started = time.perf_counter()
     documents_in = pq.ParquetFile(snapshot).metadata.num_rows
-    job = PrepareJob(snapshot, out, pc, tokenizer.path if tokenizer else None, _train_jsonl(pc, extract_manifest))
+    connection = dataset.source if isinstance(dataset.source, DatabricksConnection) else config.databricks
+    job = PrepareJob(
+        snapshot, out, pc, tokenizer.path if tokenizer else None, _train_jsonl(pc, extract_manifest), connection
+    )
     with progress_bar(f"prepare {dataset.name}", documents_in) as advance:
         tally = _run_engine(job, advance)
     tally.check(documents_in)

@@ -4,10 +4,10 @@ it counted; the prepare stage checks the accounting and writes the manifest."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cptkit.config import PrepareConfig
+from cptkit.config import DatabricksConnection, PrepareConfig
 
 
 @dataclass(frozen=True)
@@ -19,3 +19,5 @@ class PrepareJob:
     config: PrepareConfig
     tokenizer_path: str | None  # a tokenizer.json; None when prepare.tokenize is off
     train_jsonl: bool = True  # the training text as train.jsonl, else as train_text/ shards
+    # Authenticates a Databricks Connect session (prepare.spark.remote), as it does the Databricks source.
+    connection: DatabricksConnection | None = field(default=None, repr=False)

@@ -9,6 +9,10 @@ writes them ordered by row number. The driver then streams those files and write
 input order with `PreparedWriter`, taking ids and metadata from the snapshot itself, so that their values
 are the ones the local engine writes. It holds nothing per document.
 
+Through Databricks Connect the session shares no file with this machine: the snapshot is sent to it as
+data (pieces of local data, numbered rows), the results stay on the cluster (a local checkpoint) and the
+ordered results are streamed back into the same writer loop.
+
 pyspark is an optional extra (`pip install 'cptkit[spark]'`) and needs Java; it is imported on use. Where the
 session comes from is `spark_session`.
 """
@@ -22,6 +26,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,7 +45,7 @@ from cptkit.records import DocResult, RecordProcessor, Status
 from cptkit.sources import ERROR, ID, TEXT
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, Row, SparkSession
 
 MakeProcessor = Callable[[PrepareConfig, str | None], RecordProcessor]
 
@@ -65,49 +70,53 @@ _RESULT_DDL = (
     f"{_POSITION} long, {ID} string, {_STATUS} string, {_REASON} string, {TEXT} string, {_KEY} binary, "
     f"{_BANDS} array<long>, {_SIGNATURE} array<int>, {_TOKENS} array<int>, {_COUNTS} string"
 )
+_WRITTEN_COLUMNS = [_POSITION, _STATUS, _REASON, TEXT, _TOKENS, _COUNTS, FATE]
+_WRITTEN_SCHEMA = pa.schema([*(_RESULT_SCHEMA.field(n) for n in _WRITTEN_COLUMNS[:-1]), (FATE, pa.int8())])
+# Spark's default localRelationCacheThreshold: the size of a piece of the snapshot sent to the session.
+_DEFAULT_PIECE_BYTES = 64 << 20
 # Marks the one line a failed task reports, so the driver can find it in Spark's error text.
 _TASK_ERROR = "cptkit-task-error:"
 
 
 def run(job: PrepareJob, advance: Callable[[int], None], make_processor: MakeProcessor = RecordProcessor) -> Tally:
     """`make_processor` builds each task's record processor (a parameter so that tests can make one fail)."""
+    spark = session(job.config.spark, job.connection)
     if is_remote(job.config.spark):
-        # The record work reads the snapshot and writes its results as files under data.output_dir, which a
-        # cluster reached through Databricks Connect cannot see.
-        raise StageError(
-            "prepare.spark.remote=databricks: prepare's files under data.output_dir are on this machine, which "
-            "the cluster cannot read; run prepare with a local master, or run cptkit on the cluster (see "
-            "docs/databricks.md)"
-        )
-    spark = session(job.config.spark)
-    snapshot = pq.ParquetFile(job.snapshot)
-    metadata_columns = [n for n in snapshot.schema_arrow.names if n not in (ID, TEXT, ERROR)]
-    tally = Tally()
+        # Databricks Connect: the cluster cannot read this machine's files, nor this machine the cluster's.
+        return _write(job, _remote_results(spark, job, make_processor), advance)
     # A hidden ".*.tmp" name: a killed run's leftovers are removed by the next one (artifacts.invalidate).
     with tempfile.TemporaryDirectory(prefix=".prepare-work.", suffix=".tmp", dir=job.directory) as work:
         files = _ordered_results(spark, job, Path(work), make_processor)
-        documents = _SnapshotRows(snapshot, [ID, *metadata_columns], job.config.chunk_size)
-        done = 0
-        with PreparedWriter(
-            job.directory, job.tokenizer_path is not None, job.config.shard_documents, job.train_jsonl
-        ) as writer:
-            for batch in _read(files, [_POSITION, _STATUS, _REASON, TEXT, _TOKENS, _COUNTS, FATE]):
-                positions = np.asarray(batch.column(_POSITION))
-                if not np.array_equal(positions, np.arange(done, done + len(batch))):
-                    raise StageError(f"{job.snapshot}: Spark returned rows {positions[:3]}... where {done} was next")
-                results = _written_results(batch)
-                tally.count_steps(results)
-                for r, fate in zip(results, batch.column(FATE).to_pylist(), strict=True):
-                    if r.status == "keep" and fate != KEEP:
-                        r.drop(DUPLICATE_REASONS[fate])
-                rows = documents.take(len(batch))
-                ids = rows.column(ID).to_pylist()
-                metadata = rows.select(metadata_columns).to_pylist() if metadata_columns else [{}] * len(ids)
-                splits = assign_splits(ids, results, job.config.split)
-                writer.write(ids, metadata, results, splits)
-                tally.add(results, splits)
-                done += len(batch)
-                advance(len(batch))
+        return _write(job, _read(files, _WRITTEN_COLUMNS), advance)
+
+
+def _write(job: PrepareJob, batches: Iterator[pa.RecordBatch], advance: Callable[[int], None]) -> Tally:
+    """Write the prepared files from the results in snapshot order, taking ids and metadata from the snapshot."""
+    snapshot = pq.ParquetFile(job.snapshot)
+    metadata_columns = [n for n in snapshot.schema_arrow.names if n not in (ID, TEXT, ERROR)]
+    documents = _SnapshotRows(snapshot, [ID, *metadata_columns], job.config.chunk_size)
+    tally = Tally()
+    done = 0
+    with PreparedWriter(
+        job.directory, job.tokenizer_path is not None, job.config.shard_documents, job.train_jsonl
+    ) as writer:
+        for batch in batches:
+            positions = np.asarray(batch.column(_POSITION))
+            if not np.array_equal(positions, np.arange(done, done + len(batch))):
+                raise StageError(f"{job.snapshot}: Spark returned rows {positions[:3]}... where {done} was next")
+            results = _written_results(batch)
+            tally.count_steps(results)
+            for r, fate in zip(results, batch.column(FATE).to_pylist(), strict=True):
+                if r.status == "keep" and fate != KEEP:
+                    r.drop(DUPLICATE_REASONS[fate])
+            rows = documents.take(len(batch))
+            ids = rows.column(ID).to_pylist()
+            metadata = rows.select(metadata_columns).to_pylist() if metadata_columns else [{}] * len(ids)
+            splits = assign_splits(ids, results, job.config.split)
+            writer.write(ids, metadata, results, splits)
+            tally.add(results, splits)
+            done += len(batch)
+            advance(len(batch))
     return tally
 
 
@@ -127,19 +136,95 @@ def _ordered_results(spark: SparkSession, job: PrepareJob, work: Path, make_proc
         # record work twice (once to sample the range boundaries).
         documents.mapInArrow(task, _RESULT_DDL).write.parquet(str(work / "results"))
         results = spark.read.schema(_RESULT_DDL).parquet(str(work / "results"))
-        fates = duplicate_fates(
-            results.where(col(_STATUS) == "keep"),
-            job.config.dedup,
-            position=_POSITION,
-            doc_id=ID,
-            key=_KEY,
-            bands=_BANDS,
-            signature=_SIGNATURE,
-        )
-        ordered = results.drop(_KEY, _BANDS, _SIGNATURE).join(fates, on=_POSITION, how="left")
-        ordered.orderBy(_POSITION).write.parquet(str(work / "ordered"))
+        _with_fates(results, job.config).orderBy(_POSITION).write.parquet(str(work / "ordered"))
     # Part files are numbered in the order of the ranges they hold.
     return sorted((work / "ordered").glob("part-*.parquet"))
+
+
+def _with_fates(results: DataFrame, config: PrepareConfig) -> DataFrame:
+    """The results the writer reads, each with its dedup fate (null where the record steps dropped it)."""
+    from pyspark.sql.functions import col
+
+    fates = duplicate_fates(
+        results.where(col(_STATUS) == "keep"),
+        config.dedup,
+        position=_POSITION,
+        doc_id=ID,
+        key=_KEY,
+        bands=_BANDS,
+        signature=_SIGNATURE,
+    )
+    return results.drop(_KEY, _BANDS, _SIGNATURE).join(fates, on=_POSITION, how="left")
+
+
+def _remote_results(spark: SparkSession, job: PrepareJob, make_processor: MakeProcessor) -> Iterator[pa.RecordBatch]:
+    """The record work on a session that shares no file with this machine: the snapshot goes up as data,
+    the results stay on the cluster (checkpointed, so that the record work runs once) and come back in
+    snapshot order, streamed."""
+    task = _record_task(job.config, job.tokenizer_path, make_processor)
+    with _spark_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pyspark's notice about the pandas version
+        documents = _uploaded(spark, job.snapshot)
+        results = documents.mapInArrow(task, _RESULT_DDL).localCheckpoint(eager=True)
+        rows = _with_fates(results, job.config).select(*_WRITTEN_COLUMNS).orderBy(_POSITION).toLocalIterator()
+        yield from _row_batches(rows, job.config.chunk_size)
+
+
+def _uploaded(spark: SparkSession, snapshot: Path) -> DataFrame:
+    """The snapshot's id, text and error columns with their row number, as a DataFrame of local data: a
+    union of pieces of about `spark.sql.session.localRelationCacheThreshold` bytes each. Spark Connect
+    uploads a piece of that size as an artifact (in chunks) instead of inlining it in the query plan, whose
+    size is limited, and only one piece is in this process's memory at a time."""
+    from functools import reduce
+
+    piece_bytes = _cache_threshold(spark)
+    parquet = pq.ParquetFile(snapshot)
+    pieces: list[DataFrame] = []
+    pending: list[pa.RecordBatch] = []
+    pending_bytes = done = 0
+
+    def upload() -> None:
+        nonlocal pending, pending_bytes
+        pieces.append(spark.createDataFrame(pa.Table.from_batches(pending)))
+        pending, pending_bytes = [], 0
+
+    for read in parquet.iter_batches(batch_size=1024, columns=[ID, TEXT, ERROR]):
+        positions = pa.array(np.arange(done, done + read.num_rows, dtype=np.int64))
+        batch = pa.RecordBatch.from_arrays([*read.columns, positions], [ID, TEXT, ERROR, _POSITION])
+        done += read.num_rows
+        while batch.num_rows:
+            # The rows that about fill the piece, from the batch's mean row size.
+            room = piece_bytes - pending_bytes
+            take = min(batch.num_rows, max(1, -(-room * batch.num_rows // max(1, batch.nbytes))))
+            pending.append(batch.slice(0, take))
+            pending_bytes += pending[-1].nbytes
+            batch = batch.slice(take)
+            if pending_bytes >= piece_bytes:
+                upload()
+    if pending or not pieces:
+        if not pending:  # an empty snapshot: one empty piece, for the schema
+            fields = [parquet.schema_arrow.field(c) for c in (ID, TEXT, ERROR)]
+            pending = [pa.RecordBatch.from_pylist([], schema=pa.schema([*fields, (_POSITION, pa.int64())]))]
+        upload()
+    return reduce(lambda a, b: a.union(b), pieces)
+
+
+def _cache_threshold(spark: SparkSession) -> int:
+    from pyspark.errors import PySparkException
+
+    try:
+        value = spark.conf.get("spark.sql.session.localRelationCacheThreshold")
+    except PySparkException:  # a server without the setting
+        value = None
+    return int(value) if value else _DEFAULT_PIECE_BYTES
+
+
+def _row_batches(rows: Iterator[Row], size: int) -> Iterator[pa.RecordBatch]:
+    """Rows (`_WRITTEN_COLUMNS`) as Arrow batches of `size` rows of `_WRITTEN_SCHEMA`."""
+    while chunk := list(islice(rows, size)):
+        columns = list(zip(*chunk, strict=True))
+        arrays = [pa.array(values, field.type) for values, field in zip(columns, _WRITTEN_SCHEMA, strict=True)]
+        yield pa.RecordBatch.from_arrays(arrays, schema=_WRITTEN_SCHEMA)
 
 
 def _record_task(
@@ -252,10 +337,15 @@ def _spark_errors() -> Iterator[None]:
     except CptkitError:
         raise
     except Exception as exc:
-        from py4j.protocol import Py4JError
         from pyspark.errors import PySparkException
 
-        if not isinstance(exc, PySparkException | Py4JError):
+        try:
+            from py4j.protocol import Py4JError
+        except ImportError:  # databricks-connect's pyspark talks gRPC, not py4j
+            spark_errors: tuple[type[Exception], ...] = (PySparkException,)
+        else:
+            spark_errors = (PySparkException, Py4JError)
+        if not isinstance(exc, spark_errors):
             raise
         found = re.search(rf"{_TASK_ERROR} (.+)", str(exc))
         if found:
