@@ -106,6 +106,35 @@ def test_a_process_group_killed_with_sigkill_resumes_to_the_same_losses(
     assert len(runs) == 2  # the one-process run, and the two-process run continued across the kill
 
 
+@pytest.mark.parametrize("decision", ["time budget", "forgetting stop"])
+def test_the_main_process_decides_for_every_process(tmp_path: Path, tiny_model_dir: Path, decision: str) -> None:
+    """Each process times its own steps and could judge its own validation: they follow the main one's
+    step count and stop (processes that disagreed would hang in, or fail at, their next collective)."""
+    if decision == "time budget":
+        settings = {"max_steps": 100_000, "max_minutes": 0.1, "eval_steps": 1000, "save_steps": 1000}
+    else:
+        settings = {"max_steps": 12, "eval_steps": 2, "learning_rate": 5e-2, "max_general_loss_increase": 1e-4}
+    cfg = setup_run(
+        tmp_path,
+        tiny_model_dir,
+        replay_ratio=0.0,
+        general_unlike_domain=True,
+        gradient_accumulation_steps=1,
+        **settings,
+    )
+    done = subprocess.run(
+        [*LAUNCHERS["cptkit"], "-c", str(cfg), "--set", "tracking.enabled=false"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = summary()
+    if decision == "time budget":
+        assert s["steps"] == s["derived_steps"] < 100_000
+        assert done.stderr.count("steps fit the time budget") == 1
+    else:
+        assert "general validation loss rose" in s["stopped_reason"] and s["steps"] < 12
+        assert done.stderr.count("train: stopping") == 1
+
+
 def test_the_process_count_of_an_accelerate_cpu_launch_is_read_from_its_command_line() -> None:
     from cptkit.distributed import requested_processes
 
