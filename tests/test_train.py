@@ -425,20 +425,20 @@ def test_a_budgeted_run_resumes_with_its_derived_step_count(tmp_path: Path, tiny
     assert s["learning_rates"][-1] == pytest.approx(1e-3 * 0.1)
 
 
-def test_checkpoints_of_another_chosen_method_or_precision_are_not_resumed(tmp_path: Path) -> None:
+def test_checkpoints_of_another_chosen_method_precision_or_process_count_are_not_resumed(tmp_path: Path) -> None:
     from cptkit.checkpoints import STATE
     from cptkit.config import TrainingConfig
     from cptkit.train import _resume_state
 
     root = tmp_path / "checkpoints"
     (root / "step-0000002").mkdir(parents=True)
-    state = {"fingerprint": "abc", "method": "qlora", "precision": "fp32"}
+    state = {"fingerprint": "abc", "method": "qlora", "precision": "fp32", "processes": 2}
     (root / "step-0000002" / STATE).write_text(json.dumps(state))
     same = TrainingConfig(method="qlora", precision="fp32")
-    assert _resume_state(root, "abc", False, same)[1] == root / "step-0000002"
+    assert _resume_state(root, "abc", False, same, 2) == root / "step-0000002"
+    assert _resume_state(root, "abc", False, same, 1) is None  # another global batch and share per process
     for other in (TrainingConfig(method="lora", precision="fp32"), TrainingConfig(method="qlora", precision="bf16")):
-        fresh, found = _resume_state(root, "abc", False, other)
-        assert found is None and (fresh.method, fresh.precision) == (other.method, other.precision)
+        assert _resume_state(root, "abc", False, other, 2) is None
 
 
 def test_steps_within_a_budget_count_steps_validation_and_checkpoints() -> None:

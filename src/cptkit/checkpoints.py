@@ -1,7 +1,7 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint holds the trainable weights (safetensors), the optimizer and scheduler states, every RNG
-state, the step, the loss history and the MLflow run id. It is written to a temporary folder and
+state (of every process), the step, the loss history and the MLflow run id. It is written to a temporary folder and
 renamed into place, so a run killed while saving leaves the previous checkpoint as the latest.
 """
 
@@ -45,6 +45,7 @@ class TrainerState:
     # What training.method/precision auto chose: a checkpoint of another choice does not resume this run.
     method: str = ""
     precision: str = ""
+    processes: int = 1  # processes of the run: the global batch and each one's share depend on it
     # The step count training.max_minutes gave, fixed once from the measured speed; None: not derived.
     planned_steps: int | None = None
 
@@ -65,7 +66,9 @@ def save_checkpoint(
     trainable: dict[str, Any],
     optimizer_state: dict[str, Any],
     keep: int,
+    rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """Save a checkpoint; `rngs`: every process's RNG states, in process order (default: this process's)."""
     import torch
     from safetensors.torch import save_file
 
@@ -77,7 +80,7 @@ def save_checkpoint(
         with disk_full_errors("checkpoint", final):
             save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / WEIGHTS))
             torch.save(optimizer_state, tmp / OPTIMIZER)
-            torch.save(rng_states(), tmp / RNG)
+            torch.save({"processes": rngs or [rng_states()]}, tmp / RNG)
             (tmp / STATE).write_text(json.dumps(asdict(state)), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
@@ -119,6 +122,16 @@ def rng_states() -> dict[str, Any]:
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def process_rng(saved: dict[str, Any], process_index: int) -> dict[str, Any]:
+    """Process `process_index`'s RNG states from a checkpoint's (a run on fewer processes: the main one's;
+    a checkpoint from before multi-process training holds one process's states as they are)."""
+    per_process = saved.get("processes")
+    if per_process is None:
+        return saved
+    found: dict[str, Any] = per_process[process_index] if process_index < len(per_process) else per_process[0]
+    return found
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ import yaml
 
 from cptkit import __version__
 from cptkit.config import Config, load_config, masked_dict
+from cptkit.distributed import lost_the_main_process, process_rank
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.folders import wait_for_lock
 from cptkit.pipeline import Reporters, Stage
@@ -28,7 +29,7 @@ from cptkit.printers import (
     print_register,
     print_train,
 )
-from cptkit.progress import LogFormat, console, error_console, event, set_log_format
+from cptkit.progress import LogFormat, console, error_console, event, log_format, set_log_format
 from cptkit.secrets import scrub, scrub_logs
 
 DEFAULT_CONFIG = Path("configs/cpt_config.yaml")
@@ -111,6 +112,9 @@ def _run(debug: bool, fn: Any, *args: Any, wait: bool = False) -> Any:
         os.environ.pop("CPTKIT_DEBUG", None)
         _quiet_libraries()
     wait_for_lock.set(wait)
+    if process_rank() != 0:  # one process of a multi-process run: the main one prints (errors: every one)
+        set_log_format(LogFormat.quiet)
+        console.quiet = True
     try:
         return fn(*args)
     except (typer.Exit, typer.Abort):
@@ -131,6 +135,8 @@ def _run(debug: bool, fn: Any, *args: Any, wait: bool = False) -> Any:
         event("error", kind="interrupted", exit_code=130)
         raise typer.Exit(130) from None
     except Exception as exc:
+        if lost_the_main_process(exc) and not debug:
+            _exit(1, debug)
         message = scrub(f"{type(exc).__name__}: {exc}")
         if not debug:
             error_console.print(
@@ -207,18 +213,50 @@ def prepare(
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Train in this many local processes (each takes its share of every step's blocks); "
+            "under torchrun or accelerate launch, the launcher decides.",
+        ),
+    ] = None,
     force: ForceOpt = False,
     wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Continual pretraining on the prepared data (resumes from the latest checkpoint of the same run)."""
+    from cptkit.distributed import accelerate_cpu_processes, launch_local, launched_as_group, threads_per_process
     from cptkit.tracking import check_tracking
     from cptkit.train import train as run_train
 
     def go() -> None:
         cfg = _load(config, set_)
         check_tracking(cfg.tracking)  # before the model loads: an unusable store fails in seconds
-        print_train(run_train(cfg, force=force))
+        wanted = processes or accelerate_cpu_processes()
+        if launched_as_group() and processes is not None and processes != int(os.environ["WORLD_SIZE"]):
+            raise ConfigError(
+                [
+                    f"error: --processes {processes} under a launcher that started {os.environ['WORLD_SIZE']}; "
+                    "the launcher decides: drop --processes"
+                ]
+            )
+        if wanted is None or wanted == 1 or launched_as_group():
+            print_train(run_train(cfg, force=force))
+            return
+        why = "" if processes else " (accelerate launch --cpu starts one process, so cptkit starts them)"
+        console.print(
+            f"train: {wanted} processes on this machine, {threads_per_process(wanted)} CPU threads each{why}",
+            highlight=False,
+        )
+        os.environ["CPTKIT_LOG_FORMAT"] = log_format()  # the processes print as this one would
+        args = ["train", *(["-c", str(config.resolve())] if config is not None else [])]
+        args += [a for value in set_ or [] for a in ("--set", value)]
+        args += [flag for flag, on in (("--force", force), ("--wait", wait), ("--debug", debug)) if on]
+        code = launch_local(wanted, args, debug)
+        if code != 0:
+            raise typer.Exit(code)  # the failing process printed its own error
 
     _run(debug, go, wait=wait)
 

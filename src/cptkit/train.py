@@ -34,16 +34,20 @@ from cptkit.checkpoints import (
     clean_partial,
     list_checkpoints,
     load_checkpoint,
+    process_rng,
     restore_rng_states,
+    rng_states,
     save_checkpoint,
 )
 from cptkit.choices import TrainingChoices
 from cptkit.config import Config, TrainingConfig, masked_dict
+from cptkit.distributed import launched_as_group, process_rank
 from cptkit.errors import StageError
 from cptkit.folders import claim
 from cptkit.forgetting import BEST, forgetting_check
 from cptkit.model_folder import SUMMARY
 from cptkit.packing import Blocks, BlockStream, sequence_blocks
+from cptkit.processes import die_with_parent
 from cptkit.progress import console, detail, duration, event
 from cptkit.results import ChoiceRecord, TrainingSummary
 from cptkit.schedule import lr_factor
@@ -69,8 +73,12 @@ def train(
     tracker_factory: Callable[..., Tracker] = open_tracker,
 ) -> TrainResult:
     """Train, resume from the latest checkpoint of the same configuration, or skip when up to date."""
+    if launched_as_group():
+        # torchrun's agent starts each process in a session of its own: a SIGKILL of the launcher's group
+        # would leave them training (and writing) on their own.
+        die_with_parent()
     # Under a multi-process launch only the main process writes the outputs, so only it holds the folder.
-    if int(os.environ.get("RANK", "0")) != 0:
+    if process_rank() != 0:
         return _train(config, force, tracker_factory)
     with claim(config.output_dir, "train"):
         return _train(config, force, tracker_factory)
@@ -140,6 +148,32 @@ class _Run:
         self.state.evals.append({"step": step, **result})
         return result
 
+    def forgetting_check(self, result: dict[str, float]) -> bool:
+        """The forgetting monitor on the main process (it keeps the best weights); True: every process stops."""
+        accelerator = self.setup.accelerator
+        stop = accelerator.is_main_process and forgetting_check(
+            self.state, result, self.tc, self.trainable, self.ckpt_root
+        )
+        return bool(_from_main(accelerator, stop))
+
+
+def _all_rng_states(accelerator: Any) -> list[dict[str, Any]]:
+    """Every process's RNG states, in process order (dropout masks differ by process: each resumes its own)."""
+    if accelerator.num_processes == 1:
+        return [rng_states()]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([rng_states()]))
+
+
+def _from_main(accelerator: Any, value: Any) -> Any:
+    """The main process's `value`, in every process (a broadcast; `value` itself with one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
 
 def _set_up(
     config: Config, data: TrainData, fingerprint: str, force: bool, tracker_factory: Callable[..., Tracker]
@@ -156,9 +190,6 @@ def _set_up(
     tc = choices.apply(config.training)
     _print_choices(choices)
     ckpt_root = config.output_dir / CHECKPOINTS
-    clean_partial(ckpt_root)
-    invalidate(config.output_dir)
-    state, resume_from = _resume_state(ckpt_root, fingerprint, force, tc)
 
     stream = BlockStream(
         data.domain_train, data.replay_train, config.data.replay_ratio, tc.seed, data.separator, tc.max_seq_length
@@ -172,19 +203,30 @@ def _set_up(
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan["total"], tc))
 
     setup, scheduler = set_up(model_dir, tc, choices, schedule)
+    accelerator = setup.accelerator
     cap_steps = plan["total"]
     trainable = {n: p for n, p in setup.loaded.model.named_parameters() if p.requires_grad}
+    # The main process alone touches the folder and decides where the run resumes; every process follows it.
+    found: list[Path | None] = [None]
+    if accelerator.is_main_process:
+        clean_partial(ckpt_root)
+        invalidate(config.output_dir)
+        found = [_resume_state(ckpt_root, fingerprint, force, tc, accelerator.num_processes)]
+        if found[0] is None:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+    resume_from = _from_main(accelerator, found[0])
     if resume_from is not None:
         state, weights, optim_state, rng = load_checkpoint(resume_from)
         plan["total"] = state.planned_steps or cap_steps
         _load_trainable(trainable, weights)
         setup.optimizer.load_state_dict(optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
-        restore_rng_states(rng)
+        restore_rng_states(process_rng(rng, accelerator.process_index))
         console.print(f"train: resuming from {resume_from} (step {state.step} of {plan['total']})")
     else:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        state = TrainerState(fingerprint=fingerprint, method=tc.method, precision=tc.precision)
+        state = TrainerState(
+            fingerprint=fingerprint, method=tc.method, precision=tc.precision, processes=accelerator.num_processes
+        )
 
     epoch0 = stream.epoch_blocks(0)
     run_name = config.run_name("cpt", f"{dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -192,7 +234,7 @@ def _set_up(
     if tracker is not None and state.run_id is None:
         state.run_id = tracker.run_id
         _log_run_start(tracker, config, data, setup.loaded.description, epoch0, per_epoch, cap_steps, choices)
-    _print_plan(setup.loaded.description, epoch0, per_epoch, plan["total"], tc)
+    _print_plan(setup.loaded.description, epoch0, per_epoch, plan["total"], tc, accelerator.num_processes)
     if tc.max_minutes is not None and state.planned_steps is None:
         console.print(
             f"train: time budget {duration(tc.max_minutes * 60)} (training.max_minutes): the step count (at most "
@@ -236,7 +278,7 @@ def _loop(run: _Run) -> None:
         state.eval_seconds += time.perf_counter() - run.started
         state.base_general_loss = base.get("eval/general_loss")
         console.print("train: base model " + _format_eval(base))
-        forgetting_check(state, base, tc, run.trainable, run.ckpt_root)  # the base is the first "best"
+        run.forgetting_check(base)  # the base is the first "best"
 
     setup.model.train()
     loop_started = time.perf_counter()
@@ -244,6 +286,8 @@ def _loop(run: _Run) -> None:
     step_times: list[float] = []  # this process's optimizer steps, validation and checkpoints excluded
     while state.step < run.plan["total"]:
         step_started = time.perf_counter()
+        # Process p takes the p-th share of the global step's blocks: the blocks one process with gradient
+        # accumulation N would take in its p-th group of micro batches.
         first = state.step * global_blocks_per_step + accelerator.process_index * blocks_per_step
         step = optimizer_step(setup, list(run.stream.batch(first, blocks_per_step)), tc, run.scheduler)
         state.step += 1
@@ -290,13 +334,14 @@ def _loop(run: _Run) -> None:
             state.eval_seconds += time.perf_counter() - eval_started
             detail(f"train: step {state.step} " + _format_eval(result))
             event("train_eval", step=state.step, **{k.split("/")[-1]: v for k, v in result.items()})
-            if forgetting_check(state, result, tc, run.trainable, run.ckpt_root):
+            if run.forgetting_check(result):
                 break
         if state.step % tc.save_steps == 0 and state.step < total_steps:
             state.train_seconds = run.seconds_before + time.perf_counter() - run.started
             optim_state = {"optimizer": setup.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
+            rngs = _all_rng_states(accelerator)  # a collective: every process takes part
             if accelerator.is_main_process:
-                save_checkpoint(run.ckpt_root, state, run.trainable, optim_state, tc.save_total_limit)
+                save_checkpoint(run.ckpt_root, state, run.trainable, optim_state, tc.save_total_limit, rngs)
     state.train_seconds = run.seconds_before + time.perf_counter() - run.started
 
 
@@ -307,6 +352,8 @@ def _refit_budget(run: _Run, step_times: list[float]) -> None:
     spent = run.seconds_before + time.perf_counter() - run.started
     trainable_count = sum(p.numel() for p in run.trainable.values())
     fitted = fit_budget(run.tc, run.budget - spent, state, step_times, run.plan["total"], trainable_count)
+    # Each process times its own steps: the main process's count is the one every process follows.
+    fitted = _from_main(run.setup.accelerator, fitted)
     if fitted is None:
         return
     first = state.planned_steps is None
@@ -327,59 +374,71 @@ def _refit_budget(run: _Run, step_times: list[float]) -> None:
 
 def _finish(run: _Run, config: Config, fingerprint: str) -> TrainResult:
     """Keep the best weights where the forgetting monitor stopped the run, write the trained model and its
-    summary, end the MLflow run."""
+    summary, end the MLflow run: on the main process, while the others wait."""
     state, tc, out = run.state, run.tc, config.output_dir
-    if state.best is not None and state.stopped_reason is not None:
-        from safetensors.torch import load_file
-
-        _load_trainable(run.trainable, load_file(str(run.ckpt_root / BEST)))
     loaded = run.setup.loaded
     summary = _summary(state, tc, run.epoch0, run.plan["total"], loaded.description, run.choices, run.cap_steps)
     # This process's part of the run (a resumed run's earlier part is not included).
     summary = replace(summary, peak_memory_bytes=run.setup.memory.peak_bytes(), peak_memory_kind=run.setup.memory.kind)
     if run.setup.accelerator.is_main_process:
-        try:
-            # The saved config names what was trained (auto resolved), for evaluate, register and export.
-            with disk_full_errors("the trained model", out):
-                _write_outputs(
-                    config.model_copy(update={"training": tc}), loaded.model, run.model_dir, summary, fingerprint
-                )
-        except BaseException:  # the run has no model: its MLflow run must not stay RUNNING
-            if run.tracker is not None:
-                run.tracker.end("FAILED")
-            raise
+        _write_trained(run, config, fingerprint, summary)
+    run.setup.accelerator.wait_for_everyone()
+    return TrainResult(read_json(out / MANIFEST) or {}, out, skipped=False, summary=summary)
+
+
+def _write_trained(run: _Run, config: Config, fingerprint: str, summary: TrainingSummary) -> None:
+    state, out = run.state, config.output_dir
+    if state.best is not None and state.stopped_reason is not None:
+        from safetensors.torch import load_file
+
+        _load_trainable(run.trainable, load_file(str(run.ckpt_root / BEST)))
+    try:
+        # The saved config names what was trained (auto resolved), for evaluate, register and export.
+        with disk_full_errors("the trained model", out):
+            _write_outputs(
+                config.model_copy(update={"training": run.tc}),
+                run.setup.loaded.model,
+                run.model_dir,
+                summary,
+                fingerprint,
+            )
+    except BaseException:  # the run has no model: its MLflow run must not stay RUNNING
         if run.tracker is not None:
-            run.tracker.log_dict(summary.to_json(), SUMMARY)
-            if summary.final_loss is not None:  # None only for a run of no steps
-                run.tracker.log_metrics({"train/final_loss": summary.final_loss}, state.step)
-            run.tracker.end("FINISHED")
-        shutil.rmtree(run.ckpt_root, ignore_errors=True)
-    manifest = read_json(out / MANIFEST) or {}
-    return TrainResult(manifest, out, skipped=False, summary=summary)
+            run.tracker.end("FAILED")
+        raise
+    if run.tracker is not None:
+        run.tracker.log_dict(summary.to_json(), SUMMARY)
+        if summary.final_loss is not None:  # None only for a run of no steps
+            run.tracker.log_metrics({"train/final_loss": summary.final_loss}, state.step)
+        run.tracker.end("FINISHED")
+    shutil.rmtree(run.ckpt_root, ignore_errors=True)
 
 
-def _resume_state(
-    ckpt_root: Path, fingerprint: str, force: bool, tc: TrainingConfig
-) -> tuple[TrainerState, Path | None]:
-    """The checkpoint to resume from: the latest one of this same run (same fingerprint, and the same
-    method and precision where auto chose them)."""
-    fresh = TrainerState(fingerprint=fingerprint, method=tc.method, precision=tc.precision)
+def _resume_state(ckpt_root: Path, fingerprint: str, force: bool, tc: TrainingConfig, processes: int) -> Path | None:
+    """The checkpoint to resume from: the latest one of this same run (same fingerprint, the same method
+    and precision where auto chose them, the same number of processes)."""
     found = list_checkpoints(ckpt_root)
     if not found or force:
-        return fresh, None
+        return None
     latest = found[-1]
     state = read_json(latest / STATE) or {}
     if state.get("fingerprint") != fingerprint:
         console.print(f"train: {ckpt_root} holds checkpoints of a different configuration; starting a new run")
-        return fresh, None
+        return None
     chosen = (state.get("method") or tc.method, state.get("precision") or tc.precision)
     if chosen != (tc.method, tc.precision):
         console.print(
             f"train: {ckpt_root} holds checkpoints trained with {chosen[0]} in {chosen[1]}, and this machine "
             f"chooses {tc.method} in {tc.precision}; starting a new run"
         )
-        return fresh, None
-    return fresh, latest
+        return None
+    if state.get("processes", 1) != processes:
+        console.print(
+            f"train: {ckpt_root} holds checkpoints of a run on {state.get('processes', 1)} processes, and this one "
+            f"runs on {processes}; starting a new run"
+        )
+        return None
+    return latest
 
 
 def _load_trainable(trainable: dict[str, Any], weights: dict[str, Any]) -> None:
@@ -404,12 +463,17 @@ def _format_eval(result: dict[str, float]) -> str:
     return ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in result.items())
 
 
-def _print_plan(description: Any, epoch0: Blocks, per_epoch: int, total_steps: int, tc: TrainingConfig) -> None:
+def _print_plan(
+    description: Any, epoch0: Blocks, per_epoch: int, total_steps: int, tc: TrainingConfig, processes: int
+) -> None:
+    per_step = f"{tc.micro_batch_size}x{tc.gradient_accumulation_steps}"
+    if processes > 1:
+        per_step += f"x{processes} processes = {tc.micro_batch_size * tc.gradient_accumulation_steps * processes}"
     console.print(
         f"train: {description}\n"
         f"train: {per_epoch:,} blocks of {tc.max_seq_length} tokens per epoch, packing efficiency "
         f"{epoch0.efficiency:.1%}, replay share {epoch0.replay_share:.1%}; {total_steps:,} steps of "
-        f"{tc.micro_batch_size}x{tc.gradient_accumulation_steps} blocks; precision {tc.precision}",
+        f"{per_step} blocks; precision {tc.precision}",
         highlight=False,
     )
 

@@ -90,13 +90,19 @@ def optimizer_step(
     accelerator, model, optimizer = setup.accelerator, setup.model, setup.optimizer
     processes = accelerator.num_processes
     micro = [rows[i : i + tc.micro_batch_size] for i in range(0, len(rows), tc.micro_batch_size)]
-    global_count = int(accelerator.reduce(torch.tensor(labelled_tokens(rows), device=setup.device), "sum"))
+    # One all-reduce for the step's counts: the loss is normalised by the labelled tokens of every process.
+    counts = [labelled_tokens(rows), sum(r.real_tokens for r in rows), sum(r.replay_tokens for r in rows)]
+    global_count, real_tokens, replay_tokens = (
+        int(c) for c in accelerator.reduce(torch.tensor(counts, device=setup.device), "sum").tolist()
+    )
     loss_sum = 0.0
     for k, group in enumerate(micro):
         # Gradients are synchronised across processes once per step, on its last micro batch.
         sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
         with sync:
             total, _ = model(*block_tensors(group, setup.device))
+            # DDP averages the processes' gradients; times `processes`, that average is the gradient of the
+            # summed loss of every process's tokens over the global token count: one big batch's.
             accelerator.backward(total * processes / max(global_count, 1))
             loss_sum += float(total.detach())
     if tc.max_grad_norm is not None:
@@ -110,8 +116,8 @@ def optimizer_step(
     return StepResult(
         loss=loss_sum / max(global_count, 1),
         learning_rate=lr,
-        real_tokens=sum(r.real_tokens for r in rows) * processes,
-        replay_tokens=sum(r.replay_tokens for r in rows) * processes,
+        real_tokens=real_tokens,
+        replay_tokens=replay_tokens,
     )
 
 

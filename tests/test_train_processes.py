@@ -1,0 +1,158 @@
+"""Training on several processes (gloo on loopback, the tiny model, fp32): N processes with micro batch m
+give the losses and adapter of one process with gradient accumulation N, under each launcher (cptkit's
+--processes, accelerate launch, torchrun), write one set of outputs and one MLflow run, and resume exactly
+after a SIGKILL of the whole group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import setup_run, summary
+
+CPTKIT = [sys.executable, "-m", "cptkit"]
+MODULE = ["-m", "cptkit", "train"]
+LAUNCHERS = {
+    "cptkit": [*CPTKIT, "train", "--processes", "2"],
+    "accelerate": [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "2", *MODULE],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *MODULE],
+}
+# Two processes with micro batch 2 and no accumulation: the global batch of one process's 2 x 2.
+TWO_PROCESSES = ["--set", "training.gradient_accumulation_steps=1", "--set", "output_dir=two"]
+
+
+def adapter(folder: str) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    return load_file(f"{folder}/adapter_model.safetensors")
+
+
+def mlflow_runs(uri: str) -> list[object]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+@pytest.mark.parametrize(("method", "launcher"), [("lora", "cptkit"), ("qlora", "accelerate")])
+def test_two_processes_train_as_one_with_gradient_accumulation(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    cli,  # type: ignore[no-untyped-def]
+    method: str,
+    launcher: str,
+) -> None:
+    cfg = setup_run(tmp_path, tiny_model_dir, method=method, eval_steps=6, save_steps=4)
+    assert cli("train", "-c", str(cfg)).exit_code == 0  # one process, 2 x 2 blocks a step
+    one = summary()
+
+    store = f"sqlite:///{tmp_path / 'two.db'}"  # the two-process run's own store
+    two_run = subprocess.run(
+        [*LAUNCHERS[launcher], "-c", str(cfg), *TWO_PROCESSES, "--set", f"tracking.tracking_uri={store}"],
+        capture_output=True,
+        text=True,
+    )
+    assert two_run.returncode == 0, two_run.stderr[-3000:]
+    two = json.loads(Path("two/training_summary.json").read_text())
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    assert (two["tokens"], two["replay_tokens"]) == (one["tokens"], one["replay_tokens"])  # global counts
+    for name, weight in adapter("outputs/cpt_model").items():
+        assert adapter("two")[name] == pytest.approx(weight, abs=1e-5), name  # type: ignore[comparison-overlap]
+    # One process prints, one writes: one set of outputs, one MLflow run with every step.
+    assert two_run.stderr.count("train: step 1/6") == 1, two_run.stderr
+    assert "6 steps of 2x1x2 processes = 4 blocks" in two_run.stderr
+    assert Path("two/manifest.json").is_file() and not Path("two/checkpoints").exists()
+    (run,) = mlflow_runs(store)
+    assert run.info.status == "FINISHED"  # type: ignore[attr-defined]
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=store).get_metric_history(run.info.run_id, "train/loss")  # type: ignore[attr-defined]
+    assert [m.value for m in history] == pytest.approx(one["losses"], abs=1e-5)
+
+
+def test_a_process_group_killed_with_sigkill_resumes_to_the_same_losses(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    cli,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=8, save_steps=3, eval_steps=4)
+    assert cli("train", "-c", str(cfg)).exit_code == 0
+    one = summary()["losses"]
+
+    command = [*LAUNCHERS["torchrun"], "-c", str(cfg), *TWO_PROCESSES]
+    group = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not Path("two/checkpoints/step-0000006/trainer_state.json").exists():
+        assert group.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(group.pid, signal.SIGKILL)  # the launcher and both processes at once
+    group.wait()
+    assert not Path("two/manifest.json").exists()
+
+    resumed = subprocess.run([*LAUNCHERS["cptkit"], "-c", str(cfg), *TWO_PROCESSES], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "(step 6 of 8)" in resumed.stderr
+    two = json.loads(Path("two/training_summary.json").read_text())
+    assert two["steps"] == 8
+    assert two["losses"] == pytest.approx(one, abs=1e-5)
+    runs = mlflow_runs(f"sqlite:///{Path('mlflow.db').resolve()}")
+    assert len(runs) == 2  # the one-process run, and the two-process run continued across the kill
+
+
+@pytest.mark.parametrize("decision", ["time budget", "forgetting stop"])
+def test_the_main_process_decides_for_every_process(tmp_path: Path, tiny_model_dir: Path, decision: str) -> None:
+    """Each process times its own steps and could judge its own validation: they follow the main one's
+    step count and stop (processes that disagreed would hang in, or fail at, their next collective)."""
+    if decision == "time budget":
+        settings = {"max_steps": 100_000, "max_minutes": 0.1, "eval_steps": 1000, "save_steps": 1000}
+    else:
+        settings = {"max_steps": 12, "eval_steps": 2, "learning_rate": 5e-2, "max_general_loss_increase": 1e-4}
+    cfg = setup_run(
+        tmp_path,
+        tiny_model_dir,
+        replay_ratio=0.0,
+        general_unlike_domain=True,
+        gradient_accumulation_steps=1,
+        **settings,
+    )
+    done = subprocess.run(
+        [*LAUNCHERS["cptkit"], "-c", str(cfg), "--set", "tracking.enabled=false"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = summary()
+    if decision == "time budget":
+        assert s["steps"] == s["derived_steps"] < 100_000
+        assert done.stderr.count("steps fit the time budget") == 1
+    else:
+        assert "general validation loss rose" in s["stopped_reason"] and s["steps"] < 12
+        assert done.stderr.count("train: stopping") == 1
+
+
+def test_the_process_count_of_an_accelerate_cpu_launch_is_read_from_its_command_line() -> None:
+    from cptkit.distributed import requested_processes
+
+    accelerate = [sys.executable, "/venv/bin/accelerate", "launch"]
+    assert requested_processes([*accelerate, "--cpu", "--num_processes", "2", "-m", "cptkit", "train"]) == 2
+    assert requested_processes([*accelerate, "--mixed_precision", "no", "--num-processes=4", "train.py"]) == 4
+    assert requested_processes([*accelerate, "--cpu", "-m", "cptkit", "train", "--num_processes", "3"]) is None
+    assert requested_processes([*accelerate, "--num_processes", "1", "-m", "cptkit"]) is None
+    assert requested_processes([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]) == 2
+    assert requested_processes(["/venv/bin/accelerate-launch", "--num_processes", "2", "train.py"]) == 2
+    assert requested_processes(["bash", "-c", "cptkit train"]) is None
+
+
+def test_processes_under_a_launcher_of_another_size_is_one_line(
+    tmp_path: Path, tiny_model_dir: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = setup_run(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    result = cli("train", "-c", str(cfg), "--processes", "2")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: --processes 2 under a launcher that started 4")
