@@ -31,6 +31,7 @@ class EvalSet:
     bytes: int  # UTF-8 bytes of all texts
     skipped: int  # rows without usable text (null, malformed, empty)
     source: dict[str, Any]
+    overlapping: int | None = None  # documents sharing an n-gram with the training text (None: not checked)
 
 
 def source_for_path(path: str) -> SourceConfig:

@@ -120,6 +120,8 @@ class EvaluationSettings:
     prefix_token_id: int | None = None
     device: str | None = None
     device_reason: str | None = None
+    decontamination: str = "off"  # drop, report or off (evaluate.decontamination.mode)
+    decontamination_ngram: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,12 +148,14 @@ class Drift:
 
 @dataclass(frozen=True, kw_only=True)
 class SetFacts:
-    """An evaluation set: documents scored, rows without text, the token cap when it cut the set, and
-    its source's description (in the JSON, beside the other keys)."""
+    """An evaluation set: documents scored, rows without text, the token cap when it cut the set, the
+    documents that share an n-gram with the training text (None: not checked; left out of `documents`
+    when decontamination drops them), and its source's description (in the JSON, beside the other keys)."""
 
     documents: int
     skipped: int = 0
     capped_at_tokens: int | None = None
+    overlapping: int | None = None
     source: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> JSON:
@@ -159,12 +163,13 @@ class SetFacts:
             "documents": self.documents,
             "skipped": self.skipped,
             "capped_at_tokens": self.capped_at_tokens,
+            "overlapping": self.overlapping,
             **self.source,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
-        own = ("documents", "skipped", "capped_at_tokens")
+        own = ("documents", "skipped", "capped_at_tokens", "overlapping")
         source = {k: v for k, v in data.items() if k not in own}
         return cls(**{k: data[k] for k in own if k in data}, source=source)
 
