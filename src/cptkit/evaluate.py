@@ -22,7 +22,7 @@ from cptkit.config import (
     section_fingerprint,
 )
 from cptkit.datasets import TRAIN, TRAIN_TEXT, domain_dir, replay_dir
-from cptkit.decontamination import overlapping, training_texts
+from cptkit.decontamination import contaminated, overlap_shares, training_texts
 from cptkit.errors import CptkitError, StageError
 from cptkit.eval_sets import DOMAIN, GENERAL, EvalSet, cap_tokens, eval_sources, read_set, set_fingerprint
 from cptkit.folders import claim
@@ -135,25 +135,32 @@ def _decontaminate(config: Config, sets: dict[str, EvalSet]) -> dict[str, EvalSe
             highlight=False,
         )
         return sets
-    flags = overlapping({name: s.texts for name, s in sets.items()}, training_texts(folders), dc.ngram)
+    shares = overlap_shares({name: s.texts for name, s in sets.items()}, training_texts(folders), dc.ngram)
     checked: dict[str, EvalSet] = {}
     for name, eval_set in sets.items():
-        hits = flags[name]
+        hits = contaminated(shares[name], dc.min_share)
         texts = [t for t, hit in zip(eval_set.texts, hits, strict=True) if not hit or dc.mode == "report"]
         if not texts:
             raise StageError(
-                f"evaluation set {name}: all {len(hits)} documents share a {dc.ngram}-word sequence with the "
-                "training text; set evaluate.decontamination.mode: report to score them anyway"
+                f"evaluation set {name}: all {len(hits)} documents are contaminated (at least {dc.min_share:.0%} of "
+                f"their {dc.ngram}-word sequences occur in the training text); set evaluate.decontamination.mode: "
+                "report to score them anyway"
             )
         if hits.any():
             action = "left out" if dc.mode == "drop" else "kept (decontamination.mode: report)"
             console.print(
-                f"evaluate {name}: {int(hits.sum())} of {len(hits)} documents share a {dc.ngram}-word sequence "
-                f"with the training text: {action}",
+                f"evaluate {name}: {int(hits.sum())} of {len(hits)} documents are contaminated (at least "
+                f"{dc.min_share:.0%} of their {dc.ngram}-word sequences occur in the training text): {action}",
                 highlight=False,
             )
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        checked[name] = replace(eval_set, texts=texts, bytes=n_bytes, overlapping=int(hits.sum()))
+        checked[name] = replace(
+            eval_set,
+            texts=texts,
+            bytes=n_bytes,
+            contaminated=int(hits.sum()),
+            any_overlap=int((shares[name] > 0).sum()),
+        )
     return checked
 
 
@@ -226,6 +233,7 @@ def _evaluate_sets(
         device_reason=device_choice.reason,
         decontamination=ec.decontamination.mode,
         decontamination_ngram=ec.decontamination.ngram if ec.decontamination.mode != "off" else None,
+        decontamination_min_share=ec.decontamination.min_share if ec.decontamination.mode != "off" else None,
     )
     base: dict[str, ModelScore] = {}
     cpt: dict[str, ModelScore] = {}
@@ -262,7 +270,8 @@ def _evaluate_sets(
             documents=len(eval_set.texts),
             skipped=eval_set.skipped,
             capped_at_tokens=ec.max_tokens if cut else None,  # the last document cut, later ones left out
-            overlapping=eval_set.overlapping,
+            contaminated=eval_set.contaminated,
+            any_overlap=eval_set.any_overlap,
             source=eval_set.source,
         )
         console.print(

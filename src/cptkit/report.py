@@ -188,14 +188,17 @@ def _settings_line(results: EvaluationResults) -> str:
 
 def _decontamination_line(results: EvaluationResults) -> str:
     s = results.settings
-    counted = {name: f.overlapping for name, f in results.sets.items() if f.overlapping is not None}
+    checked = {name: f for name, f in results.sets.items() if f.contaminated is not None}
     if s.decontamination == "off":
         return "Not checked for overlap with the training text (evaluate.decontamination.mode: off). "
-    if not counted:
+    if not checked:
         return "Not checked for overlap with the training text (no prepared training text was found). "
-    found = ", ".join(f"{name} {count:,}" for name, count in counted.items())
+    found = ", ".join(f"{name} {f.contaminated:,} ({f.any_overlap or 0:,} share any)" for name, f in checked.items())
     action = "left out of the scores" if s.decontamination == "drop" else "scored anyway (mode: report)"
-    return f"Documents sharing a {s.decontamination_ngram}-word sequence with the training text: {found}; {action}. "
+    return (
+        f"Contaminated documents (at least {s.decontamination_min_share or 0:.0%} of their "
+        f"{s.decontamination_ngram}-word sequences in the training text): {found}; {action}. "
+    )
 
 
 READING = (

@@ -122,6 +122,7 @@ class EvaluationSettings:
     device_reason: str | None = None
     decontamination: str = "off"  # drop, report or off (evaluate.decontamination.mode)
     decontamination_ngram: int | None = None
+    decontamination_min_share: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,13 +150,15 @@ class Drift:
 @dataclass(frozen=True, kw_only=True)
 class SetFacts:
     """An evaluation set: documents scored, rows without text, the token cap when it cut the set, the
-    documents that share an n-gram with the training text (None: not checked; left out of `documents`
-    when decontamination drops them), and its source's description (in the JSON, beside the other keys)."""
+    documents found contaminated by the training text and those sharing any n-gram with it (None: not
+    checked; contaminated ones are left out of `documents` when decontamination drops them), and its
+    source's description (in the JSON, beside the other keys)."""
 
     documents: int
     skipped: int = 0
     capped_at_tokens: int | None = None
-    overlapping: int | None = None
+    contaminated: int | None = None
+    any_overlap: int | None = None
     source: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> JSON:
@@ -163,13 +166,14 @@ class SetFacts:
             "documents": self.documents,
             "skipped": self.skipped,
             "capped_at_tokens": self.capped_at_tokens,
-            "overlapping": self.overlapping,
+            "contaminated": self.contaminated,
+            "any_overlap": self.any_overlap,
             **self.source,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
-        own = ("documents", "skipped", "capped_at_tokens", "overlapping")
+        own = ("documents", "skipped", "capped_at_tokens", "contaminated", "any_overlap")
         source = {k: v for k, v in data.items() if k not in own}
         return cls(**{k: data[k] for k in own if k in data}, source=source)
 

@@ -354,12 +354,19 @@ class GenerationConfig(Section):
 
 
 class DecontaminationConfig(Section):
-    """Evaluation documents that share a word n-gram with the training text (domain and replay)."""
+    """Evaluation documents whose word n-grams occur in the training text (domain and replay)."""
 
     mode: Literal["drop", "report", "off"] = Field(
         "drop", description="drop: leave them out of the scores; report: count them only; off: no check."
     )
     ngram: int = Field(13, ge=1, description="Words per n-gram (13, as in GPT-3's contamination study).")
+    min_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A document is contaminated when this share of its n-grams occur in the training text "
+        "(0: any shared n-gram).",
+    )
 
 
 class EvaluateConfig(Section):
