@@ -31,6 +31,8 @@ class EvalSet:
     bytes: int  # UTF-8 bytes of all texts
     skipped: int  # rows without usable text (null, malformed, empty)
     source: dict[str, Any]
+    contaminated: int | None = None  # documents found in the training text (None: not checked)
+    any_overlap: int | None = None  # documents sharing at least one n-gram with it
 
 
 def source_for_path(path: str) -> SourceConfig:

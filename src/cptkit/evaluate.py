@@ -21,8 +21,9 @@ from cptkit.config import (
     SourceConfig,
     section_fingerprint,
 )
-from cptkit.datasets import domain_dir, replay_dir
-from cptkit.errors import CptkitError
+from cptkit.datasets import TRAIN, TRAIN_TEXT, domain_dir, replay_dir
+from cptkit.decontamination import contaminated, overlap_shares, training_texts
+from cptkit.errors import CptkitError, StageError
 from cptkit.eval_sets import DOMAIN, GENERAL, EvalSet, cap_tokens, eval_sources, read_set, set_fingerprint
 from cptkit.folders import claim
 from cptkit.lm_tasks import run_tasks
@@ -90,7 +91,7 @@ def _evaluate(
 
     invalidate(out)
     started = time.perf_counter()
-    sets = {name: read_set(name, source, ec.max_documents) for name, source in sources.items()}
+    sets = _decontaminate(config, {name: read_set(name, source, ec.max_documents) for name, source in sources.items()})
     summary = TrainingSummary.read(cpt_dir / SUMMARY)
     results = _evaluate_sets(config, cpt_dir, sets, summary, device, precision)
     results = replace(results, seconds=round(time.perf_counter() - started, 2))
@@ -117,6 +118,50 @@ def _evaluate(
     )
     write_json_atomic(out / MANIFEST, manifest)
     return EvaluateResult(manifest, out, skipped=False, results=results)
+
+
+def _decontaminate(config: Config, sets: dict[str, EvalSet]) -> dict[str, EvalSet]:
+    """The sets with their documents that share an n-gram with the training text counted and, with
+    evaluate.decontamination.mode drop, left out."""
+    dc = config.evaluate.decontamination
+    if dc.mode == "off":
+        return sets
+    prepared = (domain_dir(config), replay_dir(config))
+    folders = [d for d in prepared if (d / TRAIN).is_file() or (d / TRAIN_TEXT).is_dir()]
+    if not folders:
+        console.print(
+            f"evaluate: decontamination: no prepared training text in {config.data.output_dir}; not checked",
+            style="yellow",
+            highlight=False,
+        )
+        return sets
+    shares = overlap_shares({name: s.texts for name, s in sets.items()}, training_texts(folders), dc.ngram)
+    checked: dict[str, EvalSet] = {}
+    for name, eval_set in sets.items():
+        hits = contaminated(shares[name], dc.min_share)
+        texts = [t for t, hit in zip(eval_set.texts, hits, strict=True) if not hit or dc.mode == "report"]
+        if not texts:
+            raise StageError(
+                f"evaluation set {name}: all {len(hits)} documents are contaminated (at least {dc.min_share:.0%} of "
+                f"their {dc.ngram}-word sequences occur in the training text); set evaluate.decontamination.mode: "
+                "report to score them anyway"
+            )
+        if hits.any():
+            action = "left out" if dc.mode == "drop" else "kept (decontamination.mode: report)"
+            console.print(
+                f"evaluate {name}: {int(hits.sum())} of {len(hits)} documents are contaminated (at least "
+                f"{dc.min_share:.0%} of their {dc.ngram}-word sequences occur in the training text): {action}",
+                highlight=False,
+            )
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        checked[name] = replace(
+            eval_set,
+            texts=texts,
+            bytes=n_bytes,
+            contaminated=int(hits.sum()),
+            any_overlap=int((shares[name] > 0).sum()),
+        )
+    return checked
 
 
 def _input_fingerprint(cpt_dir: Path, sources: dict[str, SourceConfig], task_dir: Path | None = None) -> str:
@@ -186,6 +231,9 @@ def _evaluate_sets(
         prefix_token_id=pair.cpt_tokenizer.prefix_id,
         device=str(device),
         device_reason=device_choice.reason,
+        decontamination=ec.decontamination.mode,
+        decontamination_ngram=ec.decontamination.ngram if ec.decontamination.mode != "off" else None,
+        decontamination_min_share=ec.decontamination.min_share if ec.decontamination.mode != "off" else None,
     )
     base: dict[str, ModelScore] = {}
     cpt: dict[str, ModelScore] = {}
@@ -222,6 +270,8 @@ def _evaluate_sets(
             documents=len(eval_set.texts),
             skipped=eval_set.skipped,
             capped_at_tokens=ec.max_tokens if cut else None,  # the last document cut, later ones left out
+            contaminated=eval_set.contaminated,
+            any_overlap=eval_set.any_overlap,
             source=eval_set.source,
         )
         console.print(

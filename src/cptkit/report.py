@@ -180,8 +180,24 @@ def _settings_line(results: EvaluationResults) -> str:
         f"Sliding windows of {s.context_length} tokens advancing by {s.stride} (every token scored once), "
         f"batches of {s.batch_size} windows, {s.precision} on {s.device}; method {pair.method}, "
         f"base scored as {pair.base_scored_as}; quantization: {pair.quantization}. {cap}"
+        f"{_decontamination_line(results)}"
         f"Evaluation took {results.seconds or 0:.1f} s "
         f"({results.tokens_per_second or 0:,.0f} tokens/s scored)."
+    )
+
+
+def _decontamination_line(results: EvaluationResults) -> str:
+    s = results.settings
+    checked = {name: f for name, f in results.sets.items() if f.contaminated is not None}
+    if s.decontamination == "off":
+        return "Not checked for overlap with the training text (evaluate.decontamination.mode: off). "
+    if not checked:
+        return "Not checked for overlap with the training text (no prepared training text was found). "
+    found = ", ".join(f"{name} {f.contaminated:,} ({f.any_overlap or 0:,} share any)" for name, f in checked.items())
+    action = "left out of the scores" if s.decontamination == "drop" else "scored anyway (mode: report)"
+    return (
+        f"Contaminated documents (at least {s.decontamination_min_share or 0:.0%} of their "
+        f"{s.decontamination_ngram}-word sequences in the training text): {found}; {action}. "
     )
 
 

@@ -120,6 +120,9 @@ class EvaluationSettings:
     prefix_token_id: int | None = None
     device: str | None = None
     device_reason: str | None = None
+    decontamination: str = "off"  # drop, report or off (evaluate.decontamination.mode)
+    decontamination_ngram: int | None = None
+    decontamination_min_share: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,12 +149,16 @@ class Drift:
 
 @dataclass(frozen=True, kw_only=True)
 class SetFacts:
-    """An evaluation set: documents scored, rows without text, the token cap when it cut the set, and
-    its source's description (in the JSON, beside the other keys)."""
+    """An evaluation set: documents scored, rows without text, the token cap when it cut the set, the
+    documents found contaminated by the training text and those sharing any n-gram with it (None: not
+    checked; contaminated ones are left out of `documents` when decontamination drops them), and its
+    source's description (in the JSON, beside the other keys)."""
 
     documents: int
     skipped: int = 0
     capped_at_tokens: int | None = None
+    contaminated: int | None = None
+    any_overlap: int | None = None
     source: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> JSON:
@@ -159,12 +166,14 @@ class SetFacts:
             "documents": self.documents,
             "skipped": self.skipped,
             "capped_at_tokens": self.capped_at_tokens,
+            "contaminated": self.contaminated,
+            "any_overlap": self.any_overlap,
             **self.source,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
-        own = ("documents", "skipped", "capped_at_tokens")
+        own = ("documents", "skipped", "capped_at_tokens", "contaminated", "any_overlap")
         source = {k: v for k, v in data.items() if k not in own}
         return cls(**{k: data[k] for k in own if k in data}, source=source)
 

@@ -21,6 +21,7 @@ from cptkit.config.reference import (
 from cptkit.config.schema import (
     Config,
     DataConfig,
+    DecontaminationConfig,
     DedupConfig,
     EvaluateConfig,
     GenerationConfig,
@@ -65,6 +66,7 @@ __all__ = [
     "DatabricksConfig",
     "DatabricksConnection",
     "DatabricksSourceConfig",
+    "DecontaminationConfig",
     "DedupConfig",
     "DeltaSourceConfig",
     "EvaluateConfig",

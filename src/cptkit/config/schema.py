@@ -353,6 +353,22 @@ class GenerationConfig(Section):
     seed: int = Field(0, description="Seed of sampling, the same for both models.")
 
 
+class DecontaminationConfig(Section):
+    """Evaluation documents whose word n-grams occur in the training text (domain and replay)."""
+
+    mode: Literal["drop", "report", "off"] = Field(
+        "drop", description="drop: leave them out of the scores; report: count them only; off: no check."
+    )
+    ngram: int = Field(13, ge=1, description="Words per n-gram (13, as in GPT-3's contamination study).")
+    min_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="A document is contaminated when this share of its n-grams occur in the training text "
+        "(0: any shared n-gram).",
+    )
+
+
 class EvaluateConfig(Section):
     """Base vs adapted model on each evaluation set (perplexity, bits per byte, drift); the verdict's thresholds.
 
@@ -372,6 +388,7 @@ class EvaluateConfig(Section):
     max_documents: int | None = Field(
         None, gt=0, description="Documents read from each set (the first ones); null for all."
     )
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     context_length: int | None = Field(
         None, gt=1, description="Tokens per scoring window; default training.max_seq_length."
     )
