@@ -5,6 +5,7 @@ back with the gguf package (tensor names and shapes) and with transformers (weig
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,18 @@ def sentencepiece_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def tiny_model(folder: Path, family: str, tokenizer: Any) -> Path:
+    """A random 2-layer model of `family` with the tokenizer; Phi-3's gets Phi-3's own added tokens, which
+    llama.cpp looks up by name in a file whose model name says phi3 (and its padding token)."""
+    import copy
+
+    from tokenizers import AddedToken
     from transformers import AutoModelForCausalLM, MistralConfig, Phi3Config
 
+    if family == "phi3":
+        tokenizer = copy.deepcopy(tokenizer)
+        added = [AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|end|>")]
+        tokenizer.add_tokens(added, special_tokens=True)
+        tokenizer.pad_token = "<|endoftext|>"
     shared = {
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
@@ -68,7 +79,10 @@ def tiny_model(folder: Path, family: str, tokenizer: Any) -> Path:
         # Longer than any text here, shorter than the context: the export notes what llama.cpp does beyond it.
         "sliding_window": 256,
     }
-    config = MistralConfig(**shared) if family == "mistral" else Phi3Config(**shared, pad_token_id=2)
+    if family == "mistral":
+        config = MistralConfig(**shared)
+    else:
+        config = Phi3Config(**shared, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -116,6 +130,7 @@ def test_export_gguf_writes_what_llama_cpp_reads_and_transformers_loads_back(
 
     model_dir, gguf_file, cfg = trained_and_exported(tmp_path, family, sentencepiece_tokenizer, cli)
     config = load_config(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     reader = gguf.GGUFReader(str(gguf_file))
     assert reader.fields["general.architecture"].contents() == arch
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama"  # llama.cpp's SentencePiece tokenizer
@@ -124,6 +139,8 @@ def test_export_gguf_writes_what_llama_cpp_reads_and_transformers_loads_back(
     assert tokens[:3] == ["<unk>", "<s>", "</s>"] and tokens[3] == "<0x00>"
     assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
     assert set(types[3:259]) == {gguf.TokenType.BYTE}
+    if family == "phi3":
+        assert tokens[-2:] == ["<|endoftext|>", "<|end|>"] and set(types[-2:]) == {gguf.TokenType.CONTROL}
     scores = reader.fields["tokenizer.ggml.scores"].contents()
     # Minus the merge rank of the first merge making each piece: the first merge scores highest.
     assert set(scores[:259]) == {0.0} and max(scores) == 0.0 and min(scores) < -50
@@ -141,8 +158,7 @@ def test_export_gguf_writes_what_llama_cpp_reads_and_transformers_loads_back(
         assert shapes["blk.0.attn_qkv.weight"] == (64 + 2 * kv, 64)
         assert shapes["blk.0.ffn_up.weight"] == (2 * 128, 64) and "blk.0.ffn_gate.weight" not in shapes
         assert reader.fields["phi3.attention.sliding_window"].contents() == 256
-    assert shapes["token_embd.weight"] == (len(sentencepiece_tokenizer), 64)
-    assert shapes["output.weight"] == (len(sentencepiece_tokenizer), 64)
+    assert shapes["token_embd.weight"] == shapes["output.weight"] == (len(tokenizer), 64)
     assert shapes["blk.1.ffn_down.weight"] == (64, 128) and shapes["output_norm.weight"] == (64,)
     assert len(shapes) == 3 + 2 * (9 if arch == "llama" else 6)  # embeddings, head, final norm; per layer
 
@@ -150,8 +166,8 @@ def test_export_gguf_writes_what_llama_cpp_reads_and_transformers_loads_back(
     reloaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     trained = load_trained(model_dir, config.output_dir, config.training, "cpu")
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    for text in TEXTS:
-        ids = sentencepiece_tokenizer(text)["input_ids"]
+    for text in [*TEXTS, "<|end|>"] if family == "phi3" else TEXTS:
+        ids = tokenizer(text)["input_ids"]
         assert gguf_tokenizer(text)["input_ids"] == ids, text
         assert torch.allclose(logits(reloaded, ids), logits(trained, ids), atol=1e-4, rtol=0)
 
@@ -185,3 +201,53 @@ def test_export_gguf_refuses_phi3_with_scaled_rope_in_one_line(
     assert result.exit_code == 1
     text = " ".join(result.output.split())
     assert "Phi-3 with rope scaling 'longrope' is not supported" in text and "Traceback" not in result.output
+
+
+# llama.cpp itself reads the files where a Python with llama-cpp-python is named (it is built from source,
+# minutes of compiling, so not in the dev extra): CPTKIT_LLAMA_CPP_PYTHON=/path/to/python pytest -k llama_cpp
+_LLAMA_CPP_READ = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+
+path, texts = sys.argv[1], json.loads(sys.argv[2])
+llm = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False, n_threads=1)
+out = []
+for text in texts:
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    llm.reset()
+    llm.eval(ids)
+    out.append({"ids": ids, "logits": np.asarray(llm.scores[: len(ids)], dtype=np.float64).tolist()})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("CPTKIT_LLAMA_CPP_PYTHON"), reason="CPTKIT_LLAMA_CPP_PYTHON not set")
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_llama_cpp_reads_the_export_with_the_same_token_ids_and_logits(
+    family: str, tmp_path: Path, sentencepiece_tokenizer: Any, cli: Any
+) -> None:
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from cptkit.config import load_config
+    from cptkit.models import load_trained
+
+    model_dir, gguf_file, cfg = trained_and_exported(tmp_path, family, sentencepiece_tokenizer, cli)
+    config = load_config(cfg)
+    trained = load_trained(model_dir, config.output_dir, config.training, "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    python = os.environ["CPTKIT_LLAMA_CPP_PYTHON"]
+    proc = subprocess.run(
+        [python, "-c", _LLAMA_CPP_READ, str(gguf_file), json.dumps(TEXTS)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    worst = 0.0
+    for text, read in zip(TEXTS, json.loads(proc.stdout.strip().splitlines()[-1]), strict=True):
+        ids = tokenizer(text)["input_ids"]
+        assert read["ids"] == ids, text  # llama.cpp's SentencePiece tokenizer, from the scores written
+        difference = (torch.tensor(read["logits"]).float() - logits(trained, ids)).abs().max().item()
+        worst = max(worst, difference)
+    print(f"llama.cpp {family}: max |logit difference| {worst:.3g}")
+    assert worst < 1e-3
