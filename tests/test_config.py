@@ -183,3 +183,17 @@ def test_errors_show_bad_values_except_secrets() -> None:
     joined = "\n".join(info.value.problems)
     assert "model.tokenizer: Input should be a valid string (got 123)" in joined
     assert "databricks.token:" in joined and "987654321" not in joined
+
+
+def test_the_mistral_config_is_qlora_at_2048_with_the_seed_values() -> None:
+    cfg = load_config(REPO / "configs" / "mistral-7b.yaml")
+    assert cfg.model.name == "mistralai/Mistral-7B-v0.1"
+    assert cfg.training.method == "qlora"
+    assert cfg.training.max_seq_length == 2048
+    assert cfg.training.micro_batch_size == 1 and cfg.training.gradient_checkpointing is True
+    assert cfg.training.gradient_accumulation_steps == 16
+    # The seed's values, as in cpt_config.yaml.
+    assert cfg.training.learning_rate == 2.0e-5
+    assert cfg.training.num_epochs == 2
+    assert cfg.data.replay_ratio == 0.2
+    assert cfg.training.lora.r == 16 and cfg.training.lora.target_modules == "all-linear"

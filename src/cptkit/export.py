@@ -10,6 +10,7 @@ with the model in memory and with the trained model, so a broken export is caugh
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ GGUF_FILE = "model.gguf"
 MARKER = "cptkit_export.json"  # in every folder export writes; only such a folder is ever replaced
 # GGUF writing is done here because no maintained library converts a transformers model in memory: the
 # gguf package has the writer and the tensor-name tables, and llama.cpp's convert script is not
-# installable. It covers LlamaForCausalLM models with byte-level BPE tokenizers (Llama 3, SmolLM).
-_GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+# installable. It writes what llama.cpp's convert_hf_to_gguf.py writes for these architectures (Mistral
+# is llama.cpp's llama architecture), with byte-level BPE tokenizers (Llama 3, SmolLM, Qwen) or
+# SentencePiece-style BPE ones (Llama 2, Mistral, Phi-3).
+_GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Phi3ForCausalLM": "phi3"}
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def _export_gguf(
     # 16-bit GGUF weights are float16 (what llama.cpp computes with); norms stay float32.
     half = dtype_name != "float32"
     with atomic_dir(target) as tmp:
-        notes = _write_llama_gguf(model, tokenizer, base_dir, tmp / GGUF_FILE, half)
+        notes = _write_gguf(model, tokenizer, base_dir, tmp / GGUF_FILE, half, arch)
         write_json_atomic(tmp / MARKER, {"format": "gguf", "dtype": "float16" if half else "float32"})
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=GGUF_FILE, dtype=torch.float32)
         weight_diff = _weight_difference(reloaded, model, half=half)
@@ -149,29 +152,38 @@ def _logit_difference(reloaded: Any, tokenizer: Any, texts: list[str], trained: 
     return diff
 
 
-def _write_llama_gguf(model: Any, tokenizer: Any, base_dir: Path, path: Path, half: bool) -> list[str]:
+def _write_gguf(model: Any, tokenizer: Any, base_dir: Path, path: Path, half: bool, arch: str) -> list[str]:
     import gguf
     import numpy as np
 
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(Path(str(cfg.name_or_path)).name or "cptkit-model")
+    writer = gguf.GGUFWriter(str(path), arch)
+    name = Path(str(cfg.name_or_path)).name or "cptkit-model"
+    # transformers reads a llama-architecture file whose name is exactly "mistral" as a model type that
+    # gguf-py does not have, and fails to load it.
+    writer.add_name("Mistral" if name == "mistral" else name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
+    if head_dim * n_head != cfg.hidden_size:  # llama.cpp assumes hidden / heads unless told
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    rope_share = float(getattr(cfg, "partial_rotary_factor", None) or 1.0)
+    writer.add_rope_dimension_count(int(rope_share * head_dim))
     writer.add_rope_freq_base(float(_rope_theta(cfg)))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
-    notes = _add_tokenizer(writer, tokenizer, base_dir, cfg.vocab_size)
+    notes = _architecture_settings(writer, cfg, arch)
+    notes += _add_tokenizer(writer, tokenizer, base_dir, cfg.vocab_size, getattr(cfg, "pad_token_id", None))
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
     state = model.state_dict()
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     for name, tensor in state.items():
@@ -183,10 +195,11 @@ def _write_llama_gguf(model: Any, tokenizer: Any, base_dir: Path, path: Path, ha
         if gguf_name is None:
             raise CptkitError(f"export --format gguf: no GGUF name for tensor {name}")
         data = tensor.detach().float().cpu().numpy()
-        # llama.cpp's rotary embedding pairs adjacent dimensions; transformers pairs the two halves.
-        if name.endswith("q_proj.weight"):
+        # llama.cpp's llama architecture pairs adjacent dimensions in its rotary embedding; transformers
+        # pairs the two halves (as llama.cpp's phi3 does: its q, k and v are one fused matrix, as is).
+        if arch == "llama" and name.endswith("q_proj.weight"):
             data = _permute_for_rope(data, n_head, n_head)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             data = _permute_for_rope(data, n_head, n_kv)
         data = data.astype(np.float16 if half and data.ndim > 1 else np.float32)
         writer.add_tensor(gguf_name, data)
@@ -197,22 +210,50 @@ def _write_llama_gguf(model: Any, tokenizer: Any, base_dir: Path, path: Path, ha
     return notes
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, base_dir: Path, vocab_size: int) -> list[str]:
-    """A byte-level BPE tokenizer (GPT-2 style, as Llama 3, SmolLM and Qwen use) as GGUF metadata."""
+def _architecture_settings(writer: Any, cfg: Any, arch: str) -> list[str]:
+    """What one architecture needs beyond the shared keys, as llama.cpp's converter writes it."""
+    window = getattr(cfg, "sliding_window", None)
+    if arch == "phi3":
+        scaling = getattr(cfg, "rope_scaling", None) or {}
+        if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            # Phi-3's 128k models scale rotary frequencies per dimension (rope_factors tensors): not written here.
+            raise CptkitError(
+                f"export --format gguf: Phi-3 with rope scaling {scaling.get('rope_type', scaling.get('type'))!r} "
+                "is not supported by cptkit's GGUF writer; export --format hf and convert it with llama.cpp's "
+                "convert_hf_to_gguf.py"
+            )
+        original = getattr(cfg, "original_max_position_embeddings", None) or cfg.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_sliding_window(int(window or 0))  # llama.cpp's phi3 attends within it, as transformers does
+        return []
+    if window is not None and window < cfg.max_position_embeddings:
+        # As llama.cpp's converter does for Mistral: its llama architecture has no sliding window.
+        return [
+            f"llama.cpp's llama architecture attends to the whole context: beyond the model's sliding window of "
+            f"{window:,} tokens it computes differently from transformers (within it, the same)"
+        ]
+    return []
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, base_dir: Path, vocab_size: int, model_pad: int | None) -> list[str]:
+    """The tokenizer as GGUF metadata: byte-level BPE (GPT-2 style: Llama 3, SmolLM, Qwen) as llama.cpp's
+    "gpt2" model, SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Phi-3) as its "llama" model."""
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    model_data = json.loads(backend.to_str())["model"] if backend is not None else {}
-    pre = json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
-    byte_level = "ByteLevel" in json.dumps(pre)
-    if model_data.get("type") != "BPE" or model_data.get("byte_fallback") or not byte_level:
-        # SentencePiece-style BPE (Llama 2, TinyLlama) would need llama.cpp's "llama" tokenizer model.
+    data = json.loads(backend.to_str()) if backend is not None else {}
+    model_data = data.get("model") or {}
+    byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer"))
+    sentencepiece = bool(model_data.get("byte_fallback")) and not byte_level
+    if model_data.get("type") != "BPE" or not (byte_level or sentencepiece):
         raise CptkitError(
-            "export --format gguf: only byte-level BPE tokenizers (GPT-2 style: Llama 3, SmolLM, Qwen) are "
-            "supported; use --format hf and llama.cpp's convert_hf_to_gguf.py"
+            "export --format gguf: only BPE tokenizers, byte-level (GPT-2 style: Llama 3, SmolLM, Qwen) or "
+            "SentencePiece-style with byte fallback (Llama 2, Mistral, Phi-3), are supported; use --format hf "
+            "and llama.cpp's convert_hf_to_gguf.py"
         )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model_data.get("merges", [])]
     special = set(tokenizer.all_special_ids)
-    added = {tid for tid in tokenizer.added_tokens_decoder}
+    added = tokenizer.added_tokens_decoder
     tokens, types = [], []
     for tid in range(vocab_size):
         token = tokenizer.convert_ids_to_tokens(tid) if tid < len(tokenizer) else None
@@ -221,24 +262,37 @@ def _add_tokenizer(writer: Any, tokenizer: Any, base_dir: Path, vocab_size: int)
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(token)
-        if tid in special or (tid in added and tokenizer.added_tokens_decoder[tid].special):
+        if sentencepiece and tid == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif tid in special or (tid in added and added[tid].special):
             types.append(gguf.TokenType.CONTROL)
         elif tid in added:
             types.append(gguf.TokenType.USER_DEFINED)
+        elif sentencepiece and _BYTE_TOKEN.fullmatch(token):
+            types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model_data.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    pre, notes = _pre_tokenizer(base_dir)
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
+    notes: list[str] = []
+    if sentencepiece:
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_add_space_prefix(_prepends_space(data))
+        writer.add_token_list(tokens)
+        writer.add_token_scores(_merge_scores(tokens, merges))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        pre, notes = _pre_tokenizer(base_dir)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     special_ids = {
         writer.add_bos_token_id: tokenizer.bos_token_id,
         writer.add_eos_token_id: tokenizer.eos_token_id,
         writer.add_unk_token_id: tokenizer.unk_token_id,
-        writer.add_pad_token_id: tokenizer.pad_token_id,
+        # A model config's padding id where the tokenizer has none: readers that build the model from the
+        # file (transformers' Phi-3) otherwise take a default id that may lie outside the vocabulary.
+        writer.add_pad_token_id: tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_pad,
     }
     for add, tid in special_ids.items():
         if tid is not None:
@@ -248,6 +302,26 @@ def _add_tokenizer(writer: Any, tokenizer: Any, base_dir: Path, vocab_size: int)
     if isinstance(template, str):
         writer.add_chat_template(template)
     return notes
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores for llama.cpp's "llama" tokenizer, which merges the adjacent pair whose joined
+    piece scores highest: minus the rank of the first merge that makes each piece, so that it merges in
+    the order of the BPE merges; 0 for pieces no merge makes (characters, bytes, special tokens)."""
+    first: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, _, right = merge.partition(" ")
+        first.setdefault(left + right, rank)
+    return [-float(first[t]) if t in first else 0.0 for t in tokens]
+
+
+def _prepends_space(data: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts "▁" before the text (a Prepend normalizer, or Metaspace's prepend scheme)."""
+    text = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")])
+    return '"Prepend"' in text or '"prepend_scheme": "first"' in text or '"prepend_scheme": "always"' in text
 
 
 def _pre_tokenizer(base_dir: Path) -> tuple[str, list[str]]:

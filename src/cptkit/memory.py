@@ -54,9 +54,21 @@ def estimated_memory(
     checkpointing: bool = False,
     train_embeddings: bool = False,
 ) -> int:
-    """Bytes that training takes: frozen weights (4-bit for qlora; bf16 for adapter methods computing in
-    bf16, as models.load_base loads them; else fp32), the optimizer's fp32 state of what is trained,
-    activations and the loss. The same parts as models.describe, from the shape alone."""
+    """Bytes that training takes: the sum of `memory_parts`."""
+    return sum(memory_parts(shape, method, precision, tokens, checkpointing, train_embeddings).values())
+
+
+def memory_parts(
+    shape: ModelShape,
+    method: str,
+    precision: str,
+    tokens: int,
+    checkpointing: bool = False,
+    train_embeddings: bool = False,
+) -> dict[str, int]:
+    """Bytes of each part of training memory: frozen weights (4-bit for qlora; bf16 for adapter methods
+    computing in bf16, as models.load_base loads them; else fp32), the optimizer's fp32 state of what is
+    trained, activations and the loss. The same parts as models.describe, from the shape alone."""
     from cptkit.loss import loss_memory_bytes
 
     frozen_bytes = 2 if precision == "bf16" and method != "full" else 4
@@ -73,12 +85,12 @@ def estimated_memory(
         else:
             frozen = rest * frozen_bytes
     value_bytes = 2 if precision in ("bf16", "fp16") else 4
-    return (
-        round(frozen)
-        + trainable * OPTIMIZER_BYTES
-        + activation_bytes(tokens, shape.hidden_size, shape.layers, checkpointing, value_bytes)
-        + loss_memory_bytes(tokens, shape.vocab_size)
-    )
+    return {
+        "weights": round(frozen),
+        "optimizer": trainable * OPTIMIZER_BYTES,
+        "activations": activation_bytes(tokens, shape.hidden_size, shape.layers, checkpointing, value_bytes),
+        "loss": loss_memory_bytes(tokens, shape.vocab_size),
+    }
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -20,6 +20,7 @@ from cptkit.stage import StageResult
 if TYPE_CHECKING:
     from cptkit.evaluate import EvaluateResult
     from cptkit.preflight import Plan
+    from cptkit.preflight_shape import ShapePlan
     from cptkit.register import RegisterResult
     from cptkit.train import TrainResult
 
@@ -160,12 +161,15 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
     (result.skipped if skipped else result.ran).append(stage.value)
 
 
-def dry_run(config: Config) -> Plan:
-    """The preflight alone: counts from the source where the data is not prepared yet; writes nothing."""
+def dry_run(config: Config) -> Plan | ShapePlan:
+    """The preflight alone: counts from the source where the data is not prepared yet; writes nothing.
+    Where the model's weights are not here but its shape is known, the memory estimate from the shape,
+    with what could not be checked."""
     from cptkit.preflight import preflight
+    from cptkit.preflight_shape import shape_plan
 
     try:
-        return preflight(config, measure=True, dry_run=True)
+        return shape_plan(config) or preflight(config, measure=True, dry_run=True)
     except CptkitError as exc:
         raise StageFailed("preflight", exc) from exc
 

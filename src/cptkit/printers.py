@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from cptkit.evaluate import EvaluateResult
     from cptkit.export import ExportResult
     from cptkit.preflight import Plan
+    from cptkit.preflight_shape import ShapePlan
     from cptkit.register import RegisterResult
     from cptkit.train import TrainResult
 
@@ -182,13 +183,19 @@ def print_register(result: RegisterResult) -> None:
     out(f"register: load it with mlflow.transformers.load_model('{uri}') or serve it: cptkit serve -m '{uri}'")
 
 
-def print_preflight(plan: Plan) -> None:
+def _preflight_line(line: str, style: str | None = None) -> None:
+    console.print(f"preflight: {line}", style=style, highlight=False, markup=False, soft_wrap=True)
+
+
+def print_preflight(plan: Plan | ShapePlan) -> None:
     from cptkit.models import human_size
+    from cptkit.preflight_shape import ShapePlan
 
+    if isinstance(plan, ShapePlan):
+        print_shape_plan(plan)
+        return
     event("preflight", **plan.as_dict())
-
-    def out(line: str, style: str | None = None) -> None:
-        console.print(f"preflight: {line}", style=style, highlight=False, markup=False, soft_wrap=True)
+    out = _preflight_line
 
     for f in plan.datasets:
         if f.estimated:
@@ -248,6 +255,32 @@ def print_preflight(plan: Plan) -> None:
         f"estimated duration: {duration(e['total'])} (steps {duration(e['steps'])}, validation "
         f"{duration(e['validation'])}, loading {duration(e['load'])})"
     )
+
+
+def print_shape_plan(plan: ShapePlan) -> None:
+    """The dry run without the model's weights: its shape, the memory estimate by part, what went unchecked."""
+    from cptkit.models import human_size
+
+    event("preflight_shape", **plan.as_dict())
+    out = _preflight_line
+    s = plan.shape
+    out(f"model: {plan.model}: weights not here; shape from {plan.shape_from}")
+    out(
+        f"shape: {s.params:,} parameters, {s.layers} layers of {s.hidden_size:,}, vocabulary {s.vocab_size:,}; "
+        f"{s.quantizable_params:,} in linear layers, {s.embedding_params:,} in the embeddings"
+    )
+    for line in plan.checked:
+        out(f"checked: {line}")
+    parts = ", ".join(f"{name} {human_size(size)}" for name, size in plan.memory.items())
+    checkpointing = "on" if plan.gradient_checkpointing else "off"
+    out(
+        f"memory estimated from the shape ({plan.method}, {plan.precision}, {plan.tokens_per_micro_batch:,} tokens "
+        f"per micro batch, gradient checkpointing {checkpointing}): {human_size(plan.memory_bytes)} ({parts})"
+    )
+    others = ", ".join(f"{m} {human_size(b)}" for m, b in plan.other_methods.items())
+    out(f"for comparison, the same run with method {others}")
+    for line in plan.unchecked:
+        out(f"not checked: {line}", "yellow")
 
 
 def print_doctor(result: Diagnosis) -> None:

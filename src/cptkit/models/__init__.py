@@ -23,6 +23,7 @@ from cptkit.models.for_training import (
     load_base,
     load_for_training,
     model_shape,
+    shape_of,
     uses_bf16,
 )
 from cptkit.models.resolve import gguf_cache_path, resolve_model
@@ -47,5 +48,6 @@ __all__ = [
     "model_shape",
     "resolve_model",
     "save_trained",
+    "shape_of",
     "uses_bf16",
 ]

@@ -288,13 +288,23 @@ def describe(model: torch.nn.Module, training: TrainingConfig, device: torch.dev
 def model_shape(model_dir: Path, training: TrainingConfig) -> ModelShape:
     """The parameter counts and sizes of the model in `model_dir`, read from its config: the model is
     built on the meta device (no weights, no memory), so this takes well under a second even for 7B."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     with load_errors(model_dir):
         config = AutoConfig.from_pretrained(str(model_dir))
+    return shape_of(config, training)
+
+
+def shape_of(config: Any, training: TrainingConfig) -> ModelShape:
+    """The shape of the model a transformers config describes, for `training.lora`'s adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    except (ValueError, KeyError) as exc:
+        raise CptkitError(f"cannot build the model its config describes: {first_line(exc)}") from None
     output = model.get_output_embeddings()
     head = output.weight if output is not None else None
     embeddings = {id(p): p.numel() for p in (model.get_input_embeddings().weight, head) if p is not None}
