@@ -59,7 +59,9 @@ class ResultSpill:
         """(id and metadata columns, results without step counts) per batch, in the order written."""
         if self._writer is None:
             return
-        with pa.memory_map(str(self.path)) as source:
+        # Read into buffers, not memory-mapped: every mapped page read would stay resident until the end
+        # of the pass, and the process's memory would grow with the size of the corpus.
+        with pa.OSFile(str(self.path)) as source:
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):
                 batch = reader.get_batch(i)
