@@ -46,3 +46,27 @@ def test_reading_the_spill_back_does_not_hold_the_file_in_memory(tmp_path: Path)
         peak = max(peak, _rss_bytes())
     assert seen == batches * docs
     assert peak - before < size / 4, f"RSS grew by {(peak - before) / 1e6:.0f} MB reading a {size / 1e6:.0f} MB spill"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmRSS from /proc")
+def test_a_document_kept_from_each_batch_does_not_keep_its_batch(tmp_path: Path) -> None:
+    # The prepared-files writer holds documents until it has a batch of their split; val documents (a
+    # few per batch) are held across many batches. Each held document must cost its own tokens only.
+    rng = np.random.default_rng(1)
+    spill = ResultSpill(tmp_path / "results.arrow")
+    batches, docs, tokens = 96, 128, 2048  # 1 MB of tokens a batch
+    for b in range(batches):
+        ids = pa.record_batch([pa.array([f"doc-{b}-{i}" for i in range(docs)])], names=["id"])
+        results = [
+            DocResult("keep", None, "text", tokens=rng.integers(0, 50_000, tokens, dtype=np.int32)) for _ in range(docs)
+        ]
+        spill.write(ids, results)
+    spill.close()
+
+    held = []
+    before = _rss_bytes()
+    for _, results in spill.read():
+        held.append(results[0])  # like one val document per batch
+    grown = _rss_bytes() - before
+    assert len(held) == batches
+    assert grown < 24_000_000, f"holding {batches} documents grew RSS by {grown / 1e6:.0f} MB"
