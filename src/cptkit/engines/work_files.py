@@ -59,7 +59,9 @@ class ResultSpill:
         """(id and metadata columns, results without step counts) per batch, in the order written."""
         if self._writer is None:
             return
-        with pa.memory_map(str(self.path)) as source:
+        # Read into buffers, not memory-mapped: every mapped page read would stay resident until the end
+        # of the pass, and the process's memory would grow with the size of the corpus.
+        with pa.OSFile(str(self.path)) as source:
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):
                 batch = reader.get_batch(i)
@@ -74,12 +76,14 @@ def _results(batch: pa.RecordBatch) -> list[DocResult]:
     statuses = batch.column(_STATUS).to_pylist()
     reasons = batch.column(_REASON).to_pylist()
     texts = batch.column(_TEXT).to_pylist()
+    # Each document's tokens copied out of the batch: the writer holds documents until it has a batch
+    # of their split (val fills slowly), and a view would keep the whole batch's buffer alive with it.
     return [
         DocResult(
             cast(Status, statuses[i]),
             reasons[i],
             texts[i],
-            tokens=values[offsets[i] : offsets[i + 1]] if present[i] else None,
+            tokens=values[offsets[i] : offsets[i + 1]].copy() if present[i] else None,
         )
         for i in range(len(batch))
     ]
