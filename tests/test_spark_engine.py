@@ -237,3 +237,11 @@ def test_the_engine_does_not_change_the_fingerprint() -> None:
     local = load_config(None, [])
     spark = load_config(None, ["prepare.engine=spark", "prepare.spark.master=local[4]"])
     assert prepare_fingerprint(local, None) == prepare_fingerprint(spark, None)
+
+
+@needs_spark
+def test_the_session_cptkit_starts_has_the_configured_driver_memory(spark: Any) -> None:
+    # Spark's default 1g heap ran out at 100 MB of text (benchmarks/prepare_throughput.py); cptkit asks for
+    # prepare.spark.driver_memory (4g), and the JVM really has it, not only the setting.
+    assert spark.sparkContext.getConf().get("spark.driver.memory") == "4g"
+    assert spark.sparkContext._jvm.java.lang.Runtime.getRuntime().maxMemory() > 3 * 2**30

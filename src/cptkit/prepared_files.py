@@ -181,7 +181,10 @@ class PreparedWriter:
                 else:
                     self._write_line(TRAIN if train else VAL, {"id": doc_id, "text": r.text, **meta})
                 if r.tokens is not None:
-                    self.shards[TRAIN_TOKENS if train else VAL_TOKENS].add(doc_id, r.tokens)
+                    # A copy: a view would keep the engine's whole batch alive until the shard's rows are
+                    # written (up to 1,024 documents, ~20 batches apart for the validation split).
+                    tokens = np.array(r.tokens, dtype=np.int32)
+                    self.shards[TRAIN_TOKENS if train else VAL_TOKENS].add(doc_id, tokens)
 
     def _write_line(self, name: str, record: dict[str, Any]) -> None:
         self.files[name].write(json.dumps(record, ensure_ascii=False, default=str) + "\n")

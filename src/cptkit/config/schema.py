@@ -211,6 +211,12 @@ class SparkConfig(Section):
     otherwise cptkit starts one with this master."""
 
     master: str = Field("local[2]", description="Spark master of the session cptkit starts, e.g. local[4].")
+    driver_memory: str = Field(
+        "4g",
+        pattern=r"^[0-9]+[kmgt]?$",
+        description="spark.driver.memory of the session cptkit starts (in local mode the driver runs the "
+        "tasks too; Spark's default 1g ran out at 100 MB of text).",
+    )
     remote: Literal["databricks"] | None = Field(
         None,
         description="databricks: a Databricks Connect session (pip install 'cptkit[databricks-connect]'), "

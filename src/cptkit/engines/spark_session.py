@@ -51,6 +51,7 @@ def session(config: SparkConfig, connection: DatabricksConnection | None = None)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = cast(Any, SparkSession.builder).master(config.master).appName("cptkit-prepare")
     builder = builder.config("spark.ui.showConsoleProgress", "false").config("spark.ui.enabled", "false")
+    builder = builder.config("spark.driver.memory", config.driver_memory)
     if not os.environ.get(DEBUG_ENV):
         # The driver JVM is not started yet: spark-submit passes this to it, so even Spark's start-up
         # lines (before setLogLevel could act) follow our errors-only configuration.
