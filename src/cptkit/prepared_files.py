@@ -74,7 +74,9 @@ def describe_shards(directory: Path) -> dict[str, list[dict[str, Any]]]:
             entry: dict[str, Any] = {"file": f"{folder}/{path.name}", "documents": parquet.metadata.num_rows}
             if "input_ids" in parquet.schema_arrow.names:
                 tokens, max_id = 0, -1
-                for batch in parquet.iter_batches(columns=["input_ids"]):
+                # Row group by row group: Arrow's default batch (65,536 documents) held a whole shard
+                # (the manifest step's peak RSS rose from 441 to 956 MB at 200 MB of text).
+                for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=["input_ids"]):
                     values = np.asarray(batch.column(0).flatten(), dtype=np.int32)
                     tokens += len(values)
                     max_id = max(max_id, int(values.max()) if len(values) else -1)

@@ -57,7 +57,8 @@ def _flatten(folder: Path, shards: list[dict[str, Any]], out: Path) -> None:
             path = folder.parent / shard["file"]
             if not path.is_file():
                 raise StageError(f"{path}: a token shard the manifest lists is missing; rerun `cptkit prepare`")
-            for batch in pq.ParquetFile(path).iter_batches(columns=["input_ids"]):
+            # A row group at a time (Arrow's default batch of 65,536 documents would hold most of a shard).
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["input_ids"]):
                 column = batch.column(0)
                 np.asarray(column.flatten(), dtype=np.int32).tofile(values)
                 ends = column.offsets.to_numpy().astype(np.int64)
