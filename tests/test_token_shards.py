@@ -111,3 +111,30 @@ def test_a_missing_shard_is_one_line_naming_it(tmp_path: Path, tiny_model_dir: P
     done = cli("train", "-c", str(cfg))
     assert done.exit_code != 0
     assert "part-00002.parquet" in done.output and "Traceback" not in done.output
+
+
+def test_a_copy_another_process_finished_first_is_used(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every process of a multi-process run makes the flat copy at once: the one that renames first wins
+    and the others use it (a rename onto it failed with 'Directory not empty' in a two-process run)."""
+    import os
+
+    import cptkit.train_data as train_data
+    from cptkit.config import load_config
+
+    cfg = prepared_run(tmp_path, tiny_model_dir, TRAINING, prepare={"shard_documents": 5})
+    folder = Path("data/train_tokens").resolve()
+    shards = manifest(Path("data"))["shards"]["train_tokens"]
+    real_rename = os.rename
+
+    def other_process_first(src: Any, dst: Any) -> None:
+        monkeypatch.setattr(train_data.os, "rename", real_rename)
+        train_data.read_tokens(folder, shards)  # the other process's copy lands just before ours
+        real_rename(src, dst)  # raises: the folder is there, not empty
+
+    monkeypatch.setattr(train_data.os, "rename", other_process_first)
+    data = train_data.load_train_data(load_config(cfg))
+    expected = [r["input_ids"] for r in shard_rows(Path("data/train_tokens"))]
+    assert [data.domain_train.doc(i).tolist() for i in range(len(data.domain_train))] == expected
+    assert not list((tmp_path / ".cache" / "tokens").glob(".*.tmp"))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from cptkit.artifacts import MANIFEST, atomic_dir, read_json
+from cptkit.artifacts import MANIFEST, read_json
 from cptkit.config import Config, TrainingConfig, section_fingerprint
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import ConfigError, StageError
@@ -41,12 +44,28 @@ def read_tokens(folder: Path, shards: list[dict[str, Any]]) -> TokenDocs:
     key = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:32]
     cached = cache_dir() / "tokens" / key
     if not (cached / _OFFSETS).is_file():
-        with atomic_dir(cached) as tmp:
-            _flatten(folder, shards, tmp)
+        _copy_once(folder, shards, cached)
     return TokenDocs(np.memmap(cached / _VALUES, dtype=np.int32, mode="r"), np.load(cached / _OFFSETS))
 
 
 _VALUES, _OFFSETS = "values.int32", "offsets.npy"
+
+
+def _copy_once(folder: Path, shards: list[dict[str, Any]], cached: Path) -> None:
+    """Write the flat copy under a temporary name and rename it into place. Every process of a
+    multi-process run (or two runs at once) may be making the same copy: whoever renames first wins, and
+    the others, finding it complete, drop their own."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cached.parent))
+    try:
+        _flatten(folder, shards, tmp)
+        try:
+            os.rename(tmp, cached)
+        except OSError:
+            if not (cached / _OFFSETS).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _flatten(folder: Path, shards: list[dict[str, Any]], out: Path) -> None:
