@@ -66,6 +66,7 @@ class RunResult:
     skipped: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     registered: RegisterResult | None = None
+    nothing_new: str | None = None  # an update found nothing new to learn: the later stages did not run
 
 
 def select(first: Stage | None, last: Stage | None) -> list[Stage]:
@@ -98,6 +99,8 @@ def run_pipeline(
     try:
         for stage in stages:
             _run_stage(stage, config, report, result, options)
+            if result.nothing_new is not None:
+                break  # an update with nothing new: nothing to evaluate or register, and the run succeeds
     finally:
         if result.timings:
             result.timings["total"] = time.perf_counter() - started
@@ -129,7 +132,14 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
             from cptkit.preflight import preflight
             from cptkit.tracking import check_tracking
             from cptkit.train import train
+            from cptkit.updates import nothing_new
 
+            why = nothing_new(config)  # an update with nothing new to learn: no preflight, no training
+            if why is not None:
+                console.print(f"train: {why}", highlight=False)
+                result.nothing_new = why
+                result.skipped.append(stage.value)
+                return
             if options.preflight:
                 name = "preflight"
                 check_tracking(config.tracking)  # before the preflight measures: an unusable store fails in seconds
@@ -137,7 +147,8 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
                 report.preflight(preflight(config))
                 result.timings["preflight"] = time.perf_counter() - started
             name = "train"
-            skipped = _timed(result, "train", report.train, lambda: train(config, force=force)).skipped
+            trained = _timed(result, "train", report.train, lambda: train(config, force=force))
+            skipped, result.nothing_new = trained.skipped, trained.nothing_new
         elif stage is Stage.evaluate:
             from cptkit.evaluate import evaluate
 

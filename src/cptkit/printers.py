@@ -104,6 +104,8 @@ def print_train(result: TrainResult) -> None:
             s, "steps", "tokens", "replay_share", "tokens_per_second", "final_loss", "final_eval", "peak_memory_bytes"
         ),
     )
+    if result.nothing_new is not None:
+        return  # train said so already
     if result.skipped:
         console.print(f"train: up to date, skipped ({result.directory}/manifest.json matches)")
         return

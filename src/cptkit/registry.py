@@ -198,6 +198,27 @@ class Registry:
         with self._errors(f"describe {name} version {version}"):
             self.client.update_model_version(name, version, description=description)
 
+    def log_folder(self, run_id: str, folder: Path, artifact_path: str) -> str:
+        """Log the files of `folder` to run `run_id` under `artifact_path`; their runs:/ URI."""
+        with self._errors(f"log {folder.name} to run {run_id}"):
+            self.client.log_artifacts(run_id, str(folder), artifact_path)
+        return f"runs:/{run_id}/{artifact_path}"
+
+    def download(self, artifact_uri: str, destination: Path) -> Path:
+        """The files at `artifact_uri` (runs:/...), downloaded under `destination`."""
+        import mlflow
+
+        destination.mkdir(parents=True, exist_ok=True)
+        with self._errors(f"download {artifact_uri}"), self._bound():
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(destination)))
+
+    def versions(self, name: str) -> list[tuple[str, dict[str, str], list[str]]]:
+        """Every version of `name` as (version, tags, aliases), oldest first; empty when it is not registered."""
+        with self._errors(f"list the versions of {name}"):
+            found = self.client.search_model_versions("name = '" + name.replace("'", "''") + "'")
+        rows = [(str(v.version), dict(v.tags or {}), list(getattr(v, "aliases", None) or [])) for v in found]
+        return sorted(rows, key=lambda row: int(row[0]))
+
     # ------------------------------------------------------------ loading back
 
     def load_components(self, model_uri: str) -> tuple[Any, Any]:

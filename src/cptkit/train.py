@@ -40,7 +40,7 @@ from cptkit.checkpoints import (
     save_checkpoint,
 )
 from cptkit.choices import TrainingChoices
-from cptkit.config import Config, TrainingConfig, masked_dict
+from cptkit.config import Config, TrainingConfig, masked_dict, section_fingerprint
 from cptkit.distributed import launched_as_group, process_rank
 from cptkit.errors import StageError
 from cptkit.folders import claim
@@ -65,6 +65,7 @@ CHECKPOINTS = "checkpoints"
 @dataclass(frozen=True)
 class TrainResult(StageResult):
     summary: TrainingSummary | None = None
+    nothing_new: str | None = None  # an update with nothing new to learn: why (nothing was trained)
 
 
 def train(
@@ -85,13 +86,22 @@ def train(
 
 
 def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker]) -> TrainResult:
-    data = load_train_data(config)
+    from cptkit.updates import NothingNew, plan
+
+    try:
+        update = plan(config, load_train_data(config))  # the start model and the update's data (updates.py)
+    except NothingNew as nothing:
+        console.print(f"train: {nothing}", highlight=False)
+        return TrainResult({}, config.output_dir, skipped=True, nothing_new=str(nothing))
+    config, data = update.config, update.data
     out = config.output_dir
     fingerprint = train_fingerprint(config, data)
+    if update.start is not None:
+        fingerprint = section_fingerprint(fingerprint, update.start.identity)
     existing = up_to_date(out, fingerprint, fingerprint)
     if existing is not None and not force:
         return TrainResult(existing, out, skipped=True, summary=TrainingSummary.read(out / SUMMARY))
-    run = _set_up(config, data, fingerprint, force, tracker_factory)
+    run = _set_up(config, data, fingerprint, force, tracker_factory, update)
     try:
         _loop(run)
     except Exception:
@@ -124,6 +134,7 @@ class _Run:
     trainable: dict[str, Any]  # name -> the trainable parameter
     tracker: Tracker | None
     ckpt_root: Path
+    update: Any = None  # updates.Update: the start model and what the data records
     started: float = 0.0  # when the loop's time started counting (the base model's validation included)
     seconds_before: float = 0.0  # train seconds of the run's earlier part (a resumed run)
 
@@ -176,7 +187,12 @@ def _from_main(accelerator: Any, value: Any) -> Any:
 
 
 def _set_up(
-    config: Config, data: TrainData, fingerprint: str, force: bool, tracker_factory: Callable[..., Tracker]
+    config: Config,
+    data: TrainData,
+    fingerprint: str,
+    force: bool,
+    tracker_factory: Callable[..., Tracker],
+    update: Any = None,
 ) -> _Run:
     """Choices, checkpoints, model, optimizer and schedule, data stream, tracking: a run ready to loop
     (resumed where a checkpoint of the same configuration is)."""
@@ -203,6 +219,11 @@ def _set_up(
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, plan["total"], tc))
 
     setup, scheduler = set_up(model_dir, tc, choices, schedule)
+    if update is not None and update.start is not None:
+        from cptkit.start_model import load_start
+
+        load_start(setup.loaded.model, update.start)  # a resumed run's checkpoint then replaces it
+        console.print(f"train: starting from {update.start.spec} ({update.start.folder})", highlight=False)
     accelerator = setup.accelerator
     cap_steps = plan["total"]
     trainable = {n: p for n, p in setup.loaded.model.named_parameters() if p.requires_grad}
@@ -261,6 +282,7 @@ def _set_up(
         trainable=trainable,
         tracker=tracker,
         ckpt_root=ckpt_root,
+        update=update,
     )
 
 
@@ -401,6 +423,7 @@ def _write_trained(run: _Run, config: Config, fingerprint: str, summary: Trainin
                 run.model_dir,
                 summary,
                 fingerprint,
+                run.update,
             )
     except BaseException:  # the run has no model: its MLflow run must not stay RUNNING
         if run.tracker is not None:
@@ -557,7 +580,9 @@ def _named_choices(choices: TrainingChoices) -> list[tuple[str, Any]]:
     return [("device", choices.device), ("precision", choices.precision), ("method", choices.method)]
 
 
-def _write_outputs(config: Config, model: Any, model_dir: Path, summary: TrainingSummary, fingerprint: str) -> None:
+def _write_outputs(
+    config: Config, model: Any, model_dir: Path, summary: TrainingSummary, fingerprint: str, update: Any = None
+) -> None:
     from transformers import AutoTokenizer
 
     from cptkit.models import save_trained
@@ -577,6 +602,10 @@ def _write_outputs(config: Config, model: Any, model_dir: Path, summary: Trainin
         names.append(item.name)
     shutil.rmtree(staging, ignore_errors=True)
     write_json_atomic(out / SUMMARY, summary.to_json())
+    if update is not None:
+        from cptkit.updates import write_records
+
+        write_records(out, update, config, summary.tokens)
     manifest = new_manifest("train", fingerprint, fingerprint)
     manifest.update(
         outputs={n: {"bytes": (out / n).stat().st_size} for n in [*names, SUMMARY] if (out / n).is_file()},

@@ -102,6 +102,12 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, gt=0, description="Steps between checkpoints.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (the newest).")
     logging_steps: int = Field(1, gt=0, description="Steps between logged training metrics.")
+    init_from: str | None = Field(
+        None,
+        description="Start from a trained model instead of the bare base: a cptkit output folder, "
+        "models:/name@alias or models:/name/version. Its adapter (or full weights, trained embeddings) is "
+        "loaded on the same base with the same method; the schedule warms up and decays again (docs/updates.md).",
+    )
 
     @property
     def embedding_rate(self) -> float:
@@ -275,6 +281,13 @@ class DataConfig(Section):
         description="General text for replay, any source type, prepared like the domain data; its validation "
         "split is the held-out general set of the forgetting monitor.",
     )
+    domain_replay_ratio: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Updates (training.init_from with source mode watermark or cdf): share of training tokens "
+        "drawn from the domain documents the start model already learned, so that it keeps them.",
+    )
 
     def replay_problem(self) -> str | None:
         """Why this section cannot be trained from, or None. Not a validator: extract and prepare of the
@@ -434,6 +447,12 @@ class EvaluateConfig(Section):
     max_forgetting: float | None = Field(
         0.05,
         description="Verdict: no held-out set's perplexity may rise by more than this share; null disables it.",
+    )
+    max_earlier_domain_regression: float = Field(
+        0.02,
+        ge=0,
+        description="Update gate: how much higher (as a share) the candidate's bits per byte on the earlier domain "
+        "held-out text may be than the champion's.",
     )
     max_drift_kl: float | None = Field(
         None, ge=0, description="Verdict: highest mean KL(base || adapted) on the general set, in nats; null disables."

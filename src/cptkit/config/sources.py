@@ -54,6 +54,25 @@ class DeltaSourceConfig(SourceBase):
     storage_options: dict[str, SecretStr] = Field(
         default_factory=dict, description="Options passed to deltalake (credentials are masked)."
     )
+    mode: Literal["full", "watermark", "cdf"] = Field(
+        "full",
+        description="full: the whole table each run; watermark: rows newer than the last run by watermark_column "
+        "(ties by id), merged by id; cdf: the Delta change data feed since the last run's version (deletes remove).",
+    )
+    watermark_column: str | None = Field(None, description="watermark mode: a column that grows with each change.")
+
+    @model_validator(mode="after")
+    def _incremental(self) -> DeltaSourceConfig:
+        problems: list[str] = []
+        if self.mode == "watermark" and not self.watermark_column:
+            problems.append("mode watermark needs watermark_column")
+        if self.mode != "full" and not self.id_column:
+            problems.append(f"mode {self.mode} needs id_column (changed rows replace documents by id)")
+        if self.mode != "full" and self.version is not None:
+            problems.append("version pins a full read; incremental modes follow the table")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class FilesSourceConfig(SourceBase):

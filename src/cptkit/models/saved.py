@@ -88,6 +88,55 @@ def load_trained(
     return model
 
 
+def load_trained_weights(model: Any, trained_dir: Path) -> None:
+    """Copy what `save_trained` saved in `trained_dir` into `model`, a model built for training the same
+    way (an update's starting point): the adapters and trained embeddings of a peft model, or every weight
+    of a fully trained one. Weights that do not fit are an error, never silently skipped."""
+    import torch
+    from safetensors.torch import load_file
+
+    inner = _unwrap(model)
+    if is_peft(inner):
+        from peft import set_peft_model_state_dict
+
+        weights = trained_dir / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise CptkitError(f"{trained_dir}: no adapter weights (adapter_model.safetensors) to start from")
+        check_adapter_files(trained_dir)
+        try:
+            result = set_peft_model_state_dict(inner, load_file(str(weights)))
+        except RuntimeError as exc:  # a shape mismatch
+            raise CptkitError(
+                f"{trained_dir}: its adapter does not fit this model ({str(exc).splitlines()[0]})"
+            ) from None
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise CptkitError(f"{trained_dir}: its adapter has weights this model lacks: {unexpected[:3]}")
+        with torch.no_grad():
+            trained = embedding_params(inner)[0].requires_grad
+            _load_embeddings(inner, trained_dir / EMBEDDINGS_FILE)
+            for param in embedding_params(inner):  # replaced data keeps the Parameter, and its trainability
+                param.requires_grad_(trained)
+        return
+    files = sorted(trained_dir.glob("*.safetensors"))
+    if not files:
+        raise CptkitError(f"{trained_dir}: no full model weights (*.safetensors) to start from")
+    state: dict[str, Any] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    with torch.no_grad():
+        result = inner.load_state_dict(state, strict=False)
+    tied = {name for name, _ in inner.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in inner.named_parameters()
+    }
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CptkitError(
+            f"{trained_dir}: its weights do not match this model (missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]})"
+        )
+
+
 def _dequantized(model: Any, dtype: torch.dtype) -> Any:
     """A 4-bit model turned back into float weights: each weight is its NF4 value times its scale, so the
     float model computes what the 4-bit one does, without bitsandbytes."""

@@ -46,6 +46,10 @@ def open_source(
     if isinstance(config, CsvSourceConfig):
         return CsvSource(config)
     if isinstance(config, DeltaSourceConfig):
+        if config.mode != "full":
+            from cptkit.sources.delta_incremental import IncrementalDeltaSource
+
+            return IncrementalDeltaSource(config)
         return DeltaSource(config)
     if isinstance(config, DatabricksSourceConfig):
         from cptkit.sources.databricks import DatabricksSource

@@ -1,0 +1,208 @@
+"""Continual updates on a tiny model: v1 trained on batch A of a local Delta table, batch B added as a new
+table version; the update starts from v1, learns only what changed (plus replay), and its lineage and
+the gate say what happened."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from conftest import make_doc, write_config, write_jsonl
+
+TRAINING: dict[str, Any] = {
+    "method": "lora",
+    "learning_rate": 2e-3,
+    "num_epochs": 1,
+    "max_seq_length": 64,
+    "micro_batch_size": 4,
+    "eval_steps": 50,
+    "warmup_steps": 1,
+    "precision": "fp32",
+    "eval_max_sequences": 4,
+}
+
+
+def write_table(path: Path, rows: list[tuple[str, str]], mode: str = "append") -> None:
+    from deltalake import write_deltalake
+
+    table = pa.table({"id": [r[0] for r in rows], "text": [r[1] for r in rows]})
+    write_deltalake(
+        str(path),
+        table,
+        mode=mode,  # type: ignore[arg-type]
+        configuration={"delta.enableChangeDataFeed": "true"} if not path.exists() else None,
+    )
+
+
+BATCH_A = [(f"d{i:02d}", make_doc(i)) for i in range(30)]
+BATCH_B = [(f"e{i:02d}", make_doc(500 + i)) for i in range(12)]
+
+
+def update_config(tmp_path: Path, model_dir: Path, output: str, **training: Any) -> Path:
+    write_jsonl(tmp_path / "general.jsonl", [{"id": f"g{i}", "text": make_doc(1000 + i)} for i in range(16)])
+    return write_config(
+        tmp_path / f"{output}.yaml",
+        {
+            "model": {"name": str(model_dir)},
+            "source": {"type": "delta", "path": str(tmp_path / "table"), "id_column": "id", "mode": "cdf"},
+            "data": {
+                "output_dir": "data",
+                "replay_ratio": 0.2,
+                "domain_replay_ratio": 0.2,
+                "replay": {"type": "jsonl", "path": "general.jsonl", "id_column": "id"},
+            },
+            "prepare": {"split": {"val_ratio": 0.25}, "workers": 1},
+            "output_dir": f"outputs/{output}",
+            "training": {**TRAINING, **training},
+            "tracking": {"enabled": False},
+        },
+    )
+
+
+def extract_prepare_train(cfg: Path) -> Any:
+    from cptkit.config import load_config
+    from cptkit.datasets import datasets
+    from cptkit.extract import extract
+    from cptkit.prepare import prepare
+    from cptkit.train import train
+
+    config = load_config(cfg)
+    for dataset in datasets(config):
+        extract(dataset)
+        prepare(config, dataset)
+    return train(config)
+
+
+def lineage_of(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "lineage.json").read_text())
+
+
+def test_update_learns_only_the_new_batch_and_then_has_nothing_new(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any
+) -> None:
+    from deltalake import DeltaTable
+
+    table = tmp_path / "table"
+    write_table(table, BATCH_A)
+    v1 = extract_prepare_train(update_config(tmp_path, tiny_model_dir, "v1"))
+    assert v1.summary is not None and v1.summary.steps > 0
+    v1_dir = tmp_path / "outputs/v1"
+    first = lineage_of(v1_dir)
+    assert first["parent"] is None and first["data"]["domain"]["delta_version"] == 0
+    assert first["cumulative_tokens"] == v1.summary.tokens
+
+    # Batch B as a new table version, with a copy of an A document whose id sorts first (prepare keeps
+    # it, drops the A original) and the deletion of another A document.
+    copy = ("c-copy-of-d05", make_doc(5))
+    write_table(table, [*BATCH_B, copy])
+    DeltaTable(str(table)).delete("id = 'd07'")
+
+    cfg2 = update_config(tmp_path, tiny_model_dir, "v2", init_from=str(v1_dir))
+    v2 = extract_prepare_train(cfg2)
+    assert v2.summary is not None and v2.summary.steps > 0
+    record = lineage_of(tmp_path / "outputs/v2")
+    docs = record["documents"]
+    assert record["parent"]["init_from"] == str(v1_dir)
+    assert record["data"]["domain"]["delta_version"] == 2 and record["data"]["domain"]["mode"] == "cdf"
+    assert sorted(docs["new_ids"]) == [doc_id for doc_id, _ in BATCH_B]
+    assert docs["duplicate_of_trained_ids"] == ["c-copy-of-d05"]
+    assert docs["deleted_ids"] == ["d07"]
+    assert record["replay_tokens"]["domain"] > 0 and record["replay_tokens"]["general"] > 0
+    assert record["cumulative_tokens"] == v1.summary.tokens + v2.summary.tokens
+    # Only the new text (plus the replay) is trained on: far fewer tokens than v1's whole corpus.
+    assert v2.summary.tokens < v1.summary.tokens
+
+    import pyarrow.parquet as pq
+
+    learned = set(pq.read_table(tmp_path / "outputs/v2/learned_documents.parquet").column("id").to_pylist())
+    assert "d07" not in learned and "c-copy-of-d05" in learned and {d for d, _ in BATCH_B} <= learned
+    new_val = (tmp_path / "outputs/v2/update/new_val.jsonl").read_text().splitlines()
+    assert new_val and all(json.loads(line)["id"].startswith("e") for line in new_val)
+
+    # No new rows since v2: the scheduled run trains nothing, says so and succeeds.
+    cfg3 = update_config(tmp_path, tiny_model_dir, "v3", init_from=str(tmp_path / "outputs/v2"))
+    result = cli("run", "-c", str(cfg3))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "nothing new to learn since" in text and "nothing trained" in text
+    assert "preflight" not in text and not (tmp_path / "outputs/v3").exists()
+
+
+def test_update_from_a_folder_scores_like_its_start_before_the_first_step(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from conftest import prepared_run
+    from cptkit.config import load_config
+    from cptkit.train import train
+
+    cfg = prepared_run(tmp_path, tiny_model_dir, {**TRAINING, "embeddings": "train"}, domain_docs=24)
+    v1 = train(load_config(cfg, ["tracking.enabled=false"]))
+    assert v1.summary is not None
+    v2 = train(
+        load_config(
+            cfg,
+            [
+                "tracking.enabled=false",
+                "output_dir=outputs/v2",
+                "training.init_from=outputs/cpt_model",
+                "training.max_steps=2",
+            ],
+        )
+    )
+    assert v2.summary is not None
+    # The update's step-0 validation is v1's model on v1's validation data: the same numbers, exactly.
+    assert v2.summary.evals[0]["eval/domain_loss"] == v1.summary.evals[-1]["eval/domain_loss"]
+    assert v2.summary.evals[0]["eval/general_loss"] == v1.summary.evals[-1]["eval/general_loss"]
+    # The schedule warms up again from the start model.
+    assert v2.summary.learning_rates[0] < v2.summary.learning_rates[1] or TRAINING["warmup_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("training.method=full", "was trained with method lora, and training.method is full"),
+        ("training.lora.r=4", "has adapters r=16"),
+    ],
+)
+def test_a_start_of_another_method_is_one_config_error(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any, setting: str, message: str
+) -> None:
+    from conftest import prepared_run
+
+    cfg = prepared_run(tmp_path, tiny_model_dir, {**TRAINING, "max_steps": 1}, domain_docs=16)
+    assert cli("train", "-c", str(cfg), "--set", "tracking.enabled=false").exit_code == 0
+    result = cli(
+        "train",
+        "-c",
+        str(cfg),
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "output_dir=outputs/v2",
+        "--set",
+        "training.init_from=outputs/cpt_model",
+        "--set",
+        setting,
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if "error" in line]
+    assert len(lines) == 1 and message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_start_on_another_base_is_one_config_error(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    from conftest import prepared_run
+
+    cfg = prepared_run(tmp_path, tiny_model_dir, {**TRAINING, "max_steps": 1}, domain_docs=16)
+    assert cli("train", "-c", str(cfg), "--set", "tracking.enabled=false").exit_code == 0
+    saved = tmp_path / "outputs/cpt_model/cptkit_config.yaml"
+    saved.write_text(saved.read_text().replace(str(tiny_model_dir), "HuggingFaceTB/SmolLM2-135M"))
+    result = cli(
+        "train", "-c", str(cfg), "--set", "tracking.enabled=false", "--set", "output_dir=outputs/v2",
+        "--set", "training.init_from=outputs/cpt_model",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert f"was trained on base HuggingFaceTB/SmolLM2-135M, and model.name is {tiny_model_dir}" in text
