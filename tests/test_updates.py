@@ -200,9 +200,161 @@ def test_a_start_on_another_base_is_one_config_error(tmp_path: Path, tiny_model_
     saved = tmp_path / "outputs/cpt_model/cptkit_config.yaml"
     saved.write_text(saved.read_text().replace(str(tiny_model_dir), "HuggingFaceTB/SmolLM2-135M"))
     result = cli(
-        "train", "-c", str(cfg), "--set", "tracking.enabled=false", "--set", "output_dir=outputs/v2",
-        "--set", "training.init_from=outputs/cpt_model",
-    )  # fmt: skip
+        "train",
+        "-c",
+        str(cfg),
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "output_dir=outputs/v2",
+        "--set",
+        "training.init_from=outputs/cpt_model",
+    )
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert f"was trained on base HuggingFaceTB/SmolLM2-135M, and model.name is {tiny_model_dir}" in text
+
+
+_COOKS = [
+    "the cook",
+    "my aunt",
+    "a farmer",
+    "the baker",
+    "our neighbour",
+    "the children",
+    "a traveller",
+    "the chef",
+    "grandmother",
+    "the fisherman",
+    "a stranger",
+    "the shepherd",
+]
+_ACTS = [
+    "roasted",
+    "sliced",
+    "carried",
+    "boiled",
+    "salted",
+    "peeled",
+    "traded",
+    "buried",
+    "smoked",
+    "dried",
+    "packed",
+    "tasted",
+]
+_FOODS = [
+    "warm bread",
+    "goat cheese",
+    "onion soup",
+    "red apples",
+    "brown rice",
+    "thin noodles",
+    "fresh butter",
+    "wild honey",
+    "green beans",
+    "river trout",
+    "bitter greens",
+    "black pepper",
+]
+_WHERE = [
+    "beside the harbour",
+    "under an old oak",
+    "near the mill",
+    "behind the bakery",
+    "at the farm gate",
+    "in a copper pot",
+    "over glowing coals",
+    "on the windowsill",
+    "inside a clay jar",
+    "along the quay",
+]
+
+
+def other_doc(i: int) -> str:
+    """English text far from `make_doc`'s (cooking, words the tiny tokenizer never merged), without
+    repeated phrases."""
+    import random
+
+    rng = random.Random(10_000 + i)
+    parts = zip(
+        rng.sample(_COOKS, 10), rng.sample(_ACTS, 10), rng.sample(_FOODS, 10), rng.sample(_WHERE, 10), strict=True
+    )
+    return f"Recipe {i}.\n\n" + " ".join(f"{c.capitalize()} {a} {f} {w}." for c, a, f, w in parts)
+
+
+def registry_config(tmp_path: Path, model_dir: Path, output: str, **overrides: Any) -> Path:
+    """update_config with evaluation and registration (MLflow in a SQLite file)."""
+    import yaml
+
+    path = update_config(tmp_path, model_dir, output)
+    data = yaml.safe_load(path.read_text())
+    data["tracking"] = {
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "log_system_metrics": False,
+        "registered_model_name": "tiny-update",
+    }
+    data["evaluate"] = {
+        "context_length": 48,
+        "stride": 48,
+        "max_documents": 4,
+        "min_adaptation": None,
+        "max_forgetting": 10.0,
+        "generation": {"max_new_tokens": 0},
+        "decontamination": {"mode": "off"},
+    }
+    data["register"] = {"max_new_tokens": 4}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        data[section][name] = value
+    return write_config(path, data)
+
+
+def test_gate_refuses_an_update_that_forgot_the_earlier_text_and_keeps_the_champion(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any
+) -> None:
+    from cptkit.config import load_config
+    from cptkit.registry import CHAMPION, Registry
+
+    table = tmp_path / "table"
+    write_table(table, BATCH_A[:16])
+    v1 = cli("run", "-c", str(registry_config(tmp_path, tiny_model_dir, "v1")))
+    assert v1.exit_code == 0, v1.output
+    assert "alias champion -> version 1" in " ".join(v1.output.split())
+
+    # Batch B, far from A, learned alone (no replay) at a high rate from the champion, and no tolerance
+    # on the earlier text: what it forgot of A refuses it.
+    write_table(table, [(f"r{i:02d}", other_doc(i)) for i in range(12)])
+    cfg2 = registry_config(
+        tmp_path,
+        tiny_model_dir,
+        "v2",
+        **{
+            "training.init_from": "models:/tiny-update@champion",
+            "training.learning_rate": 0.05,
+            "training.num_epochs": 2,
+            "evaluate.max_earlier_domain_regression": 0.0,
+            "data.replay_ratio": 0.0,
+            "data.domain_replay_ratio": 0.0,
+        },
+    )
+    v2 = cli("run", "-c", str(cfg2))
+    text = " ".join(v2.output.split())
+    assert v2.exit_code == 1, v2.output
+    assert "register: not promoted:" in text and "earlier domain bits/byte vs champion (version 1)" in text
+    assert "| earlier domain (bits/byte) |" in (tmp_path / "outputs/v2/evaluation/update.md").read_text()
+
+    config = load_config(cfg2)
+    registry = Registry.open(config.tracking, config.register_)
+    assert registry.alias_version("tiny-update", CHAMPION) == "1"
+    tags = registry.version_tags("tiny-update", "2")
+    assert tags["cptkit.parent_version"] == "1" and tags["cptkit.update.gate"] == "failed"
+    assert tags["cptkit.data.domain.delta_version"] == "1" and tags["cptkit.documents.new"] == "12"
+    assert int(tags["cptkit.cumulative_tokens"]) > int(tags["cptkit.tokens"]) > 0
+
+    history = cli("history", "-c", str(cfg2))
+    lines = " ".join(history.output.split())
+    assert history.exit_code == 0, history.output
+    assert "version 2 [challenger] <- parent version 1" in lines
+    assert "version 1 [champion] (trained from the base)" in lines
+    assert lines.index("version 2") < lines.index("version 1 [champion]")

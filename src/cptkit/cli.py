@@ -347,6 +347,29 @@ def register(
 
 
 @app.command()
+def history(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Start the chain at this version (default: the latest).")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """The registered model's lineage: each version back to the first, with its parent, data versions,
+    tokens and evaluation numbers (the MLflow tags register wrote)."""
+    from cptkit.lineage import history_lines
+    from cptkit.registry import Registry
+
+    def go() -> None:
+        cfg = _load(config, set_)
+        registry = Registry.open(cfg.tracking, cfg.register_)
+        for line in history_lines(registry, cfg.tracking.registered_model_name, version):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    _run(debug, go)
+
+
+@app.command()
 def export(
     config: ConfigOpt = None,
     set_: SetOpt = None,

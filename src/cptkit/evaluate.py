@@ -100,6 +100,9 @@ def _evaluate(
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RESULTS, results.to_json())
     report_files = write_report(results, summary, out)
+    from cptkit.update_gate import evaluate_update
+
+    report_files = [*report_files, *evaluate_update(config, out)]  # an update: base, champion, candidate
     # Opened only now: a failed evaluation leaves the training's run as it was, and creates no run.
     tracker = _open_tracker(config, summary, tracker_factory)
     try:

@@ -27,6 +27,7 @@ from cptkit.config import Config, RegisterConfig, TrainingConfig, section_finger
 from cptkit.errors import CptkitError, StageError
 from cptkit.eval_sets import DOMAIN, eval_sources, read_set
 from cptkit.folders import claim
+from cptkit.lineage import lineage_tags, log_trained_folder
 from cptkit.model_folder import REGISTRATION_DIR, RESULTS, SUMMARY, evaluation_dir, trained_training_config
 from cptkit.models import EMBEDDINGS_FILE, dequantized_base_dir, is_peft, load_trained, resolve_model
 from cptkit.registry import CHALLENGER, CHAMPION, UNITY_CATALOG, Registry, pinned_requirements, resolve_registry_uri
@@ -39,6 +40,7 @@ from cptkit.roundtrip import (
     roundtrip_difference,
 )
 from cptkit.tracking import resolve_tracking_uri
+from cptkit.update_gate import read_update_checks
 from cptkit.verdict import verdict
 
 log = logging.getLogger(__name__)
@@ -185,6 +187,10 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
     model_uri = f"models:/{name}/{version}"
     registry.set_version_tags(
         name, version, {f"{TAG_PREFIX}status": "ok", f"{TAG_PREFIX}roundtrip_max_abs_logit_diff": f"{diff:.3g}"}
+    )
+    # The lineage (parent, data versions, tokens) and the folder an update can start from, before any alias.
+    registry.set_version_tags(
+        name, version, lineage_tags(cpt_dir, log_trained_folder(registry, logged.run_id, cpt_dir))
     )
     registry.set_alias(name, CHALLENGER, version)
 
@@ -382,9 +388,11 @@ def promotion_gate(results: EvaluationResults, config: Config, registry: Registr
     and drift), and, when a champion exists and was evaluated on the same domain text, no worse than it
     on the domain (bits per byte, which does not depend on the tokenizer)."""
     checks = list(verdict(results.adaptation, results.forgetting_by_set, results.drift_kl, config.evaluate).checks)
+    update = read_update_checks(evaluation_dir(config))  # an update: against the model it started from
+    checks += update or []
     champion_version = registry.alias_version(name, CHAMPION)
     champion = None
-    if champion_version is not None:
+    if champion_version is not None and update is None:
         tags = registry.version_tags(name, champion_version)
         domain = results.cpt.get(DOMAIN)
         ours = domain.bits_per_byte if domain is not None else None

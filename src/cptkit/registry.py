@@ -207,10 +207,19 @@ class Registry:
     def download(self, artifact_uri: str, destination: Path) -> Path:
         """The files at `artifact_uri` (runs:/...), downloaded under `destination`."""
         import mlflow
+        from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 
         destination.mkdir(parents=True, exist_ok=True)
-        with self._errors(f"download {artifact_uri}"), self._bound():
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(destination)))
+        shown = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+        os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"  # cptkit says what it downloads
+        try:
+            with self._errors(f"download {artifact_uri}"), self._bound():
+                return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(destination)))
+        finally:
+            if shown is None:
+                os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+            else:
+                os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = shown
 
     def versions(self, name: str) -> list[tuple[str, dict[str, str], list[str]]]:
         """Every version of `name` as (version, tags, aliases), oldest first; empty when it is not registered."""
