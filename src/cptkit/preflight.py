@@ -34,7 +34,6 @@ from cptkit.train_data import (
     planned_steps,
     require_replay_source,
     separator_id,
-    train_fingerprint,
 )
 
 WARMUP_STEPS, TIMED_STEPS = 1, 2
@@ -143,9 +142,13 @@ def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Pl
     notes: list[str] = []
     train_up_to_date = False
     if prepared:
-        data = load_train_data(config)
+        from cptkit.updates import fingerprint as update_fingerprint
+        from cptkit.updates import planned
+
+        update = planned(config, load_train_data(config))  # an update trains on its own data (updates.py)
+        config, data = update.config, update.data
         _check_token_ids(data, model_vocab)
-        fingerprint = train_fingerprint(config, data)
+        fingerprint = update_fingerprint(update)
         train_up_to_date = up_to_date(config.output_dir, fingerprint, fingerprint) is not None
         stream = BlockStream(
             data.domain_train, data.replay_train, config.data.replay_ratio, tc.seed, data.separator, tc.max_seq_length

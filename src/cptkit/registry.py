@@ -225,7 +225,12 @@ class Registry:
         """Every version of `name` as (version, tags, aliases), oldest first; empty when it is not registered."""
         with self._errors(f"list the versions of {name}"):
             found = self.client.search_model_versions("name = '" + name.replace("'", "''") + "'")
-        rows = [(str(v.version), dict(v.tags or {}), list(getattr(v, "aliases", None) or [])) for v in found]
+            # A search leaves the versions' aliases out: the registered model has them.
+            aliases = dict(self.client.get_registered_model(name).aliases or {}) if found else {}
+        by_version: dict[str, list[str]] = {}
+        for alias, version in aliases.items():
+            by_version.setdefault(str(version), []).append(alias)
+        rows = [(str(v.version), dict(v.tags or {}), by_version.get(str(v.version), [])) for v in found]
         return sorted(rows, key=lambda row: int(row[0]))
 
     # ------------------------------------------------------------ loading back

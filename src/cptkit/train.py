@@ -40,7 +40,7 @@ from cptkit.checkpoints import (
     save_checkpoint,
 )
 from cptkit.choices import TrainingChoices
-from cptkit.config import Config, TrainingConfig, masked_dict, section_fingerprint
+from cptkit.config import Config, TrainingConfig, masked_dict
 from cptkit.distributed import launched_as_group, process_rank
 from cptkit.errors import StageError
 from cptkit.folders import claim
@@ -53,7 +53,7 @@ from cptkit.results import ChoiceRecord, TrainingSummary
 from cptkit.schedule import lr_factor
 from cptkit.stage import StageResult
 from cptkit.tracking import Tracker, open_tracker
-from cptkit.train_data import TrainData, load_train_data, planned_steps, train_fingerprint
+from cptkit.train_data import TrainData, load_train_data, planned_steps
 from cptkit.training_step import TrainingSetup, eval_loss, optimizer_step, set_up
 
 CHECKPOINTS = "checkpoints"
@@ -87,6 +87,7 @@ def train(
 
 def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker]) -> TrainResult:
     from cptkit.updates import NothingNew, plan
+    from cptkit.updates import fingerprint as update_fingerprint
 
     try:
         update = plan(config, load_train_data(config))  # the start model and the update's data (updates.py)
@@ -95,9 +96,7 @@ def _train(config: Config, force: bool, tracker_factory: Callable[..., Tracker])
         return TrainResult({}, config.output_dir, skipped=True, nothing_new=str(nothing))
     config, data = update.config, update.data
     out = config.output_dir
-    fingerprint = train_fingerprint(config, data)
-    if update.start is not None:
-        fingerprint = section_fingerprint(fingerprint, update.start.identity)
+    fingerprint = update_fingerprint(update)
     existing = up_to_date(out, fingerprint, fingerprint)
     if existing is not None and not force:
         return TrainResult(existing, out, skipped=True, summary=TrainingSummary.read(out / SUMMARY))

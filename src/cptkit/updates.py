@@ -284,6 +284,23 @@ def plan(config: Config, data: TrainData) -> Update:
     return _update_data(config, data, start, current, selection)
 
 
+def fingerprint(update: Update) -> str:
+    """The training run's fingerprint: its config and data, and the start model it loads."""
+    from cptkit.config import section_fingerprint
+    from cptkit.train_data import train_fingerprint
+
+    plain = train_fingerprint(update.config, update.data)
+    return plain if update.start is None else section_fingerprint(plain, update.start.identity)
+
+
+def planned(config: Config, data: TrainData) -> Update:
+    """`plan`, for the preflight: with nothing new, the data as prepared (train says it will train nothing)."""
+    try:
+        return plan(config, data)
+    except NothingNew:
+        return Update(config, data, None)
+
+
 def nothing_new(config: Config) -> str | None:
     """Why this run, an update, has nothing new to learn; None when it has (or is no update)."""
     if config.training.init_from is None or not is_incremental(config):
