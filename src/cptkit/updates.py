@@ -252,10 +252,6 @@ class Update:
     domain_replay_tokens: int = 0
     general_replay_tokens: int = 0
 
-    @property
-    def fingerprint_part(self) -> str | None:
-        return self.start.identity if self.start is not None else None
-
 
 def plan(config: Config, data: TrainData) -> Update:
     """The run's start model and training data. Without `training.init_from`, the data as prepared. With it,
