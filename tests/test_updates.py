@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_doc, write_config, write_jsonl
@@ -115,8 +116,6 @@ def test_update_learns_only_the_new_batch_and_then_has_nothing_new(
     assert record["cumulative_tokens"] == v1.summary.tokens + v2.summary.tokens
     # Only the new text (plus the replay) is trained on: far fewer tokens than v1's whole corpus.
     assert v2.summary.tokens < v1.summary.tokens
-
-    import pyarrow.parquet as pq
 
     learned = set(pq.read_table(tmp_path / "outputs/v2/learned_documents.parquet").column("id").to_pylist())
     assert "d07" not in learned and "c-copy-of-d05" in learned and {d for d, _ in BATCH_B} <= learned
@@ -363,3 +362,43 @@ def test_gate_refuses_an_update_that_forgot_the_earlier_text_and_keeps_the_champ
     assert "version 2 [challenger] <- parent version 1" in lines
     assert "version 1 [champion] (trained from the base)" in lines
     assert lines.index("version 2") < lines.index("version 1 [champion]")
+
+
+def test_local_delta_table_reads_only_the_rows_after_the_watermark(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from deltalake import write_deltalake
+
+    from cptkit.config import load_config
+    from cptkit.datasets import datasets
+    from cptkit.extract import extract
+
+    def rows(ids: list[str], hour: int, word: str) -> pa.Table:
+        stamp = dt.datetime(2026, 1, 1, hour, tzinfo=dt.UTC)
+        return pa.table({"id": ids, "text": [f"{word} {i}" for i in ids], "updated_at": pa.array([stamp] * len(ids))})
+
+    table = str(tmp_path / "pages")
+    write_deltalake(table, rows(["a", "b"], 1, "first"))
+    sets = [
+        "source.type=delta", f"source.path={table}", "source.id_column=id", "source.mode=watermark",
+        "source.watermark_column=updated_at", "data.output_dir=data",
+    ]  # fmt: skip
+    dataset = datasets(load_config(None, sets))[0]
+    first = extract(dataset).manifest
+    assert first["rows"] == 2 and first["source"]["mode"] == "watermark"
+    write_deltalake(table, rows(["b", "c"], 2, "second"), mode="append")  # b changed, c new
+    second = extract(dataset).manifest
+    assert second["incremental"]["applied_changes"] and second["incremental"]["upserted"] == 2
+    assert second["incremental"]["unchanged"] == 1 and second["delta_version"] == 1
+    snapshot = pq.read_table(tmp_path / "data/raw/documents.parquet").to_pylist()
+    assert {r["id"]: r["text"] for r in snapshot} == {"a": "first a", "b": "second b", "c": "second c"}
+
+
+def test_an_incremental_local_delta_source_needs_its_columns(tmp_path: Path, cli: Any) -> None:
+    cfg = write_config(
+        tmp_path / "cfg.yaml", {"source": {"type": "delta", "path": "t", "mode": "watermark", "id_column": "id"}}
+    )
+    result = cli("extract", "-c", str(cfg))
+    assert result.exit_code == 2
+    assert "mode watermark needs watermark_column" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
