@@ -1,0 +1,122 @@
+"""Training sharded with FSDP (training.distributed: fsdp) on two processes (gloo on loopback, the tiny model,
+fp32): the losses and trained weights of one process with gradient accumulation 2, full and adapters; sharded
+checkpoints that resume exactly after a SIGKILL of the group; the trained model gathered into the files
+an unsharded run writes, which load as they do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import setup_run, summary
+from test_train_processes import LAUNCHERS, TWO_PROCESSES
+
+FSDP = ["--set", "training.distributed=fsdp"]
+
+
+def weights(folder: str) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    name = "model.safetensors" if Path(folder, "model.safetensors").is_file() else "adapter_model.safetensors"
+    return load_file(f"{folder}/{name}")
+
+
+def saved_files(folder: str) -> set[str]:
+    return {p.name for p in Path(folder).iterdir()}
+
+
+@pytest.mark.parametrize(("method", "launcher"), [("full", "cptkit"), ("lora", "torchrun"), ("qlora", "cptkit")])
+def test_two_sharded_processes_train_as_one_with_gradient_accumulation(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    cli,  # type: ignore[no-untyped-def]
+    method: str,
+    launcher: str,
+) -> None:
+    cfg = setup_run(tmp_path, tiny_model_dir, method=method, max_steps=4, eval_steps=4, save_steps=2)
+    assert cli("train", "-c", str(cfg), "--set", "tracking.enabled=false").exit_code == 0  # 1 process, 2 x 2 blocks
+    one = summary()
+
+    two_run = subprocess.run(
+        [*LAUNCHERS[launcher], "-c", str(cfg), *TWO_PROCESSES, *FSDP, "--set", "tracking.enabled=false"],
+        capture_output=True,
+        text=True,
+    )
+    assert two_run.returncode == 0, two_run.stderr[-3000:]
+    assert "the model is sharded over 2 processes (FSDP2)" in two_run.stderr
+    two = json.loads(Path("two/training_summary.json").read_text())
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    assert [e["eval/domain_loss"] for e in two["evals"]] == pytest.approx(
+        [e["eval/domain_loss"] for e in one["evals"]], abs=1e-5
+    )
+    # Gathered on the main process into the files one process writes, with the same weights.
+    assert saved_files("two") == saved_files("outputs/cpt_model")
+    trained, expected = weights("two"), weights("outputs/cpt_model")
+    assert set(trained) == set(expected)
+    for name, weight in expected.items():
+        assert trained[name] == pytest.approx(weight, abs=1e-5), name  # type: ignore[comparison-overlap]
+    assert not Path("two/checkpoints").exists()
+
+
+def test_the_gathered_model_loads_as_an_unsharded_one(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """evaluate, export and register load the trained model with `load_trained`: it gives the logits of the
+    one-process run's model."""
+    import torch
+
+    from cptkit.config import load_config
+    from cptkit.models import load_trained
+
+    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=2, eval_steps=2, save_steps=2)
+    assert cli("train", "-c", str(cfg), "--set", "tracking.enabled=false").exit_code == 0
+    two_run = subprocess.run(
+        [*LAUNCHERS["cptkit"], "-c", str(cfg), *TWO_PROCESSES, *FSDP, "--set", "tracking.enabled=false"],
+        capture_output=True,
+        text=True,
+    )
+    assert two_run.returncode == 0, two_run.stderr[-3000:]
+    training = load_config(cfg).training
+    ids = torch.arange(2, 34)[None]
+    with torch.no_grad():
+        one = load_trained(tiny_model_dir, Path("outputs/cpt_model"), training)(input_ids=ids).logits
+        two = load_trained(tiny_model_dir, Path("two"), training)(input_ids=ids).logits
+    assert torch.allclose(one, two, atol=1e-5)
+
+
+def test_a_sharded_group_killed_with_sigkill_resumes_to_the_same_losses(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    cli,  # type: ignore[no-untyped-def]
+) -> None:
+    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=8, save_steps=3, eval_steps=4)
+    assert cli("train", "-c", str(cfg), "--set", "tracking.enabled=false").exit_code == 0
+    one = summary()["losses"]
+
+    command = [*LAUNCHERS["torchrun"], "-c", str(cfg), *TWO_PROCESSES, *FSDP, "--set", "tracking.enabled=false"]
+    group = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not Path("two/checkpoints/step-0000006/trainer_state.json").exists():
+        assert group.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(group.pid, signal.SIGKILL)  # the launcher and both processes at once
+    group.wait()
+    assert not Path("two/manifest.json").exists()
+    # Each process wrote its own shard.
+    shards = sorted(p.name for p in Path("two/checkpoints/step-0000006/sharded").glob("*.distcp"))
+    assert len(shards) == 2, shards
+
+    resumed = subprocess.run(
+        [*LAUNCHERS["cptkit"], "-c", str(cfg), *TWO_PROCESSES, *FSDP, "--set", "tracking.enabled=false"],
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "(step 6 of 8)" in resumed.stderr
+    two = json.loads(Path("two/training_summary.json").read_text())
+    assert two["steps"] == 8
+    assert two["losses"] == pytest.approx(one, abs=1e-5)
