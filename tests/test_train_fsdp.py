@@ -88,12 +88,14 @@ def test_the_gathered_model_loads_as_an_unsharded_one(tmp_path: Path, tiny_model
     assert torch.allclose(one, two, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
 def test_a_sharded_group_killed_with_sigkill_resumes_to_the_same_losses(
     tmp_path: Path,
     tiny_model_dir: Path,
     cli,  # type: ignore[no-untyped-def]
+    method: str,
 ) -> None:
-    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=8, save_steps=3, eval_steps=4)
+    cfg = setup_run(tmp_path, tiny_model_dir, method=method, max_steps=8, save_steps=3, eval_steps=4)
     assert cli("train", "-c", str(cfg), "--set", "tracking.enabled=false").exit_code == 0
     one = summary()["losses"]
 
@@ -120,3 +122,52 @@ def test_a_sharded_group_killed_with_sigkill_resumes_to_the_same_losses(
     two = json.loads(Path("two/training_summary.json").read_text())
     assert two["steps"] == 8
     assert two["losses"] == pytest.approx(one, abs=1e-5)
+
+
+def test_the_forgetting_stop_keeps_the_best_weights_of_a_sharded_run(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """The best weights are gathered when they are kept and sent back to the shards when the run stops: the
+    sharded run saves the step one process keeps. One process with distributed fsdp trains whole (a note)."""
+    settings = {"max_steps": 12, "eval_steps": 2, "learning_rate": 5e-2, "max_general_loss_increase": 1e-4}
+    cfg = setup_run(tmp_path, tiny_model_dir, replay_ratio=0.0, general_unlike_domain=True, **settings)
+    one_run = cli("train", "-c", str(cfg), *FSDP, "--set", "tracking.enabled=false")
+    assert one_run.exit_code == 0, one_run.output
+    assert "note: training.distributed fsdp shards the model over processes; with one process it is" in " ".join(
+        one_run.output.split()
+    )
+    one = summary()
+    # It stops at step 2 and keeps step 0: the sharded run must put the base's weights back, not keep step 2's.
+    assert one["stopped_reason"] is not None and one["best"]["step"] < one["steps"] < 12
+
+    two_run = subprocess.run(
+        [*LAUNCHERS["cptkit"], "-c", str(cfg), *TWO_PROCESSES, *FSDP, "--set", "tracking.enabled=false"],
+        capture_output=True,
+        text=True,
+    )
+    assert two_run.returncode == 0, two_run.stderr[-3000:]
+    two = json.loads(Path("two/training_summary.json").read_text())
+    assert (two["steps"], two["best"]["step"]) == (one["steps"], one["best"]["step"])
+    trained, expected = weights("two"), weights("outputs/cpt_model")
+    for name, weight in expected.items():
+        assert trained[name] == pytest.approx(weight, abs=1e-5), name  # type: ignore[comparison-overlap]
+
+
+def test_fsdp_with_fp16_is_one_line(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    cfg = setup_run(tmp_path, tiny_model_dir)
+    result = cli("train", "-c", str(cfg), *FSDP, "--set", "training.precision=fp16")
+    assert result.exit_code == 2
+    assert " ".join(result.output.split()) == (
+        "config error: training: Value error, distributed fsdp trains in bf16 or fp32, not fp16: set precision "
+        "bf16, fp32 or auto"
+    )
+
+
+def test_checkpoints_of_a_ddp_run_do_not_resume_a_sharded_one(tmp_path: Path) -> None:
+    from cptkit.checkpoints import TrainerState, save_checkpoint
+    from cptkit.config import TrainingConfig
+    from cptkit.train import _resume_state
+
+    tc = TrainingConfig(method="lora", precision="fp32")
+    state = TrainerState(step=2, fingerprint="f", method="lora", precision="fp32", processes=2)
+    save_checkpoint(tmp_path, state, {}, {}, keep=2)
+    assert _resume_state(tmp_path, "f", False, tc, 2, "ddp") == tmp_path / "step-0000002"
+    assert _resume_state(tmp_path, "f", False, tc, 2, "fsdp") is None

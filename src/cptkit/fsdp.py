@@ -157,7 +157,9 @@ def load_sharded_checkpoint(path: Path, setup: Any, trainable_only: bool) -> tup
         setup.optimizer,
         model_state_dict=both["model"],
         optim_state_dict=both["optimizer"],
-        options=_options(trainable_only),
+        # The frozen weights are not in the checkpoint (they come from the base model); a trainable one
+        # missing from it has already failed the load above.
+        options=_options(trainable_only, strict=not trainable_only),
     )
     state = TrainerState(**json.loads((path / STATE).read_text(encoding="utf-8")))
     scheduler = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=False)["scheduler"]

@@ -63,8 +63,13 @@ def set_up(
     accelerator = Accelerator(mixed_precision=choices.mixed_precision, cpu=device.type == "cpu")
     is_sharded = sharded(tc.distributed, accelerator.num_processes)
     if is_sharded and choices.mixed_precision == "fp16":
-        # fp16 needs a gradient scaler that agrees across shards (FSDP's ShardedGradScaler), not accelerate's.
-        raise ConfigError(["training.distributed fsdp trains in bf16 or fp32: set training.precision to one of them"])
+        # fp16 needs a gradient scaler whose skipped steps agree across the shards (FSDP's own), not accelerate's.
+        raise ConfigError(
+            [
+                "error: training.precision auto chose fp16 on this device, and training.distributed fsdp trains in "
+                "bf16 or fp32: set training.precision"
+            ]
+        )
     memory = PeakMemory(accelerator.device)
     memory.reset()
     torch.manual_seed(tc.seed)

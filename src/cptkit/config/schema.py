@@ -110,6 +110,13 @@ class TrainingConfig(Section):
         "it. With one process both train the whole model.",
     )
 
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> TrainingConfig:
+        if self.distributed == "fsdp" and self.precision == "fp16":
+            # fp16 needs a gradient scaler whose skipped steps agree across the shards (FSDP's own).
+            raise ValueError("distributed fsdp trains in bf16 or fp32, not fp16: set precision bf16, fp32 or auto")
+        return self
+
     @property
     def embedding_rate(self) -> float:
         """The learning rate of trained embeddings: embedding_learning_rate, else a tenth of learning_rate."""
