@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from test_train import setup_run, summary
 from test_train_processes import LAUNCHERS, TWO_PROCESSES
@@ -44,7 +45,8 @@ def test_two_sharded_processes_train_as_one_with_gradient_accumulation(
     precision: str,
 ) -> None:
     """bf16: the sharded model's forward runs under the autocast accelerate gives an unsharded one. qlora with
-    gradient checkpointing, as configs/mistral-7b.yaml trains."""
+    gradient checkpointing, as configs/mistral-7b.yaml trains; lora with trained embeddings (saved next to the
+    adapter)."""
     cfg = setup_run(
         tmp_path,
         tiny_model_dir,
@@ -54,6 +56,7 @@ def test_two_sharded_processes_train_as_one_with_gradient_accumulation(
         save_steps=2,
         precision=precision,
         gradient_checkpointing=method == "qlora",
+        embeddings="train" if method == "lora" else "frozen",
     )
     tolerance = 1e-5  # bf16 too: only the gradients' fp32 averaging differs (without the autocast: 1.4e-4)
     assert cli("train", "-c", str(cfg), "--set", "tracking.enabled=false").exit_code == 0  # 1 process, 2 x 2 blocks
@@ -73,10 +76,13 @@ def test_two_sharded_processes_train_as_one_with_gradient_accumulation(
     )
     # Gathered on the main process into the files one process writes, with the same weights.
     assert saved_files("two") == saved_files("outputs/cpt_model")
-    trained, expected = weights("two"), weights("outputs/cpt_model")
-    assert set(trained) == set(expected)
-    for name, weight in expected.items():
-        assert trained[name] == pytest.approx(weight, abs=tolerance), name  # type: ignore[comparison-overlap]
+    assert ("embeddings.safetensors" in saved_files("two")) == (method == "lora")
+    for file in ("model.safetensors", "adapter_model.safetensors", "embeddings.safetensors"):
+        if Path("two", file).is_file():
+            trained, expected = load_file(f"two/{file}"), load_file(f"outputs/cpt_model/{file}")
+            assert set(trained) == set(expected)
+            for name, weight in expected.items():
+                assert trained[name] == pytest.approx(weight, abs=tolerance), name
     assert not Path("two/checkpoints").exists()
 
 
