@@ -459,7 +459,7 @@ def _write_trained(
 
 
 def _resume_state(
-    ckpt_root: Path, fingerprint: str, force: bool, tc: TrainingConfig, processes: int, distributed: str
+    ckpt_root: Path, fingerprint: str, force: bool, tc: TrainingConfig, processes: int, distributed: str = "ddp"
 ) -> Path | None:
     """The checkpoint to resume from: the latest one of this same run (same fingerprint, the same method
     and precision where auto chose them, the same number of processes, sharded or not)."""
