@@ -102,6 +102,20 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, gt=0, description="Steps between checkpoints.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (the newest).")
     logging_steps: int = Field(1, gt=0, description="Steps between logged training metrics.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several processes: ddp keeps a whole model in each process and averages gradients; "
+        "fsdp shards weights, gradients and optimizer state over the processes (torch FSDP2: for models that do "
+        "not fit one device), with sharded checkpoints, and gathers the trained model on the main process to save "
+        "it. With one process both train the whole model.",
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> TrainingConfig:
+        if self.distributed == "fsdp" and self.precision == "fp16":
+            # fp16 needs a gradient scaler whose skipped steps agree across the shards (FSDP's own).
+            raise ValueError("distributed fsdp trains in bf16 or fp32, not fp16: set precision bf16, fp32 or auto")
+        return self
 
     @property
     def embedding_rate(self) -> float:
