@@ -156,3 +156,44 @@ def test_processes_under_a_launcher_of_another_size_is_one_line(
     result = cli("train", "-c", str(cfg), "--processes", "2")
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1].startswith("error: --processes 2 under a launcher that started 4")
+
+
+def test_torch_distributor_runs_the_entry_point_as_two_processes(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    cli,  # type: ignore[no-untyped-def]
+    spark,  # type: ignore[no-untyped-def]
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """pyspark's TorchDistributor in local mode (what a Databricks notebook calls on a GPU cluster, here on
+    CPU): its 2 processes train as one process with gradient accumulation 2, and it returns the summary."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from cptkit.results import TrainingSummary
+    from cptkit.train_entry import run_train
+
+    cfg = setup_run(tmp_path, tiny_model_dir, eval_steps=6, save_steps=4)
+    assert cli("train", "-c", str(cfg)).exit_code == 0
+    one = summary()
+
+    store = f"sqlite:///{tmp_path / 'two.db'}"
+    overrides = [v for v in TWO_PROCESSES if v != "--set"] + [f"tracking.tracking_uri={store}"]
+    distributor = TorchDistributor(num_processes=2, local_mode=True, use_gpu=False)
+    returned = distributor.run(run_train, str(cfg), overrides)
+    two = json.loads(Path("two/training_summary.json").read_text())
+    assert returned == two  # the main process's summary, whichever process the distributor kept
+    assert TrainingSummary.from_json(returned).losses == pytest.approx(one["losses"], abs=1e-5)
+    assert (two["tokens"], two["replay_tokens"]) == (one["tokens"], one["replay_tokens"])
+    for name, weight in adapter("outputs/cpt_model").items():
+        assert adapter("two")[name] == pytest.approx(weight, abs=1e-5), name  # type: ignore[comparison-overlap]
+    (run,) = mlflow_runs(store)
+    assert run.info.status == "FINISHED"  # type: ignore[attr-defined]
+
+    # A user mistake is cptkit's one line in the processes' log (which the distributor copies to stdout), not
+    # a traceback per process; the distributor raises its own error.
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match="TorchDistributor"):
+        distributor.run(run_train, str(cfg), [*overrides, "training.max_seq_length=0"])
+    log = "".join(capfd.readouterr())
+    assert "config error: training.max_seq_length: Input should be greater than 0" in log
+    assert "cptkit/config/loading.py" not in log  # no Python traceback of cptkit's
