@@ -197,3 +197,80 @@ def test_torch_distributor_runs_the_entry_point_as_two_processes(
     log = "".join(capfd.readouterr())
     assert "config error: training.max_seq_length: Input should be greater than 0" in log
     assert "cptkit/config/loading.py" not in log  # no Python traceback of cptkit's
+
+
+def test_the_preflight_of_two_processes_estimates_from_one_and_plans_their_steps(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    import torch
+
+    from cptkit.config import load_config
+    from cptkit.preflight import preflight
+    from cptkit.printers import print_preflight
+    from cptkit.progress import console
+
+    cfg = setup_run(tmp_path, tiny_model_dir, max_steps=None, num_epochs=1, gradient_accumulation_steps=1)
+    threads = torch.get_num_threads()
+    one = preflight(load_config(cfg), measure=False)
+    two = preflight(load_config(cfg), processes=2)
+    assert torch.get_num_threads() == threads  # the per-process share of the threads was only for the timing
+    assert (one.blocks_per_step, two.blocks_per_step) == (2, 4)
+    assert two.steps == -(-two.blocks_per_epoch // 4) < one.steps  # each step takes both processes' blocks
+    m = two.measured
+    assert m is not None and m.processes == 2
+    assert m.tokens_per_second == pytest.approx(2 * m.tokens_per_second_per_process)
+    assert m.throughput_basis is not None and m.throughput_basis.startswith("estimated: one process's timed steps on")
+    with console.capture() as captured:
+        print_preflight(two)
+    text = " ".join(captured.get().split())
+    assert f"plan: {two.steps} steps of 4 x 64 tokens (2 processes, 2 each)" in text
+    assert "tokens/s on 2 processes (estimated: one process's timed steps on" in text
+    assert "per process" in text and "peak memory per process" in text
+
+
+def test_a_dry_run_under_torchrun_measures_the_processes_together(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = setup_run(tmp_path, tiny_model_dir, gradient_accumulation_steps=1)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cptkit"]
+    done = subprocess.run([*torchrun, "run", "--dry-run", "-c", str(cfg)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = " ".join(done.stderr.split())
+    assert text.count("preflight: plan: 6 steps of 4 x 64 tokens (2 processes, 2 each)") == 1  # the main one prints
+    assert "tokens/s on 2 processes (measured: 2 processes ran the timed steps together)" in text
+
+
+def test_run_under_a_launcher_is_refused_but_for_the_dry_run(
+    tmp_path: Path, tiny_model_dir: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = setup_run(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # every stage would run in each process
+    result = cli("run", "-c", str(cfg))
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: cptkit run under a launcher would run every")
+    assert cli("run", "-c", str(cfg), "--processes", "3").exit_code == 2
+
+
+def test_run_with_processes_trains_in_that_many(tmp_path: Path, tiny_model_dir: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    cfg = setup_run(tmp_path, tiny_model_dir)
+    assert cli("train", "-c", str(cfg)).exit_code == 0  # one process, 2 x 2 blocks a step
+    one = summary()
+
+    done = subprocess.run(
+        [*CPTKIT, "run", "-c", str(cfg), "--until", "train", "--processes", "2", *TWO_PROCESSES],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = " ".join(done.stderr.split())
+    assert f"preflight: plan: {one['steps']} steps of 4 x 64 tokens (2 processes, 2 each)" in text
+    assert "train: 2 processes on this machine" in text
+    assert "run: ran train; skipped (up to date) extract, prepare" in text
+    two = json.loads(Path("two/training_summary.json").read_text())
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    # Up to date: skipped in this process, no processes started.
+    again = subprocess.run(
+        [*CPTKIT, "run", "-c", str(cfg), "--until", "train", "--processes", "2", *TWO_PROCESSES],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train: 2 processes" not in again.stderr and "skipped (up to date) extract, prepare, train" in again.stderr
