@@ -63,6 +63,10 @@ def test_two_processes_train_as_one_with_gradient_accumulation(
     two = json.loads(Path("two/training_summary.json").read_text())
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
     assert (two["tokens"], two["replay_tokens"]) == (one["tokens"], one["replay_tokens"])  # global counts
+    # The validation passes, shared by the processes, give one process's numbers.
+    assert [e["step"] for e in two["evals"]] == [e["step"] for e in one["evals"]]
+    for mine, theirs in zip(two["evals"], one["evals"], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-5)
     for name, weight in adapter("outputs/cpt_model").items():
         assert adapter("two")[name] == pytest.approx(weight, abs=1e-5), name  # type: ignore[comparison-overlap]
     # One process prints, one writes: one set of outputs, one MLflow run with every step.
@@ -274,3 +278,41 @@ def test_run_with_processes_trains_in_that_many(tmp_path: Path, tiny_model_dir: 
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train: 2 processes" not in again.stderr and "skipped (up to date) extract, prepare, train" in again.stderr
+
+
+SHARED_VALIDATION = """
+import json, sys
+import numpy as np, torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+from cptkit.loss import CausalLMLoss
+from cptkit.packing import TokenDocs, sequence_blocks
+from cptkit.training_step import eval_loss
+
+accelerator = Accelerator(cpu=True)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+forwards = []
+model.model.register_forward_hook(lambda *_: forwards.append(1))  # the decoder: the loss applies the head itself
+rng = np.random.default_rng(0)
+docs = TokenDocs.from_lists([rng.integers(1, 400, int(rng.integers(20, 90))).tolist() for _ in range(40)])
+blocks = sequence_blocks(docs, 0, 32)
+alone = eval_loss(CausalLMLoss(model), blocks, 11, 2, accelerator.device)  # one process's passes: 6 batches
+forwards.clear()
+shared = eval_loss(accelerator.prepare(CausalLMLoss(model)), blocks, 11, 2, accelerator.device, accelerator)
+print(json.dumps({"alone": alone, "shared": shared, "forwards": len(forwards)}))
+"""
+
+
+def test_validation_passes_are_shared_by_the_processes_with_one_process_numbers(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    script = tmp_path / "shared_validation.py"
+    script.write_text(SHARED_VALIDATION)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*torchrun, str(script), str(tiny_model_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 2
+    for result in results:
+        assert result["shared"] == result["alone"]  # bit for bit: the per-batch sums added in batch order
+        assert result["forwards"] == 3  # 6 batches of 2 blocks (the first 11 blocks) over 2 processes

@@ -467,9 +467,9 @@ def _with_estimates(
         if f is not None:
             n = math.ceil((f.val_tokens + f.val_documents) / tc.max_seq_length)
             blocks += n if tc.eval_max_sequences is None else min(n, tc.eval_max_sequences)
-    # Validation runs on every process (each its full passes), at one process's speed per block.
+    # The processes share the validation passes' batches, each at one process's speed per block.
     per_block = measured.seconds_per_step * plan.processes / plan.blocks_per_step
-    per_eval = blocks * per_block * _FORWARD_SHARE
+    per_eval = math.ceil(blocks / plan.processes) * per_block * _FORWARD_SHARE
     if tc.max_minutes is not None:
         budget = tc.max_minutes * 60 - per_eval  # the base model's validation pass comes first
         per_step, trainable = measured.seconds_per_step, description.trainable_params
