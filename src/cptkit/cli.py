@@ -60,6 +60,17 @@ SetOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even when the outputs are up to date.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+ProcessesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--processes",
+        min=1,
+        help="Train in this many local processes (each takes its share of every step's blocks); "
+        "under torchrun or accelerate launch, the launcher decides.",
+    ),
+]
+
+
 WaitOpt = Annotated[
     bool,
     typer.Option(
@@ -242,17 +253,6 @@ def train(
         _launch_train(wanted, config, set_, force, wait, debug, why)
 
     _run(debug, go, wait=wait)
-
-
-ProcessesOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--processes",
-        min=1,
-        help="Train in this many local processes (each takes its share of every step's blocks); "
-        "under torchrun or accelerate launch, the launcher decides.",
-    ),
-]
 
 
 def _check_processes(processes: int | None) -> None:
