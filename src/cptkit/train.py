@@ -134,15 +134,16 @@ class _Run:
 
     def validate(self, step: int) -> dict[str, float]:
         """Validation losses of the domain (and general) sets, logged and recorded."""
-        tc, device = self.tc, self.setup.device
+        tc, device, accelerator = self.tc, self.setup.device, self.setup.accelerator
+        # The processes share the passes' batches (the same numbers as one process).
         result = {
             "eval/domain_loss": eval_loss(
-                self.setup.model, self.domain_val, tc.eval_max_sequences, tc.micro_batch_size, device
+                self.setup.model, self.domain_val, tc.eval_max_sequences, tc.micro_batch_size, device, accelerator
             )
         }
         if self.general_val is not None:
             result["eval/general_loss"] = eval_loss(
-                self.setup.model, self.general_val, tc.eval_max_sequences, tc.micro_batch_size, device
+                self.setup.model, self.general_val, tc.eval_max_sequences, tc.micro_batch_size, device, accelerator
             )
         if self.tracker is not None:
             self.tracker.log_metrics(result, step)

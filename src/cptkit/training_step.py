@@ -150,20 +150,37 @@ def block_tensors(rows: list[PackedRow] | list[tuple[np.ndarray, np.ndarray, np.
     return tuple(torch.from_numpy(np.stack([r[i] for r in rows])).to(device) for i in range(3))
 
 
-def eval_loss(model: Any, blocks: Blocks, max_sequences: int | None, batch_size: int, device: Any) -> float:
-    """Mean next-token loss over the first `max_sequences` blocks; `model` is a CausalLMLoss."""
+def eval_loss(
+    model: Any, blocks: Blocks, max_sequences: int | None, batch_size: int, device: Any, accelerator: Any = None
+) -> float:
+    """Mean next-token loss over the first `max_sequences` blocks; `model` is a CausalLMLoss.
+
+    With the `accelerator` of several processes, each runs its share of the batches (batch k on process
+    k mod N) and the per-batch sums are all-reduced, then added in batch order: the result is bit for bit
+    one process's. Every process runs as many forwards (the last round's spares repeat batch 0 and are not
+    counted), since a DDP forward broadcasts buffers and an FSDP forward gathers parameters, collectively."""
     import torch
 
     n = len(blocks) if max_sequences is None else min(len(blocks), max_sequences)
+    processes = 1 if accelerator is None else accelerator.num_processes
+    rank = 0 if accelerator is None else accelerator.process_index
+    starts = list(range(0, n, batch_size))
+    sums = torch.zeros((len(starts), 2), dtype=torch.float64)  # (loss sum, labelled tokens) per batch
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, n, batch_size):
+        for first in range(0, len(starts), processes):
+            k = first + rank
+            start = starts[k] if k < len(starts) else starts[0]
             rows = [blocks.block(i) for i in range(start, min(start + batch_size, n))]
             s, c = model(*block_tensors(rows, device))
-            total += float(s)
-            count += int(c)
+            if k < len(starts):
+                sums[k, 0], sums[k, 1] = float(s), int(c)
     if was_training:
         model.train()
-    return total / max(count, 1)
+    if processes > 1:  # each entry is one process's value plus zeros: exact
+        sums = accelerator.reduce(sums.to(device), "sum").cpu()
+    total = 0.0
+    for value in sums[:, 0].tolist():
+        total += value
+    return total / max(int(sums[:, 1].sum()), 1)
