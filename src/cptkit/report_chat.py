@@ -58,8 +58,8 @@ def markdown(chat: ChatDrift) -> list[str]:
     lines += ["Instructions whose answers drifted most:", "", *_md_table(DRIFTED_HEADER, drifted_rows(chat)), ""]
     for a in side_by_side(chat):
         lines += [f"### {_one_line(a.instruction)}", ""]
-        lines += [f"**base:** {_one_line(a.base) or '(nothing)'}", ""]
-        lines += [f"**adapted:** {_one_line(a.cpt or '') or '(nothing)'}", ""]
+        lines += [f"**base:** {_shown(_one_line(a.base))}", ""]
+        lines += [f"**adapted:** {_shown(_one_line(a.cpt or ''))}", ""]
     return lines
 
 
@@ -78,13 +78,18 @@ def to_html(chat: ChatDrift) -> list[str]:
         parts.append("<table class='gen'><tr><th>base</th><th>adapted</th></tr>")
         for a in shown:
             parts.append(f"<tr><th colspan='2'>{e(a.instruction)}</th></tr>")
-            parts.append(f"<tr><td>{e(a.base)}</td><td>{e(a.cpt or '')}</td></tr>")
+            parts.append(f"<tr><td>{e(_shown(a.base))}</td><td>{e(_shown(a.cpt or ''))}</td></tr>")
         parts.append("</table>")
     return parts
 
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _shown(answer: str) -> str:
+    # An answer of whitespace and special tokens only would be an empty cell: say so instead.
+    return answer if answer.strip() else "(empty: whitespace or special tokens only)"
 
 
 def _one_line(text: str) -> str:
