@@ -155,10 +155,10 @@ def test_evaluate_reports_chat_drift_and_the_verdict_bounds_it(tmp_path: Path, c
     assert [c.passed for c in again.verdict.checks if c.name == "chat_drift"] == [False]
 
 
-def test_results_without_chat_drift_read_as_not_measured(tmp_path: Path, chat_model_dir: Path) -> None:
+def minimal_results() -> EvaluationResults:
     from cptkit.results import EvaluationSettings, PairDescription, Verdict
 
-    results = EvaluationResults(
+    return EvaluationResults(
         pair=PairDescription(
             base_model="b", base_model_path="b", cpt_model="c", method="lora", base_scored_as="x", quantization="none"
         ),
@@ -167,7 +167,28 @@ def test_results_without_chat_drift_read_as_not_measured(tmp_path: Path, chat_mo
         cpt={},
         verdict=Verdict(passed=True, checks=[]),
     )
-    data = results.to_json()
+
+
+def test_results_without_chat_drift_read_as_not_measured() -> None:
+    data = minimal_results().to_json()
     assert data["chat"]["status"] == "off"
     del data["chat"]  # a file written before chat drift existed
     assert EvaluationResults.from_json(data).chat.reason == "not measured"
+
+
+def test_the_promotion_gate_bounds_chat_drift() -> None:
+    from cptkit.config import Config
+    from cptkit.register import promotion_gate
+
+    class NoChampion:
+        def alias_version(self, name: str, alias: str) -> None:
+            return None
+
+    results = EvaluationResults.from_json(
+        {**minimal_results().to_json(), "chat": ChatDrift(status="ok", drift=0.25, kl=0.01).to_json()}
+    )
+    config = Config.model_validate({"evaluate": {"min_adaptation": None, "max_chat_drift": 0.1}})
+    gate = promotion_gate(results, config, NoChampion(), "m")  # type: ignore[arg-type]
+    assert not gate.passed and gate.failures() == ["chat drift 0.2500 > maximum 0.1000 nats per token"]
+    relaxed = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"max_chat_drift": 0.3})})
+    assert promotion_gate(results, relaxed, NoChampion(), "m").passed  # type: ignore[arg-type]
