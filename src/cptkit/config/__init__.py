@@ -19,6 +19,7 @@ from cptkit.config.reference import (
     reference_markdown,
 )
 from cptkit.config.schema import (
+    ChatDriftConfig,
     Config,
     DataConfig,
     DecontaminationConfig,
@@ -60,6 +61,7 @@ from cptkit.config.sources import (
 __all__ = [
     "ENV_KEYS",
     "SOURCE_TYPES",
+    "ChatDriftConfig",
     "Config",
     "CsvSourceConfig",
     "DataConfig",

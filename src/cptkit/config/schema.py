@@ -389,6 +389,23 @@ class DecontaminationConfig(Section):
     )
 
 
+class ChatDriftConfig(Section):
+    """Chat drift: the base model answers cptkit's fixed general instructions through its chat template
+    (greedy, cached on disk), and the adapted model is scored on those answers (log-likelihood, KL)."""
+
+    enabled: bool = Field(True, description="Measure chat drift (skipped, with the reason, without a chat template).")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens of each greedy answer (base and adapted).")
+    max_instructions: int | None = Field(
+        None, gt=0, description="The first this many of the shipped instructions; null for all of them."
+    )
+    side_by_side: int = Field(
+        4,
+        ge=0,
+        description="Instructions the adapted model answers too (greedy), shown beside the base's answer in the "
+        "report; 0 for none.",
+    )
+
+
 class EvaluateConfig(Section):
     """Base vs adapted model on each evaluation set (perplexity, bits per byte, drift); the verdict's thresholds.
 
@@ -442,6 +459,7 @@ class EvaluateConfig(Section):
     )
     task_limit: int | None = Field(None, gt=0, description="Examples per lm-evaluation-harness task; null for all.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    chat: ChatDriftConfig = Field(default_factory=ChatDriftConfig)
     min_adaptation: float | None = Field(
         0.05, description="Verdict: the domain perplexity must fall by at least this share; null disables the check."
     )
@@ -451,6 +469,11 @@ class EvaluateConfig(Section):
     )
     max_drift_kl: float | None = Field(
         None, ge=0, description="Verdict: highest mean KL(base || adapted) on the general set, in nats; null disables."
+    )
+    max_chat_drift: float | None = Field(
+        None,
+        description="Verdict: highest chat drift (log-likelihood per answer token the adapted model lost on the base's "
+        "own chat answers, nats); null disables.",
     )
 
     @model_validator(mode="after")
