@@ -405,6 +405,12 @@ class EvaluateConfig(Section):
         "tokens of context where the document has them. Default half the context length.",
     )
     batch_size: int = Field(8, gt=0, description="Windows per forward pass (across documents).")
+    base_score_cache: bool = Field(
+        True,
+        description="Cache the base model's scoring outputs of each set (in the cptkit cache, keyed by the base, "
+        "the set's tokens and the window settings), so that evaluating another adapter of the same base, or a "
+        "tune pilot, scores only the adapted model.",
+    )
     max_tokens: int | None = Field(
         None,
         gt=0,
