@@ -38,6 +38,7 @@ from cptkit.config.schema import (
     SplitConfig,
     TrackingConfig,
     TrainingConfig,
+    TuneConfig,
 )
 from cptkit.config.sources import (
     ENV_KEYS,
@@ -91,6 +92,7 @@ __all__ = [
     "SplitConfig",
     "TrackingConfig",
     "TrainingConfig",
+    "TuneConfig",
     "apply_overrides",
     "expression_problem",
     "format_validation_errors",
