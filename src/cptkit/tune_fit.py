@@ -26,6 +26,10 @@ import numpy as np
 FULL_TERMS, REDUCED_TERMS = 4, 3
 MIN_PILOTS_FOR_FULL = 6
 GRID = 41  # candidate points per axis for the choice
+# ln y is kept in [-30, 3]: y up to 20 nats per token, far beyond any real loss change, and exp(y) stays finite.
+EXPONENT = (-30.0, 3.0)
+# Coefficient bounds (c0, c1, c2, c3): exponents of tokens within +-3, of the learning rate within +-10.
+BOUNDS = ([-30.0, -3.0, -10.0, -10.0], [3.0, 3.0, 10.0, 10.0])
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ class Law:
         ]
 
     def predict(self, r: Any, lr: Any, d: Any) -> np.ndarray:
-        return np.asarray(np.exp(self.features(r, lr, d) @ np.asarray(self.coef)))
+        # Clipped: a wild fit far from its pilots must not overflow to inf (and win the choice).
+        return np.asarray(np.exp(np.clip(self.features(r, lr, d) @ np.asarray(self.coef), *EXPONENT)))
 
 
 def _features(r: np.ndarray, lr: np.ndarray, d: np.ndarray, lr_ref: float, d_ref: float) -> np.ndarray:
@@ -88,9 +93,12 @@ def fit_law(
         start[0] = math.log(1e-6)
 
     def residuals(c: np.ndarray) -> np.ndarray:
-        return np.asarray(np.exp(np.clip(feats @ c, -50, 50)) - ys)
+        return np.asarray(np.exp(np.clip(feats @ c, *EXPONENT)) - ys)
 
-    solution = least_squares(residuals, start, method="lm" if len(ys) >= terms else "trf")
+    # Bounded: with few or noisy pilots (or values at or below 0, which the law cannot reach) the
+    # unbounded optimum can run off to exponents that mean nothing between the pilots.
+    low, high = BOUNDS[0][:terms], BOUNDS[1][:terms]
+    solution = least_squares(residuals, np.clip(start, low, high), bounds=(low, high), method="trf")
     return Law(tuple(float(c) for c in solution.x), lr_ref, d_ref)
 
 

@@ -1,0 +1,139 @@
+"""`cptkit tune` on a tiny model: three pilots of two steps, killed after the first and resumed without
+redoing it; the fit, the choice, tuned.yaml, the report, and the pilots as MLflow child runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import prepared_run
+
+
+def tune_config(tmp_path: Path, model_dir: Path) -> Path:
+    return prepared_run(
+        tmp_path,
+        model_dir,
+        {
+            "method": "lora",
+            "max_seq_length": 64,
+            "micro_batch_size": 2,
+            "warmup_steps": 0,
+            "precision": "fp32",
+            "eval_max_sequences": 2,
+        },
+        domain_docs=30,
+        general_texts=None,
+        evaluate={
+            "context_length": 48,
+            "stride": 48,
+            "max_documents": 3,
+            "precision": "fp32",
+            "max_forgetting": 0.5,
+        },
+        tune={
+            "points": 3,
+            "replay_ratio": [0.0, 0.5],
+            "learning_rate": [1e-3, 3e-2],
+            "tokens_per_pilot": 256,  # two steps of 2 x 64 tokens
+            "eval_max_tokens": 200,
+            "full_tokens": 2048,
+            "output_dir": "tune",
+        },
+    )
+
+
+def test_tune_runs_resumes_after_a_kill_and_writes_the_choice(
+    tmp_path: Path, tiny_model_dir: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cptkit.tune as tune_module
+
+    cfg = tune_config(tmp_path, tiny_model_dir)
+    real = tune_module.train_pilot
+    trained: list[str] = []
+
+    def killed_after_the_first(pc: Any, factory: Any) -> Any:
+        if trained:
+            raise KeyboardInterrupt  # what a kill between pilots leaves: pilot 1 done, the rest not
+        trained.append(pc.output_dir.name)
+        return real(pc, factory)
+
+    monkeypatch.setattr(tune_module, "train_pilot", killed_after_the_first)
+    first = cli("tune", "-c", str(cfg))
+    assert first.exit_code == 130, first.output
+    assert "tune: 3 pilots (space-filling" in first.output and "estimated" in first.output
+    done = Path("tune/pilots/pilot-00/pilot.json")
+    assert done.is_file() and not Path("tune/pilots/pilot-01/pilot.json").exists()
+    stamp = done.stat().st_mtime_ns
+
+    def counted(pc: Any, factory: Any) -> Any:
+        trained.append(pc.output_dir.name)
+        return real(pc, factory)
+
+    trained.clear()
+    monkeypatch.setattr(tune_module, "train_pilot", counted)
+    second = cli("tune", "-c", str(cfg))
+    assert second.exit_code == 0, second.output
+    assert "1 done before, 2 to run" in second.output
+    assert trained == ["pilot-01", "pilot-02"]  # pilot-00 was not redone
+    assert done.stat().st_mtime_ns == stamp
+
+    fit = json.loads(Path("tune/fit.json").read_text())
+    assert len(fit["pilots"]) == 3 and fit["terms"] == 3
+    assert all(p["tokens"] == 256 and p["steps"] == 2 for p in fit["pilots"])
+    assert len({(p["replay_ratio"], p["learning_rate"]) for p in fit["pilots"]}) == 3
+    choice = json.loads(Path("tune/choice.json").read_text())
+    chosen = choice["chosen"]
+    assert 0.0 <= chosen["replay_ratio"] <= 0.5 and 1e-3 <= chosen["learning_rate"] <= 3e-2 * 1.001
+    assert choice["full_tokens"] == 2048 and choice["max_forgetting"] == 0.5
+    if choice["within_budget"]:
+        assert choice["predicted_forgetting"] <= 0.5
+
+    # tuned.yaml: the user's config plus the choice, with where it came from; a valid config.
+    tuned_text = Path("tune/tuned.yaml").read_text()
+    assert "learning_rate: " in tuned_text and "# cptkit tune: 3 pilots" in tuned_text
+    tuned = yaml.safe_load(tuned_text)
+    original = yaml.safe_load(cfg.read_text())
+    assert tuned["training"]["learning_rate"] == pytest.approx(chosen["learning_rate"], rel=1e-2)
+    assert tuned["data"]["replay_ratio"] == pytest.approx(chosen["replay_ratio"], abs=1e-3)
+    assert tuned["source"] == original["source"] and tuned["tune"] == original["tune"]
+    from cptkit.config import load_config
+
+    assert load_config(Path("tune/tuned.yaml")).training.learning_rate == tuned["training"]["learning_rate"]
+
+    report = Path("tune/tune_report.html").read_text()
+    assert "<svg" in report and "pilot-02" in report and "<script" not in report and "src=" not in report
+
+    # The pilots are child runs of one parent run (the same parent across the kill and the resume).
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path('mlflow.db').resolve()}")
+    parent_id = json.loads(Path("tune/tune_state.json").read_text())["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["tune/chosen_learning_rate"] == pytest.approx(chosen["learning_rate"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(r.info.run_name for r in children) == [f"tune-pilot-0{i}" for i in range(3)]
+    assert all("eval/domain/cpt_perplexity" in r.data.metrics for r in children)
+    assert {a.path for a in client.list_artifacts(parent_id, "tune")} >= {"tune/tuned.yaml", "tune/tune_report.html"}
+
+    # Everything done: a third run fits again from the pilots' results, training nothing.
+    trained.clear()
+    third = cli("tune", "-c", str(cfg))
+    assert third.exit_code == 0 and trained == [] and "3 done before, 0 to run" in third.output
+
+
+def test_tune_without_replay_data_says_so(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
+    cfg = tune_config(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(cfg.read_text())
+    data["data"].pop("replay")
+    data["data"]["replay_ratio"] = 0
+    cfg.write_text(yaml.safe_dump(data))
+    result = cli("tune", "-c", str(cfg))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "error: tune.replay_ratio: [0.0, 0.5] tries replay, but data.replay is not set" in " ".join(
+        result.output.split()
+    )
