@@ -79,6 +79,8 @@ def test_tune_runs_resumes_after_a_kill_and_writes_the_choice(
     assert second.exit_code == 0, second.output
     assert "1 done before, 2 to run" in second.output
     assert trained == ["pilot-01", "pilot-02"]  # pilot-00 was not redone
+    # The base's scores of the two sets were computed by the first pilot and read by the others.
+    assert len(list(Path(".cache/base_scores").iterdir())) == 2
     assert done.stat().st_mtime_ns == stamp
 
     fit = json.loads(Path("tune/fit.json").read_text())

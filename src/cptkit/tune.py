@@ -25,7 +25,7 @@ from cptkit.artifacts import MANIFEST, atomic_path, read_json, write_json_atomic
 from cptkit.config import Config, section_fingerprint
 from cptkit.datasets import domain_dir
 from cptkit.errors import CptkitError
-from cptkit.progress import console
+from cptkit.progress import console, event
 from cptkit.results import EvaluationResults, TrainingSummary
 from cptkit.tracking import Tracker, open_tracker
 from cptkit.tune_fit import Choice, Fit, Observation, choose, design_points, fit_pilots
@@ -389,6 +389,19 @@ def _write_outputs(
         soft_wrap=True,
     )
     console.print(f"tune: wrote {tuned} and {report}", highlight=False, soft_wrap=True)
+    event(
+        "tune",
+        pilots=len(results),
+        ran=ran,
+        chosen={"replay_ratio": c.replay_ratio, "learning_rate": c.learning_rate},
+        within_budget=choice.within_budget,
+        predicted_adaptation=c.adaptation,
+        predicted_forgetting=c.relative_forgetting,
+        full_tokens=choice.tokens,
+        loo_rmse=fit.loo_rmse,
+        tuned_config=str(tuned),
+        report=str(report),
+    )
     return TuneResult(out, results, ran, fit, choice, tuned, report)
 
 
