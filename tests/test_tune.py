@@ -4,6 +4,7 @@ redoing it; the fit, the choice, tuned.yaml, the report, and the pilots as MLflo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,18 @@ def test_tune_without_replay_data_says_so(tmp_path: Path, tiny_model_dir: Path, 
     assert "error: tune.replay_ratio: [0.0, 0.5] tries replay, but data.replay is not set" in " ".join(
         result.output.split()
     )
+
+
+def test_diverged_pilots_are_left_out_of_the_fit() -> None:
+    from cptkit.errors import CptkitError
+    from cptkit.tune import PilotResult, usable_pilots
+
+    def pilot(name: str, gain: float) -> PilotResult:
+        adaptation = 1 - math.exp(-gain)
+        losses = (6.0, 6.0 - gain, gain, adaptation, 0.01, 0.01, 0.001)
+        return PilotResult(name, "f", 0.1, 1e-3, 2, 256, *losses, 100.0, 1.0, None)
+
+    good = [pilot("a", 0.1), pilot("b", 0.2)]
+    assert usable_pilots([*good, pilot("c", math.nan)]) == good
+    with pytest.raises(CptkitError, match="only 1 of 2 pilots gave finite losses"):
+        usable_pilots([good[0], pilot("d", -math.inf)])

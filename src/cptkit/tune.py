@@ -217,7 +217,7 @@ def tune(
             done[pilot.name] = run_pilot(config, pilot, _child_factory(tracker_factory, parent.run_id))
         results = [done[p.name] for p in plan.pilots]
         full = plan.full_tokens or _tokens_in_minutes(config, results)
-        fit = fit_pilots([r.observation() for r in results])
+        fit = fit_pilots([r.observation() for r in usable_pilots(results)])
         ec = config.evaluate
         choice = choose(
             fit, config.tune.replay_ratio, config.tune.learning_rate, full, ec.max_forgetting, ec.max_drift_kl
@@ -308,6 +308,24 @@ def run_pilot(config: Config, pilot: Pilot, tracker_factory: Callable[..., Track
         highlight=False,
     )
     return result
+
+
+def usable_pilots(results: list[PilotResult]) -> list[PilotResult]:
+    """The pilots with finite losses (a learning rate that diverged gives NaN or inf): the others are left
+    out of the fit, with a line saying so."""
+    usable = [r for r in results if all(math.isfinite(v) for v in (r.domain_gain, r.forgetting))]
+    left_out = [r.name for r in results if r not in usable]
+    if left_out:
+        console.print(
+            f"tune: left out of the fit (losses not finite: training diverged): {', '.join(left_out)}",
+            style="yellow",
+            highlight=False,
+        )
+    if len(usable) < 2:
+        raise CptkitError(
+            f"tune: only {len(usable)} of {len(results)} pilots gave finite losses; lower the top of tune.learning_rate"
+        )
+    return usable
 
 
 def _tokens_in_minutes(config: Config, results: list[PilotResult]) -> int:
