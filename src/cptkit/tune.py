@@ -224,6 +224,9 @@ def tune(
         )
         result = _write_outputs(config, config_data, results, fit, choice, len(todo))
         _log_parent(parent, result)
+    except KeyboardInterrupt:  # a kill: the next tune continues this parent run with the pilots not done
+        parent.end("KILLED")
+        raise
     except BaseException:
         parent.end("FAILED")
         raise
