@@ -128,6 +128,17 @@ def test_tune_runs_resumes_after_a_kill_and_writes_the_choice(
     third = cli("tune", "-c", str(cfg))
     assert third.exit_code == 0 and trained == [] and "3 done before, 0 to run" in third.output
 
+    # Data prepared anew: the pilots' results no longer count (they are run again).
+    from cptkit.datasets import domain_dir
+    from cptkit.tune import _finished, plan_tune
+
+    loaded = load_config(cfg)
+    assert all(_finished(loaded, p) is not None for p in plan_tune(loaded).pilots)
+    manifest_path = domain_dir(loaded) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "created_at": "2030-01-01T00:00:00+00:00"}))
+    assert all(_finished(loaded, p) is None for p in plan_tune(loaded).pilots)
+
 
 def test_tune_without_replay_data_says_so(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
     cfg = tune_config(tmp_path, tiny_model_dir)

@@ -23,7 +23,7 @@ import yaml
 
 from cptkit.artifacts import MANIFEST, atomic_path, read_json, write_json_atomic
 from cptkit.config import Config, section_fingerprint
-from cptkit.datasets import domain_dir
+from cptkit.datasets import domain_dir, replay_dir
 from cptkit.errors import CptkitError
 from cptkit.progress import console, event
 from cptkit.results import EvaluationResults, TrainingSummary
@@ -181,7 +181,12 @@ def pilot_config(config: Config, pilot: Pilot) -> Config:
 
 
 def _pilot_fingerprint(pc: Config) -> str:
-    return section_fingerprint(pc.model, pc.training, pc.data, pc.evaluate, str(pc.output_dir))
+    """The pilot's settings and the prepared data it trains and is evaluated on (a new prepare reruns it)."""
+    prepared = []
+    for folder in (domain_dir(pc), replay_dir(pc)):
+        manifest = read_json(folder / MANIFEST) or {}
+        prepared.append([manifest.get(k) for k in ("config_fingerprint", "input_fingerprint", "created_at")])
+    return section_fingerprint(pc.model, pc.training, pc.data, pc.evaluate, str(pc.output_dir), prepared)
 
 
 # ---------------------------------------------------------------- running
