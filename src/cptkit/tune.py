@@ -369,8 +369,9 @@ def _estimated_seconds(config: Config, todo: list[Pilot]) -> float:
     per_pilot = plan.estimated_seconds.get("total", 0.0)
     measured = plan.measured
     eval_tokens = (config.tune.eval_max_tokens or 0) * (2 + len(config.evaluate.sets))
-    # A forward pass costs about a third of a training step per token.
-    scoring = 3 * eval_tokens / measured.tokens_per_second if measured is not None and eval_tokens else 0.0
+    # A forward pass costs about a third of a training step (forward and backward) per token: one model's
+    # scoring runs at about three times the training speed.
+    scoring = eval_tokens / (3 * measured.tokens_per_second) if measured is not None and eval_tokens else 0.0
     return len(todo) * (per_pilot + scoring) + scoring
 
 
