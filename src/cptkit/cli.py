@@ -419,6 +419,23 @@ def serve(
     _run(debug, go)
 
 
+@app.command()
+def tune(config: ConfigOpt = None, set_: SetOpt = None, wait: WaitOpt = False, debug: DebugOpt = False) -> None:
+    """Pilot runs over replay ratio x learning rate (the tune section), a fitted law of domain gain and
+    forgetting, and the choice within evaluate.max_forgetting / max_drift_kl, written as tuned.yaml beside
+    an HTML report (docs/tune.md). A killed tune continues with the pilots not yet done."""
+
+    def go() -> None:
+        from cptkit.tune import read_config_data
+        from cptkit.tune import tune as run_tune
+
+        path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        cfg = _load(config, set_)
+        run_tune(cfg, read_config_data(path, list(set_ or [])))
+
+    _run(debug, go, wait=wait)
+
+
 @app.command("run")
 def run_all(
     config: ConfigOpt = None,

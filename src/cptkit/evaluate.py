@@ -16,6 +16,7 @@ import numpy as np
 
 from cptkit import chat_drift
 from cptkit.artifacts import MANIFEST, invalidate, new_manifest, read_json, up_to_date, write_json_atomic
+from cptkit.base_scores import base_outputs_for
 from cptkit.choices import Choice
 from cptkit.config import (
     Config,
@@ -248,14 +249,36 @@ def _evaluate_sets(
         same_tokens = len(base_docs) == len(cpt_docs) and all(
             np.array_equal(a, b) for a, b in zip(base_docs, cpt_docs, strict=True)
         )
+        cached = base_outputs_for(
+            ec.base_score_cache,
+            pair.description.base_model_path,
+            f"{pair.description.base_scored_as}; {pair.description.quantization}",
+            base_docs,
+            context,
+            stride,
+            ec.batch_size,
+            precision.value,
+            device,
+        )
         if same_tokens:
             (base_score, cpt_score), drift = score(
-                [pair.base_runner, pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16, True, name
+                [pair.base_runner, pair.cpt_runner],
+                cpt_docs,
+                context,
+                stride,
+                ec.batch_size,
+                device,
+                bf16,
+                True,
+                name,
+                base_outputs=cached,
             )
             assert drift is not None
             drifts[name] = drift.result()
         else:  # different tokenizers: scored separately; bits per byte still compares them
-            (base_score,), _ = score([pair.base_runner], base_docs, context, stride, ec.batch_size, device, bf16)
+            (base_score,), _ = score(
+                [pair.base_runner], base_docs, context, stride, ec.batch_size, device, bf16, base_outputs=cached
+            )
             (cpt_score,), _ = score([pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16)
         score_seconds += time.perf_counter() - t0
         scored_tokens += base_score.tokens + cpt_score.tokens

@@ -39,6 +39,7 @@ from cptkit.config.schema import (
     SplitConfig,
     TrackingConfig,
     TrainingConfig,
+    TuneConfig,
 )
 from cptkit.config.sources import (
     ENV_KEYS,
@@ -93,6 +94,7 @@ __all__ = [
     "SplitConfig",
     "TrackingConfig",
     "TrainingConfig",
+    "TuneConfig",
     "apply_overrides",
     "expression_problem",
     "format_validation_errors",

@@ -436,6 +436,12 @@ class EvaluateConfig(Section):
         "tokens of context where the document has them. Default half the context length.",
     )
     batch_size: int = Field(8, gt=0, description="Windows per forward pass (across documents).")
+    base_score_cache: bool = Field(
+        True,
+        description="Cache the base model's scoring outputs of each set (in the cptkit cache, keyed by the base, "
+        "the set's tokens and the window settings), so that evaluating another adapter of the same base, or a "
+        "tune pilot, scores only the adapted model.",
+    )
     max_tokens: int | None = Field(
         None,
         gt=0,
@@ -486,6 +492,51 @@ class EvaluateConfig(Section):
         return self
 
 
+class TuneConfig(Section):
+    """`cptkit tune`: short pilot runs over replay ratio x learning rate, a fitted law of domain gain and
+    forgetting, and the choice that maximizes the predicted domain gain within the forgetting budget
+    (evaluate.max_forgetting, max_drift_kl). See docs/tune.md."""
+
+    design: Literal["space-filling", "grid"] = Field(
+        "space-filling",
+        description="Pilot points: a scrambled Sobol design (space-filling, any count) or a grid of "
+        "floor(sqrt(points)) learning rates x the replay ratios that make up `points`.",
+    )
+    points: int = Field(8, ge=2, le=32, description="Pilot runs (6-12 give the fit something to hold on to).")
+    replay_ratio: tuple[float, float] = Field(
+        (0.0, 0.5), description="Range of data.replay_ratio tried, [low, high] (linear scale)."
+    )
+    learning_rate: tuple[float, float] = Field(
+        (2.0e-5, 2.0e-3), description="Range of training.learning_rate tried, [low, high] (log scale)."
+    )
+    tokens_per_pilot: int = Field(
+        200_000, gt=0, description="Training tokens of each pilot (rounded up to whole optimizer steps)."
+    )
+    eval_max_tokens: int | None = Field(
+        20_000, gt=0, description="Tokens of each evaluation set scored per pilot (evaluate.max_tokens for pilots)."
+    )
+    full_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Training tokens of the full run the choice is for; default from training.max_steps, "
+        "training.max_minutes (at the pilots' speed) or num_epochs over the prepared domain tokens.",
+    )
+    seed: int = Field(0, description="Seed of the design (the pilots train with training.seed).")
+    output_dir: Path = Field(
+        Path("outputs/tune"), description="Pilots, fit.json, choice, tuned.yaml and tune_report.html."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneConfig:
+        lo, hi = self.replay_ratio
+        if not 0 <= lo <= hi < 1:
+            raise ValueError(f"replay_ratio: need 0 <= low <= high < 1, got [{lo}, {hi}]")
+        lo, hi = self.learning_rate
+        if not 0 < lo <= hi:
+            raise ValueError(f"learning_rate: need 0 < low <= high, got [{lo}, {hi}]")
+        return self
+
+
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -499,6 +550,7 @@ class Config(Section):
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     serve: ServeConfig = Field(default_factory=ServeConfig)
     databricks: DatabricksConfig = Field(default_factory=DatabricksConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def run_name(self, stage: str, started: str | None = None) -> str:
         """The MLflow run name: tracking.run_name, else the stage, the model and (for training) when it started."""
