@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cptkit import chat_drift
 from cptkit.artifacts import MANIFEST, invalidate, new_manifest, read_json, up_to_date, write_json_atomic
+from cptkit.base_scores import base_outputs_for
 from cptkit.choices import Choice
 from cptkit.config import (
     Config,
@@ -79,7 +81,8 @@ def _evaluate(
     out = evaluation_dir(config)
     device, precision = choose_for_evaluation(config, cpt_dir)
     # The precision auto chose is part of the settings: results in bf16 are not those in fp32.
-    config_fp = section_fingerprint(ec, config.model.name, config.model.tokenizer, precision.value)
+    chat_set = chat_drift.instructions_hash(chat_drift.instructions())
+    config_fp = section_fingerprint(ec, config.model.name, config.model.tokenizer, precision.value, chat_set)
     task_dir = ec.task_include_path if ec.tasks else None
     input_fp = _input_fingerprint(cpt_dir, sources, task_dir)
     existing = up_to_date(out, config_fp, input_fp)
@@ -249,14 +252,36 @@ def _evaluate_sets(
         same_tokens = len(base_docs) == len(cpt_docs) and all(
             np.array_equal(a, b) for a, b in zip(base_docs, cpt_docs, strict=True)
         )
+        cached = base_outputs_for(
+            ec.base_score_cache,
+            pair.description.base_model_path,
+            f"{pair.description.base_scored_as}; {pair.description.quantization}",
+            base_docs,
+            context,
+            stride,
+            ec.batch_size,
+            precision.value,
+            device,
+        )
         if same_tokens:
             (base_score, cpt_score), drift = score(
-                [pair.base_runner, pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16, True, name
+                [pair.base_runner, pair.cpt_runner],
+                cpt_docs,
+                context,
+                stride,
+                ec.batch_size,
+                device,
+                bf16,
+                True,
+                name,
+                base_outputs=cached,
             )
             assert drift is not None
             drifts[name] = drift.result()
         else:  # different tokenizers: scored separately; bits per byte still compares them
-            (base_score,), _ = score([pair.base_runner], base_docs, context, stride, ec.batch_size, device, bf16)
+            (base_score,), _ = score(
+                [pair.base_runner], base_docs, context, stride, ec.batch_size, device, bf16, base_outputs=cached
+            )
             (cpt_score,), _ = score([pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16)
         score_seconds += time.perf_counter() - t0
         scored_tokens += base_score.tokens + cpt_score.tokens
@@ -283,6 +308,7 @@ def _evaluate_sets(
     forgetting_by_set = {n: relative_change(base[n].perplexity, cpt[n].perplexity) for n in held_out}
     general_drift = drifts.get(GENERAL)
     drift_kl = general_drift.kl if general_drift else None
+    chat = chat_drift.measure(pair, ec.chat, precision.value, device, ec.batch_size)
     return EvaluationResults(
         pair=pair.description,
         settings=settings,
@@ -299,9 +325,10 @@ def _evaluate_sets(
         tokens_per_second=scored_tokens / max(score_seconds, 1e-9),
         tasks=run_tasks(pair, ec.tasks, context, ec.batch_size, ec.task_limit, ec.task_include_path, bf16),
         generations=generate(pair, ec.generation, device),
+        chat=chat,
         training=TrainingFacts.of(summary) if summary is not None else None,
         data=_data_accounting(config),
-        verdict=verdict(adaptation, forgetting_by_set, drift_kl, ec),
+        verdict=verdict(adaptation, forgetting_by_set, drift_kl, ec, chat.drift),
     )
 
 
@@ -327,6 +354,7 @@ def _log(tracker: Tracker, results: EvaluationResults, out: Path, files: list[st
         metrics[f"eval/{set_name}/top1_agreement"] = d.top1_agreement
     for key, value in results.headline().items():
         metrics[f"eval/{key}"] = value
+    metrics.update(chat_drift.metrics(results.chat))
     metrics["eval/passed"] = float(results.passed)
     tracker.log_metrics(metrics, step)
     for name in files:

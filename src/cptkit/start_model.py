@@ -102,6 +102,10 @@ def check_start(start: StartModel, config: Config) -> Config:
     """The config to train with from `start`: the same base and method (an `auto` method takes the
     start's), the same adapter shape. A mismatch is a config error naming both."""
     tc, theirs = config.training, start.training
+    if tc.distributed == "fsdp":
+        raise ConfigError(
+            [f"config error: training.init_from: {start.spec}: an update trains with distributed ddp, not fsdp"]
+        )
     if start.base is not None and not _same_model(start.base, config.model.name):
         raise ConfigError(
             [

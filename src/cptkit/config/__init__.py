@@ -19,6 +19,7 @@ from cptkit.config.reference import (
     reference_markdown,
 )
 from cptkit.config.schema import (
+    ChatDriftConfig,
     Config,
     DataConfig,
     DecontaminationConfig,
@@ -38,6 +39,7 @@ from cptkit.config.schema import (
     SplitConfig,
     TrackingConfig,
     TrainingConfig,
+    TuneConfig,
 )
 from cptkit.config.sources import (
     ENV_KEYS,
@@ -60,6 +62,7 @@ from cptkit.config.sources import (
 __all__ = [
     "ENV_KEYS",
     "SOURCE_TYPES",
+    "ChatDriftConfig",
     "Config",
     "CsvSourceConfig",
     "DataConfig",
@@ -91,6 +94,7 @@ __all__ = [
     "SplitConfig",
     "TrackingConfig",
     "TrainingConfig",
+    "TuneConfig",
     "apply_overrides",
     "expression_problem",
     "format_validation_errors",
