@@ -18,8 +18,11 @@ HtmlTableMaker = Callable[[list[str], list[list[str]]], str]
 
 
 def _interval(i: Interval, signed: bool = False) -> str:
-    fmt = "+.1%" if signed else ".1%"
-    return f"{i.value:{fmt}} [{i.low:{fmt}}, {i.high:{fmt}}]"
+    """A share with its interval; a change of a share in percentage points (pp), so it does not read as
+    a relative change."""
+    if signed:
+        return f"{i.value * 100:+.1f} pp [{i.low * 100:+.1f}, {i.high * 100:+.1f}]"
+    return f"{i.value:.1%} [{i.low:.1%}, {i.high:.1%}]"
 
 
 def _ppl(value: float | None) -> str:
