@@ -292,3 +292,37 @@ def test_request_tokens_split_like_the_harness(tiny_tokenizer_dir: Path) -> None
     cut, _ = request_tokens(tokenizer, "The request is charged by the", " flux capacitor", 4)
     assert cut == whole[-5:]
     assert math.isfinite(n)
+
+
+def test_shared_context_scoring_equals_scoring_each_request_whole(tiny_model_dir: Path) -> None:
+    """The choices of an item run over one cached context; each request scored alone in a plain forward
+    pass gives the same log-likelihoods and greedy flags, and a length limit that cuts the requests
+    (scored whole, in batches) gives those of the cut requests."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cptkit.scoring import fixed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    _, items, _ = built_items()
+    items = items[:6]
+
+    def alone(max_length: int) -> tuple[np.ndarray, list[bool]]:
+        lls, greedy = [], []
+        for it in items:
+            for choice in it.choices:
+                tokens, n = request_tokens(tokenizer, it.context, " " + choice, max_length)
+                with torch.no_grad():
+                    lp = torch.log_softmax(model(input_ids=torch.tensor([tokens[:-1]])).logits[0, -n:].float(), -1)
+                target = torch.tensor(tokens[-n:])
+                lls.append(float(lp.gather(-1, target[:, None]).sum()))
+                greedy.append(bool((lp.argmax(-1) == target).all()))
+        return np.asarray(lls).reshape(len(items), -1), greedy
+
+    for max_length in (512, 24):  # every item shares its context; every item is cut
+        expected, greedy = alone(max_length)
+        scores = score_items(fixed(model), tokenizer, items, max_length, batch_tokens=200)
+        np.testing.assert_allclose(scores.loglikelihoods, expected, rtol=1e-5, atol=1e-5)
+        labels = [k * len(it.choices) + it.label for k, it in enumerate(items)]
+        assert scores.answer_greedy.tolist() == [greedy[i] for i in labels]

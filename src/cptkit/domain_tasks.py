@@ -246,20 +246,34 @@ def score_items(
     device: Any = "cpu",
     bf16: bool = False,
 ) -> ItemScores:
-    """Every choice of every item scored, in right-padded batches of similar length of at most
-    `batch_tokens` tokens (no attention mask is needed under causal attention: padding after a row cannot
-    change it)."""
+    """Every choice of every item scored. The choices of an item share its context, so the context runs
+    once and its key/value cache serves all the choices (a third of the compute of scoring each request
+    whole, at the passages' length); an item whose requests the length limit cuts is scored request by
+    request, in right-padded batches of at most `batch_tokens` tokens (no attention mask is needed under
+    causal attention: padding after a row cannot change it)."""
     import torch
 
+    per_item = len(items[0].choices) if items else 0
     requests = [
         request_tokens(tokenizer, it.context, " " + choice, max_length) for it in items for choice in it.choices
     ]
+    contexts = [tokenizer(it.context, add_special_tokens=False)["input_ids"] for it in items]
     lls = np.zeros(len(requests))
     greedy = np.zeros(len(requests), dtype=bool)
-    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]), i))
+    cut = [
+        k
+        for k, ctx in enumerate(contexts)
+        if any(len(tokens) - n != len(ctx) for tokens, n in requests[k * per_item : (k + 1) * per_item])
+    ]
+    whole = [k * per_item + j for k in cut for j in range(per_item)]
+    order = sorted(whole, key=lambda i: (-len(requests[i][0]), i))
     device = torch.device(device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.inference_mode(), autocast, runner() as model:
+        for k in sorted(set(range(len(items))) - set(cut)):
+            first, stop = k * per_item, (k + 1) * per_item
+            conts = [requests[i][0][-requests[i][1] :] for i in range(first, stop)]
+            lls[first:stop], greedy[first:stop] = _shared_context(model, contexts[k], conts, device)
         for rows in _batches(order, [len(r[0]) for r in requests], batch_tokens):
             width = max(len(requests[i][0]) for i in rows) - 1
             ids = np.zeros((len(rows), width), dtype=np.int64)
@@ -281,9 +295,35 @@ def score_items(
                 lls[i] = float(token_lp[at : at + n].sum())
                 greedy[i] = bool(is_max[at : at + n].all())
                 at += n
-    per_item = len(items[0].choices) if items else 0
     labels = np.asarray([k * per_item + it.label for k, it in enumerate(items)], dtype=np.int64)
     return ItemScores(lls.reshape(len(items), per_item), greedy[labels])
+
+
+def _shared_context(model: Any, context: list[int], continuations: list[list[int]], device: Any) -> tuple[Any, Any]:
+    """Summed log-likelihood of each continuation after `context`, and whether it is all greedy: the
+    context once (its last logits predict each continuation's first token), then the continuations as
+    one right-padded batch over copies of the context's cache."""
+    import torch
+
+    out = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    # transformers 5 names the cache `cache` (in and out), transformers 4 `past_key_values`.
+    cache = getattr(out, "cache", None)
+    name = "cache" if cache is not None else "past_key_values"
+    cache = cache if cache is not None else out.past_key_values
+    cache.batch_repeat_interleave(len(continuations))
+    width = max(len(c) for c in continuations)
+    ids = torch.zeros((len(continuations), width), dtype=torch.long, device=device)
+    for r, c in enumerate(continuations):
+        ids[r, : len(c)] = torch.tensor(c, device=device)
+    lp = torch.log_softmax(model(input_ids=ids, use_cache=True, **{name: cache}).logits.float(), dim=-1)
+    lls, greedy = [], []
+    for r, c in enumerate(continuations):
+        rest = torch.tensor(c[1:], dtype=torch.long, device=device)
+        steps = lp[r, : len(c) - 1]
+        lls.append(float(first[c[0]]) + float(steps.gather(-1, rest[:, None]).sum(dtype=torch.float64)))
+        greedy.append(bool(int(first.argmax()) == c[0] and bool((steps.argmax(-1) == rest).all())))
+    return np.asarray(lls), np.asarray(greedy)
 
 
 def _batches(order: list[int], lengths: list[int], batch_tokens: int) -> list[list[int]]:
