@@ -188,7 +188,13 @@ def domain_run(tmp_path: Path, model_dir: Path) -> Path:
                 "generation": {"max_new_tokens": 0},
                 "min_adaptation": None,
                 "max_forgetting": None,
-                "domain_tasks": {"min_count": 3, "min_documents": 2, "context_words": 20, "bootstrap": 500},
+                "domain_tasks": {
+                    "min_count": 3,
+                    "min_documents": 2,
+                    "context_words": 20,
+                    "items": 200,
+                    "bootstrap": 500,
+                },
             },
         },
     )
