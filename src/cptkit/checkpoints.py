@@ -46,6 +46,7 @@ class TrainerState:
     method: str = ""
     precision: str = ""
     processes: int = 1  # processes of the run: the global batch and each one's share depend on it
+    distributed: str = "ddp"  # fsdp: the weights and optimizer state are sharded (cptkit.fsdp's format)
     # The step count training.max_minutes gave, fixed once from the measured speed; None: not derived.
     planned_steps: int | None = None
 

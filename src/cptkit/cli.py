@@ -15,7 +15,14 @@ import yaml
 
 from cptkit import __version__
 from cptkit.config import Config, load_config, masked_dict
-from cptkit.distributed import lost_the_main_process, process_rank
+from cptkit.distributed import (
+    group_size,
+    launch_local,
+    launched_as_group,
+    lost_the_main_process,
+    process_rank,
+    threads_per_process,
+)
 from cptkit.errors import ConfigError, CptkitError
 from cptkit.folders import wait_for_lock
 from cptkit.pipeline import Reporters, Stage
@@ -53,6 +60,17 @@ SetOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even when the outputs are up to date.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+ProcessesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--processes",
+        min=1,
+        help="Train in this many local processes (each takes its share of every step's blocks); "
+        "under torchrun or accelerate launch, the launcher decides.",
+    ),
+]
+
+
 WaitOpt = Annotated[
     bool,
     typer.Option(
@@ -213,52 +231,58 @@ def prepare(
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    processes: Annotated[
-        int | None,
-        typer.Option(
-            "--processes",
-            min=1,
-            help="Train in this many local processes (each takes its share of every step's blocks); "
-            "under torchrun or accelerate launch, the launcher decides.",
-        ),
-    ] = None,
+    processes: ProcessesOpt = None,
     force: ForceOpt = False,
     wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Continual pretraining on the prepared data (resumes from the latest checkpoint of the same run)."""
-    from cptkit.distributed import accelerate_cpu_processes, launch_local, launched_as_group, threads_per_process
+    from cptkit.distributed import accelerate_cpu_processes
     from cptkit.tracking import check_tracking
     from cptkit.train import train as run_train
 
     def go() -> None:
         cfg = _load(config, set_)
         check_tracking(cfg.tracking)  # before the model loads: an unusable store fails in seconds
+        _check_processes(processes)
         wanted = processes or accelerate_cpu_processes()
-        if launched_as_group() and processes is not None and processes != int(os.environ["WORLD_SIZE"]):
-            raise ConfigError(
-                [
-                    f"error: --processes {processes} under a launcher that started {os.environ['WORLD_SIZE']}; "
-                    "the launcher decides: drop --processes"
-                ]
-            )
         if wanted is None or wanted == 1 or launched_as_group():
             print_train(run_train(cfg, force=force))
             return
         why = "" if processes else " (accelerate launch --cpu starts one process, so cptkit starts them)"
-        console.print(
-            f"train: {wanted} processes on this machine, {threads_per_process(wanted)} CPU threads each{why}",
-            highlight=False,
-        )
-        os.environ["CPTKIT_LOG_FORMAT"] = log_format()  # the processes print as this one would
-        args = ["train", *(["-c", str(config.resolve())] if config is not None else [])]
-        args += [a for value in set_ or [] for a in ("--set", value)]
-        args += [flag for flag, on in (("--force", force), ("--wait", wait), ("--debug", debug)) if on]
-        code = launch_local(wanted, args, debug)
-        if code != 0:
-            raise typer.Exit(code)  # the failing process printed its own error
+        _launch_train(wanted, config, set_, force, wait, debug, why)
 
     _run(debug, go, wait=wait)
+
+
+def _check_processes(processes: int | None) -> None:
+    if launched_as_group() and processes is not None and processes != group_size():
+        raise ConfigError(
+            [
+                f"error: --processes {processes} under a launcher that started {group_size()}; "
+                "the launcher decides: drop --processes"
+            ]
+        )
+
+
+def _launch_train(
+    processes: int, config: Path | None, set_: list[str] | None, force: bool, wait: bool, debug: bool, why: str = ""
+) -> None:
+    """`cptkit train` with this command's config, overrides and flags, in `processes` local processes (the
+    main one prints train's result); raises typer.Exit with the failing process's code."""
+    console.print(
+        f"train: {processes} processes on this machine, {threads_per_process(processes)} CPU threads each{why}",
+        highlight=False,
+    )
+    os.environ["CPTKIT_LOG_FORMAT"] = log_format()  # the processes print as this one would
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    args = ["train", *(["-c", str(config.resolve())] if config is not None else [])]
+    args += [a for value in set_ or [] for a in ("--set", value)]
+    args += [flag for flag, on in (("--force", force), ("--wait", wait), ("--debug", debug)) if on]
+    code = launch_local(processes, args, debug)
+    if code != 0:
+        raise typer.Exit(code)  # the failing process printed its own error
 
 
 @app.command()
@@ -395,6 +419,23 @@ def serve(
     _run(debug, go)
 
 
+@app.command()
+def tune(config: ConfigOpt = None, set_: SetOpt = None, wait: WaitOpt = False, debug: DebugOpt = False) -> None:
+    """Pilot runs over replay ratio x learning rate (the tune section), a fitted law of domain gain and
+    forgetting, and the choice within evaluate.max_forgetting / max_drift_kl, written as tuned.yaml beside
+    an HTML report (docs/tune.md). A killed tune continues with the pilots not yet done."""
+
+    def go() -> None:
+        from cptkit.tune import read_config_data
+        from cptkit.tune import tune as run_tune
+
+        path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        cfg = _load(config, set_)
+        run_tune(cfg, read_config_data(path, list(set_ or [])))
+
+    _run(debug, go, wait=wait)
+
+
 @app.command("run")
 def run_all(
     config: ConfigOpt = None,
@@ -412,6 +453,14 @@ def run_all(
             help="Print the preflight (data, steps, learning rate, model, measured speed and memory); run no stage.",
         ),
     ] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="Train in this many local processes (the other stages are unchanged); the preflight plans for them.",
+        ),
+    ] = None,
     wait: WaitOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -422,11 +471,21 @@ def run_all(
 
     def go() -> None:
         cfg = _load(config, set_)
+        _check_processes(processes)
+        wanted = processes or group_size()
         if dry_run:
-            print_preflight(pipeline.dry_run(cfg))
+            print_preflight(pipeline.dry_run(cfg, wanted))
             return
+        if launched_as_group():  # only the dry run's timed steps are worth running in every process
+            raise CptkitError(
+                "cptkit run under a launcher would run every stage in each of its processes: run `cptkit run "
+                "--processes N` (it starts the training processes), or launch `cptkit train` or `cptkit run --dry-run`"
+            )
         stages = pipeline.select(from_, until)
-        reason = pipeline.not_promoted(pipeline.run_pipeline(cfg, stages, _reporters()))
+        options = pipeline.Options(
+            processes=wanted, launch_train=lambda force: _launch_train(wanted, config, set_, force, wait, debug)
+        )
+        reason = pipeline.not_promoted(pipeline.run_pipeline(cfg, stages, _reporters(), options))
         if reason is not None:
             raise CptkitError(reason)
 

@@ -20,10 +20,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import xxhash
 
 from cptkit.datasets import TRAIN, TRAIN_TEXT
+from cptkit.parquet_files import open_parquet
 
 _WORD = re.compile(r"\w+")
 # An n-gram's hash is a polynomial in its words' hashes, wrapping at 2**64 (numpy's uint64 arithmetic):
@@ -92,5 +92,5 @@ def training_texts(directories: Iterable[Path]) -> Iterator[str]:
                     yield json.loads(line)["text"]
             continue
         for shard in sorted((directory / TRAIN_TEXT).glob("part-*.parquet")):
-            for batch in pq.ParquetFile(shard).iter_batches(columns=["text"]):
+            for batch in open_parquet(shard).iter_batches(columns=["text"]):
                 yield from (t for t in batch.column(0).to_pylist() if t is not None)

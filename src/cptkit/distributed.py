@@ -21,8 +21,13 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def group_size() -> int:
+    """The number of processes of this process's launcher's group (1 when not launched as a group)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_as_group() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return group_size() > 1
 
 
 def threads_per_process(processes: int) -> int:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cptkit import domain_tasks
+from cptkit import chat_drift, domain_tasks
 from cptkit.artifacts import MANIFEST, invalidate, new_manifest, read_json, up_to_date, write_json_atomic
+from cptkit.base_scores import base_outputs_for
 from cptkit.choices import Choice
 from cptkit.config import (
     Config,
@@ -80,7 +81,8 @@ def _evaluate(
     out = evaluation_dir(config)
     device, precision = choose_for_evaluation(config, cpt_dir)
     # The precision auto chose is part of the settings: results in bf16 are not those in fp32.
-    config_fp = section_fingerprint(ec, config.model.name, config.model.tokenizer, precision.value)
+    chat_set = chat_drift.instructions_hash(chat_drift.instructions())
+    config_fp = section_fingerprint(ec, config.model.name, config.model.tokenizer, precision.value, chat_set)
     task_dir = ec.task_include_path if ec.tasks else None
     input_fp = _input_fingerprint(cpt_dir, sources, task_dir)
     existing = up_to_date(out, config_fp, input_fp)
@@ -256,17 +258,45 @@ def _evaluate_sets(
         same_tokens = len(base_docs) == len(cpt_docs) and all(
             np.array_equal(a, b) for a, b in zip(base_docs, cpt_docs, strict=True)
         )
-        per_token = name == DOMAIN and isinstance(built, domain_tasks.DomainTaskSet)  # for the term-span perplexity
+        per_token = name == DOMAIN and isinstance(built, domain_tasks.DomainTaskSet)  # for term-span perplexity
+        cached = base_outputs_for(
+            ec.base_score_cache,
+            pair.description.base_model_path,
+            f"{pair.description.base_scored_as}; {pair.description.quantization}",
+            base_docs,
+            context,
+            stride,
+            ec.batch_size,
+            precision.value,
+            device,
+        )
         if same_tokens:
             (base_score, cpt_score), drift = score(
-                [pair.base_runner, pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16, True, name,
-                per_token,
-            )  # fmt: skip
+                [pair.base_runner, pair.cpt_runner],
+                cpt_docs,
+                context,
+                stride,
+                ec.batch_size,
+                device,
+                bf16,
+                True,
+                name,
+                per_token=per_token,
+                base_outputs=cached,
+            )
             assert drift is not None
             drifts[name] = drift.result()
         else:  # different tokenizers: scored separately; bits per byte still compares them
             (base_score,), _ = score(
-                [pair.base_runner], base_docs, context, stride, ec.batch_size, device, bf16, per_token=per_token
+                [pair.base_runner],
+                base_docs,
+                context,
+                stride,
+                ec.batch_size,
+                device,
+                bf16,
+                per_token=per_token,
+                base_outputs=cached,
             )
             (cpt_score,), _ = score(
                 [pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16, per_token=per_token
@@ -299,6 +329,7 @@ def _evaluate_sets(
     forgetting_by_set = {n: relative_change(base[n].perplexity, cpt[n].perplexity) for n in held_out}
     general_drift = drifts.get(GENERAL)
     drift_kl = general_drift.kl if general_drift else None
+    chat = chat_drift.measure(pair, ec.chat, precision.value, device, ec.batch_size)
     return EvaluationResults(
         pair=pair.description,
         settings=settings,
@@ -325,9 +356,10 @@ def _evaluate_sets(
             bf16,
         ),
         generations=generate(pair, ec.generation, device),
+        chat=chat,
         training=TrainingFacts.of(summary) if summary is not None else None,
         data=_data_accounting(config),
-        verdict=verdict(adaptation, forgetting_by_set, drift_kl, ec),
+        verdict=verdict(adaptation, forgetting_by_set, drift_kl, ec, chat.drift),
     )
 
 
@@ -355,6 +387,7 @@ def _log(tracker: Tracker, results: EvaluationResults, out: Path, files: list[st
         metrics[f"eval/{key}"] = value
     for key, value in results.domain_tasks.metrics().items():
         metrics[f"eval/{key}"] = value
+    metrics.update(chat_drift.metrics(results.chat))
     metrics["eval/passed"] = float(results.passed)
     tracker.log_metrics(metrics, step)
     for name in files:  # a folder (the generated tasks) keeps its name under evaluation/

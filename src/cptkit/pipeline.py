@@ -82,6 +82,9 @@ class Options:
     force: bool = False  # rerun stages that are up to date
     preflight: bool = True  # the preflight (with its timed steps) before training
     label: str = "run"  # the prefix of the summary lines
+    processes: int = 1  # training processes
+    # Starts train in `processes` local processes (`force`), which print its result; needed when processes > 1.
+    launch_train: Callable[[bool], None] | None = None
 
 
 def run_pipeline(
@@ -134,10 +137,15 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
                 name = "preflight"
                 check_tracking(config.tracking)  # before the preflight measures: an unusable store fails in seconds
                 started = time.perf_counter()
-                report.preflight(preflight(config))
+                report.preflight(preflight(config, processes=options.processes))
                 result.timings["preflight"] = time.perf_counter() - started
             name = "train"
-            skipped = _timed(result, "train", report.train, lambda: train(config, force=force)).skipped
+            if options.processes > 1 and (force or not _train_up_to_date(config)):
+                assert options.launch_train is not None
+                _timed(result, "train", lambda _: None, partial(options.launch_train, force))
+                skipped = False
+            else:
+                skipped = _timed(result, "train", report.train, lambda: train(config, force=force)).skipped
         elif stage is Stage.evaluate:
             from cptkit.evaluate import evaluate
 
@@ -161,15 +169,23 @@ def _run_stage(stage: Stage, config: Config, report: Reporters, result: RunResul
     (result.skipped if skipped else result.ran).append(stage.value)
 
 
-def dry_run(config: Config) -> Plan | ShapePlan:
-    """The preflight alone: counts from the source where the data is not prepared yet; writes nothing.
-    Where the model's weights are not here but its shape is known, the memory estimate from the shape,
-    with what could not be checked."""
+def _train_up_to_date(config: Config) -> bool:
+    from cptkit.artifacts import up_to_date
+    from cptkit.train_data import load_train_data, train_fingerprint
+
+    fingerprint = train_fingerprint(config, load_train_data(config))
+    return up_to_date(config.output_dir, fingerprint, fingerprint) is not None
+
+
+def dry_run(config: Config, processes: int = 1) -> Plan | ShapePlan:
+    """The preflight alone (for `processes` training processes): counts from the source where the data is
+    not prepared yet; writes nothing. Where the model's weights are not here but its shape is known, the
+    memory estimate from the shape, with what could not be checked."""
     from cptkit.preflight import preflight
     from cptkit.preflight_shape import shape_plan
 
     try:
-        return shape_plan(config) or preflight(config, measure=True, dry_run=True)
+        return shape_plan(config) or preflight(config, measure=True, dry_run=True, processes=processes)
     except CptkitError as exc:
         raise StageFailed("preflight", exc) from exc
 

@@ -23,6 +23,7 @@ from cptkit.budget import budget_steps
 from cptkit.choices import Choice, TrainingChoices
 from cptkit.config import Config, TrainingConfig
 from cptkit.datasets import Dataset, datasets
+from cptkit.distributed import group_size, threads_per_process
 from cptkit.errors import CptkitError
 from cptkit.models import ModelDescription, resolve_model
 from cptkit.packing import BlockStream, TokenDocs
@@ -64,10 +65,14 @@ class Measured:
     warmup_steps: int
     timed_steps: int
     seconds_per_step: float
-    tokens_per_second: float  # real (non-padding) tokens, as training_summary.json counts them
+    tokens_per_second: float  # real (non-padding) tokens of every process, as training_summary.json counts them
     load_seconds: float
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # of one process
     memory_kind: str
+    processes: int = 1
+    tokens_per_second_per_process: float = 0.0
+    # How the tokens/s of several processes was obtained: None for one process, else the method in words.
+    throughput_basis: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ class Plan:
     datasets: list[DatasetFacts]
     estimated: bool  # the step plan rests on estimated token counts
     seq_len: int
-    blocks_per_step: int
+    blocks_per_step: int  # of every process together
     blocks_per_epoch: int
     steps: int
     epochs: float
@@ -91,6 +96,7 @@ class Plan:
     choices: TrainingChoices | None = None  # device, precision and method, with why
     evaluate_precision: Choice | None = None
     max_steps: int | None = None  # with training.max_minutes: the most steps (steps is what fits the budget)
+    processes: int = 1  # training processes (each takes blocks_per_step / processes of every step)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -106,11 +112,12 @@ class Plan:
         return found
 
 
-def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Plan:
+def preflight(config: Config, measure: bool = True, dry_run: bool = False, processes: int | None = None) -> Plan:
     """Check the configuration against the model and the data, and plan the run; with `measure`, time a
     few optimizer steps and measure their peak memory. In a dry run, data that is not prepared (or not
     current) is counted in its source and its tokens estimated; otherwise it must be prepared. Writes no
-    stage output."""
+    stage output. `processes`: the training processes planned for (default: the launcher's group, or 1)."""
+    processes = processes or group_size()
     require_replay_source(config)
     if not config.prepare.tokenize:
         raise CptkitError("prepare.tokenize is false, but training needs the tokens; set prepare.tokenize: true")
@@ -139,7 +146,7 @@ def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Pl
             facts[d.name], samples[d.name] = _source_facts(config, d, tokenizer)
     found = [f for f in facts.values() if f is not None]
 
-    blocks_per_step = tc.micro_batch_size * tc.gradient_accumulation_steps
+    blocks_per_step = tc.micro_batch_size * tc.gradient_accumulation_steps * processes
     notes: list[str] = []
     train_up_to_date = False
     if prepared:
@@ -177,7 +184,7 @@ def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Pl
             f"{replay_facts.train_tokens:,}"
         )
 
-    steps = planned_steps(tc, per_epoch)
+    steps = planned_steps(tc, per_epoch, processes)
     plan = Plan(
         datasets=found,
         estimated=not prepared,
@@ -194,10 +201,11 @@ def preflight(config: Config, measure: bool = True, dry_run: bool = False) -> Pl
         notes=notes,
         choices=choices,
         evaluate_precision=eval_precision,
+        processes=processes,
     )
     if not measure or (train_up_to_date and not dry_run):
         return plan  # timing steps of a training that will be skipped would only cost time
-    description, measured = measure_steps(config, model_dir, stream, choices)
+    description, measured = measure_steps(config, model_dir, stream, choices, processes)
     return _with_estimates(plan, description, measured, tc, facts)
 
 
@@ -342,17 +350,62 @@ def _source_facts(config: Config, dataset: Dataset, tokenizer: TokenizerInfo) ->
 
 
 def measure_steps(
-    config: Config, model_dir: Path, stream: BlockStream, choices: TrainingChoices
+    config: Config, model_dir: Path, stream: BlockStream, choices: TrainingChoices, processes: int = 1
 ) -> tuple[ModelDescription, Measured]:
     """Load the model as train does (with the same choices), run WARMUP_STEPS + TIMED_STEPS optimizer
     steps on the stream's first blocks, and measure their time and the peak memory (the same measure train
-    records); then free it all."""
+    records); then free it all.
+
+    For a run of several `processes`: in a launched group of that size every process runs the steps, as
+    training does (the tokens/s is measured); otherwise this one process runs one process's share of a
+    step, on a CPU with the threads each of them will have, and the tokens/s of all is this one's times
+    `processes` (an estimate: the gradients' all-reduce and the processes' contention are not in it)."""
+    import torch
+
+    tc = choices.apply(config.training)
+    device = torch.device(choices.device.value)
+    in_group = group_size() == processes > 1
+    threads = torch.get_num_threads()
+    if processes > 1 and not in_group and device.type == "cpu":
+        torch.set_num_threads(threads_per_process(processes))
+    try:
+        description, measured = _timed_steps(config, model_dir, stream, choices, tc, device)
+    finally:
+        torch.set_num_threads(threads)
+    if processes == 1:
+        return description, measured
+    if in_group:  # the steps' token counts are every process's already
+        per_process = measured.tokens_per_second / processes
+        basis = f"measured: {processes} processes ran the timed steps together"
+        total = measured.tokens_per_second
+    else:
+        per_process = measured.tokens_per_second
+        total = per_process * processes
+        where = (
+            f"on {threads_per_process(processes)} CPU threads, its share of this machine's, "
+            if device.type == "cpu"
+            else ""
+        )
+        basis = (
+            f"estimated: one process's timed steps {where}x {processes} processes; the gradients' all-reduce "
+            "is not included"
+        )
+    return description, dataclasses.replace(
+        measured,
+        processes=processes,
+        tokens_per_second=total,
+        tokens_per_second_per_process=per_process,
+        throughput_basis=basis,
+    )
+
+
+def _timed_steps(
+    config: Config, model_dir: Path, stream: BlockStream, choices: TrainingChoices, tc: TrainingConfig, device: Any
+) -> tuple[ModelDescription, Measured]:
     import torch
 
     from cptkit.training_step import optimizer_step, set_up
 
-    tc = choices.apply(config.training)
-    device = torch.device(choices.device.value)
     started = time.perf_counter()
     setup, _ = set_up(model_dir, tc, choices)
     load_seconds = time.perf_counter() - started
@@ -393,6 +446,7 @@ def measure_steps(
         load_seconds=load_seconds,
         peak_memory_bytes=peak,
         memory_kind=memory_kind,
+        tokens_per_second_per_process=tokens / max(seconds, 1e-9),
     )
     return description, measured
 
@@ -413,8 +467,9 @@ def _with_estimates(
         if f is not None:
             n = math.ceil((f.val_tokens + f.val_documents) / tc.max_seq_length)
             blocks += n if tc.eval_max_sequences is None else min(n, tc.eval_max_sequences)
-    per_block = measured.seconds_per_step / plan.blocks_per_step
-    per_eval = blocks * per_block * _FORWARD_SHARE
+    # The processes share the validation passes' batches, each at one process's speed per block.
+    per_block = measured.seconds_per_step * plan.processes / plan.blocks_per_step
+    per_eval = math.ceil(blocks / plan.processes) * per_block * _FORWARD_SHARE
     if tc.max_minutes is not None:
         budget = tc.max_minutes * 60 - per_eval  # the base model's validation pass comes first
         per_step, trainable = measured.seconds_per_step, description.trainable_params

@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from cptkit.artifacts import (
     MANIFEST,
     describe_outputs,
@@ -33,6 +31,7 @@ from cptkit.engines import PrepareJob
 from cptkit.engines import local as local_engine
 from cptkit.errors import StageError
 from cptkit.folders import claim
+from cptkit.parquet_files import open_parquet
 from cptkit.prepared_files import describe_shards, output_files
 from cptkit.progress import progress_bar
 from cptkit.rules.steps import Redact
@@ -92,7 +91,7 @@ def _prepare(config: Config, dataset: Dataset, force: bool) -> StageResult:
 
     invalidate(out)
     started = time.perf_counter()
-    documents_in = pq.ParquetFile(snapshot).metadata.num_rows
+    documents_in = open_parquet(snapshot).metadata.num_rows
     connection = dataset.source if isinstance(dataset.source, DatabricksConnection) else config.databricks
     job = PrepareJob(
         snapshot, out, pc, tokenizer.path if tokenizer else None, _train_jsonl(pc, extract_manifest), connection

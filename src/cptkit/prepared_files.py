@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from cptkit.artifacts import atomic_dir, atomic_path
 from cptkit.corpus import TRAIN_SPLIT
 from cptkit.datasets import DROPPED, QUARANTINE, TRAIN, TRAIN_TEXT, TRAIN_TOKENS, VAL, VAL_TOKENS
+from cptkit.parquet_files import open_parquet
 from cptkit.records import DocResult
 
 TOKENS_SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
@@ -70,7 +71,7 @@ def describe_shards(directory: Path) -> dict[str, list[dict[str, Any]]]:
             continue
         out[folder] = []
         for path in files:
-            parquet = pq.ParquetFile(path)
+            parquet = open_parquet(path)
             entry: dict[str, Any] = {"file": f"{folder}/{path.name}", "documents": parquet.metadata.num_rows}
             if "input_ids" in parquet.schema_arrow.names:
                 tokens, max_id = 0, -1

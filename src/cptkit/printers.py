@@ -216,11 +216,14 @@ def print_preflight(plan: Plan | ShapePlan) -> None:
         f"({plan.replay_share:.1%} replay)"
     )
     budget = ""
+    processes = (
+        f" ({plan.processes} processes, {plan.blocks_per_step // plan.processes} each)" if plan.processes > 1 else ""
+    )
     if plan.max_steps:
         budget = f" (fit to training.max_minutes at the measured speed; at most {plan.max_steps:,})"
     out(
-        f"plan{est}: {plan.steps:,} steps of {plan.blocks_per_step} x {plan.seq_len} tokens, {plan.epochs:.2f} epochs "
-        f"of {plan.blocks_per_epoch:,} blocks{budget}"
+        f"plan{est}: {plan.steps:,} steps of {plan.blocks_per_step} x {plan.seq_len} tokens{processes}, "
+        f"{plan.epochs:.2f} epochs of {plan.blocks_per_epoch:,} blocks{budget}"
     )
     out(
         "learning rate: " + ", ".join(f"{rate:.2e} at step {step} ({what})" for what, step, rate in plan.learning_rates)
@@ -245,10 +248,17 @@ def print_preflight(plan: Plan | ShapePlan) -> None:
         if plan.train_up_to_date:
             out("train is up to date; speed and memory not measured")
         return
+    if m.processes == 1:
+        speed, memory = f"{m.tokens_per_second:,.0f} tokens/s", "peak memory"
+    else:
+        speed = (
+            f"{m.tokens_per_second:,.0f} tokens/s on {m.processes} processes ({m.throughput_basis}), "
+            f"{m.tokens_per_second_per_process:,.0f} per process"
+        )
+        memory = "peak memory per process"
     out(
         f"measured on {m.device} ({m.precision}), {m.timed_steps} timed steps after {m.warmup_steps} warm-up: "
-        f"{m.tokens_per_second:,.0f} tokens/s, {m.seconds_per_step:.2f} s/step; peak memory "
-        f"{human_size(m.peak_memory_bytes)} ({m.memory_kind})"
+        f"{speed}, {m.seconds_per_step:.2f} s/step; {memory} {human_size(m.peak_memory_bytes)} ({m.memory_kind})"
     )
     e = plan.estimated_seconds
     out(

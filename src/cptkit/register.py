@@ -121,7 +121,8 @@ def _register(config: Config, force: bool, registry_factory: RegistryFactory) ->
         config.register_,
         name,
         config.tracking.tracking_uri,
-        [config.evaluate.min_adaptation, config.evaluate.max_forgetting, config.evaluate.max_drift_kl],
+        [config.evaluate.min_adaptation, config.evaluate.max_forgetting, config.evaluate.max_drift_kl]
+        + ([config.evaluate.max_chat_drift] if config.evaluate.max_chat_drift is not None else []),
     )
     input_fp = section_fingerprint(train_manifest.get("created_at"), eval_manifest.get("created_at"))
     existing = up_to_date(out, config_fp, input_fp)
@@ -381,7 +382,11 @@ def promotion_gate(results: EvaluationResults, config: Config, registry: Registr
     """The evaluation's verdict against the config's thresholds (minimum adaptation, maximum forgetting
     and drift), and, when a champion exists and was evaluated on the same domain text, no worse than it
     on the domain (bits per byte, which does not depend on the tokenizer)."""
-    checks = list(verdict(results.adaptation, results.forgetting_by_set, results.drift_kl, config.evaluate).checks)
+    checks = list(
+        verdict(
+            results.adaptation, results.forgetting_by_set, results.drift_kl, config.evaluate, results.chat.drift
+        ).checks
+    )
     champion_version = registry.alias_version(name, CHAMPION)
     champion = None
     if champion_version is not None:

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from cptkit import domain_tasks_report
+from cptkit import domain_tasks_report, report_chat
 from cptkit.artifacts import atomic_path
 from cptkit.results import EvaluationResults, TrainingSummary
 
@@ -56,6 +56,8 @@ def headline(results: EvaluationResults) -> str:
         parts.append(f"{name} perplexity {_pct(value)}")
     if results.drift_kl is not None:
         parts.append(f"drift KL {results.drift_kl:.4f} nats, top-1 agreement {results.top1_agreement:.1%}")
+    if results.chat.drift is not None:
+        parts.append(f"chat drift {results.chat.drift:+.4f} nats per answer token")
     status = "PASSED" if results.passed else "FAILED"
     if results.forgetting is None:
         parts.append("no held-out general set, so forgetting was not measured")
@@ -65,7 +67,7 @@ def headline(results: EvaluationResults) -> str:
 def _check_rows(results: EvaluationResults) -> list[list[str]]:
     rows = []
     for c in results.verdict.checks:
-        is_kl = c.name == "drift_kl"
+        is_kl = c.name in ("drift_kl", "chat_drift")  # in nats, not a share
         value = _num(c.value, 4) if is_kl else _pct(c.value)
         if c.threshold is None:
             limit = "no threshold"
@@ -253,6 +255,7 @@ def markdown(results: EvaluationResults, charts: list[str]) -> str:
                 # rstrip only: the completion's leading space separates it from the prompt.
                 text = completion.rstrip() if completion.strip() else " (nothing)"
                 lines += [f"**{label}:** {g.prompt}" + text.replace("\n", " "), ""]
+    lines += report_chat.markdown(results.chat)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -269,7 +272,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
+padding:0 1em;color:#222;line-height:1.45;overflow-wrap:anywhere}
 table{border-collapse:collapse;margin:.8em 0}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;
 vertical-align:top}th{background:#f4f4f4}.verdict{font-size:1.2em;padding:.8em 1em;border-radius:6px}
 .pass{background:#e6f4ea;border:1px solid #34a853}.fail{background:#fce8e6;border:1px solid #d93025}
@@ -319,6 +322,7 @@ def to_html(results: EvaluationResults, charts: dict[str, bytes]) -> str:
             parts.append(f"<tr><th colspan='2'>{e(g.kind)}: {e(g.prompt)}</th></tr>")
             parts.append(f"<tr><td><b>{e(g.prompt)}</b>{e(g.base)}</td><td><b>{e(g.prompt)}</b>{e(g.cpt)}</td></tr>")
         parts.append("</table>")
+    parts += report_chat.to_html(results.chat)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

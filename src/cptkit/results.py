@@ -338,6 +338,51 @@ class Generation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ChatAnswer:
+    """One of the shipped general instructions: the base model's greedy answer through its chat template,
+    the adapted model's own greedy answer where it was asked for one (else None), and the drift on the
+    base answer's tokens (per token, nats)."""
+
+    instruction: str
+    base: str
+    tokens: int
+    drift: float  # adapted minus base negative log-likelihood of the base's answer, per token
+    kl: float  # mean KL(base || adapted) over the answer's tokens
+    cpt: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatDrift:
+    """Chat drift (see chat_drift.py): `status` ok, skipped (`reason`: e.g. no chat template) or off.
+    Per answer token, over all base answers: each model's log-likelihood of the base's answers, their
+    difference (`drift`, what the verdict bounds), KL(base || adapted) and top-1 agreement."""
+
+    status: str
+    reason: str | None = None
+    instructions: int = 0
+    answer_tokens: int = 0
+    base_log_likelihood: float | None = None
+    cpt_log_likelihood: float | None = None
+    drift: float | None = None
+    kl: float | None = None
+    top1_agreement: float | None = None
+    max_new_tokens: int | None = None
+    cached: bool = False  # the base's answers came from the cache, not generated in this evaluation
+    answers: list[ChatAnswer] = field(default_factory=list)
+
+    def to_json(self) -> JSON:
+        return {**_record(self), "answers": [_record(a) for a in self.answers]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        answers = [_from_record(ChatAnswer, a) for a in data.get("answers") or []]
+        return _from_record(cls, {**data, "answers": answers})
+
+
+_NOT_MEASURED = ChatDrift(status="off", reason="not measured")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainingFacts:
     """The facts of the training summary the report shows."""
 
@@ -404,6 +449,8 @@ class Check:
             return f"{name} {value:+.1%} > maximum {threshold:.1%}"
         if name == "drift_kl":
             return f"drift KL {value:.4f} > maximum {threshold:.4f}"
+        if name == "chat_drift":
+            return f"chat drift {value:.4f} > maximum {threshold:.4f} nats per token"
         return f"{name}: {value:.4f} worse than {threshold:.4f}"
 
 
@@ -480,6 +527,7 @@ class EvaluationResults:
     tasks: TaskResults = field(default_factory=lambda: TaskResults(status="not_requested"))
     domain_tasks: DomainTaskResults = field(default_factory=lambda: DomainTaskResults(status="not_run"))
     generations: list[Generation] = field(default_factory=list)
+    chat: ChatDrift = field(default_factory=lambda: _NOT_MEASURED)
     training: TrainingFacts | None = None
     data: dict[str, DataAccounting] = field(default_factory=dict)
     verdict: Verdict
@@ -516,6 +564,7 @@ class EvaluationResults:
             "tasks": self.tasks.to_json(),
             "domain_tasks": self.domain_tasks.to_json(),
             "generations": [_record(g) for g in self.generations],
+            "chat": self.chat.to_json(),
             "training": _record(self.training) if self.training is not None else None,
             "data": {name: _record(d) for name, d in self.data.items()},
             "verdict": self.verdict.to_json(),
@@ -544,6 +593,7 @@ class EvaluationResults:
             if data.get("domain_tasks")
             else DomainTaskResults(status="not_run", reason="evaluated before the domain tasks existed"),
             generations=[_from_record(Generation, g) for g in data.get("generations") or []],
+            chat=ChatDrift.from_json(data["chat"]) if data.get("chat") else _NOT_MEASURED,
             training=_from_record(TrainingFacts, training) if training else None,
             data={name: _from_record(DataAccounting, d) for name, d in (data.get("data") or {}).items()},
             verdict=Verdict.from_json(data["verdict"]),

@@ -13,16 +13,20 @@ the next-token distributions and the share of positions whose top-1 tokens agree
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cptkit.packing import SEPARATOR_TOKEN
 from cptkit.progress import progress_bar
 from cptkit.results import Drift, ModelScore
+
+if TYPE_CHECKING:
+    from cptkit.base_scores import BaseOutputs
 
 # A model to score with: entering the context yields the module (e.g. the adapted model with its adapter
 # disabled), so the same weights can serve as two models.
@@ -170,10 +174,12 @@ def score(
     drift: bool = False,
     label: str = "",
     per_token: bool = False,
+    base_outputs: BaseOutputs | None = None,
 ) -> tuple[list[SetScore], DriftScore | None]:
     """Score token sequences with each runner over the same batches of windows. With `drift`, the first
     runner is the base and the second the adapted model; with `per_token`, each score keeps every token's
-    NLL too (`SetScore.token_nll`)."""
+    NLL too (`SetScore.token_nll`). With `base_outputs`, the first runner's decoder outputs come from (or
+    go to) the base-score cache."""
     import torch
     import torch.nn.functional as F
 
@@ -195,6 +201,7 @@ def score(
         autocast,
         _adapter_input_casts_off(runners, bf16),
         progress_bar(f"evaluate {label}".strip(), total) as advance,
+        base_outputs if base_outputs is not None else contextlib.nullcontext(),
     ):
         for first in range(0, len(windows), batch_size):
             batch = windows[first : first + batch_size]
@@ -205,9 +212,19 @@ def score(
             # the full next-token distributions of both models (positions x vocabulary, float32) would
             # take gigabytes, and drift needs both at once.
             outputs = []
-            for runner in runners:
+            for index, runner in enumerate(runners):
                 with runner() as model:
-                    outputs.append(_scored_outputs(model, ids, mask))
+                    if index == 0 and base_outputs is not None:
+                        outputs.append(
+                            base_outputs.output(
+                                first // batch_size,
+                                int(mask.sum()),
+                                functools.partial(_scored_outputs, model, ids, mask),
+                                device,
+                            )
+                        )
+                    else:
+                        outputs.append(_scored_outputs(model, ids, mask))
             n = int(targets.numel())
             for start in range(0, n, _HEAD_CHUNK):
                 rows = slice(start, start + _HEAD_CHUNK)

@@ -45,6 +45,7 @@ from cptkit.distributed import launched_as_group, process_rank
 from cptkit.errors import StageError
 from cptkit.folders import claim
 from cptkit.forgetting import BEST, forgetting_check
+from cptkit.fsdp import gathered, load_gathered, load_sharded_checkpoint, save_sharded_checkpoint
 from cptkit.model_folder import SUMMARY
 from cptkit.packing import Blocks, BlockStream, sequence_blocks
 from cptkit.processes import die_with_parent
@@ -133,15 +134,16 @@ class _Run:
 
     def validate(self, step: int) -> dict[str, float]:
         """Validation losses of the domain (and general) sets, logged and recorded."""
-        tc, device = self.tc, self.setup.device
+        tc, device, accelerator = self.tc, self.setup.device, self.setup.accelerator
+        # The processes share the passes' batches (the same numbers as one process).
         result = {
             "eval/domain_loss": eval_loss(
-                self.setup.model, self.domain_val, tc.eval_max_sequences, tc.micro_batch_size, device
+                self.setup.model, self.domain_val, tc.eval_max_sequences, tc.micro_batch_size, device, accelerator
             )
         }
         if self.general_val is not None:
             result["eval/general_loss"] = eval_loss(
-                self.setup.model, self.general_val, tc.eval_max_sequences, tc.micro_batch_size, device
+                self.setup.model, self.general_val, tc.eval_max_sequences, tc.micro_batch_size, device, accelerator
             )
         if self.tracker is not None:
             self.tracker.log_metrics(result, step)
@@ -151,10 +153,16 @@ class _Run:
     def forgetting_check(self, result: dict[str, float]) -> bool:
         """The forgetting monitor on the main process (it keeps the best weights); True: every process stops."""
         accelerator = self.setup.accelerator
-        stop = accelerator.is_main_process and forgetting_check(
-            self.state, result, self.tc, self.trainable, self.ckpt_root
-        )
+        weights = self.trainable
+        if self.setup.sharded and self.tc.max_general_loss_increase is not None:
+            weights = gathered(self.setup.model, trainable_only=True)  # the best weights are kept whole
+        stop = accelerator.is_main_process and forgetting_check(self.state, result, self.tc, weights, self.ckpt_root)
         return bool(_from_main(accelerator, stop))
+
+    @property
+    def trainable_only(self) -> bool:
+        """Checkpoints and sharded state hold the trainable weights only (the adapters; all for full)."""
+        return self.tc.method != "full"
 
 
 def _all_rng_states(accelerator: Any) -> list[dict[str, Any]]:
@@ -211,21 +219,30 @@ def _set_up(
     if accelerator.is_main_process:
         clean_partial(ckpt_root)
         invalidate(config.output_dir)
-        found = [_resume_state(ckpt_root, fingerprint, force, tc, accelerator.num_processes)]
+        distributed = "fsdp" if setup.sharded else "ddp"
+        found = [_resume_state(ckpt_root, fingerprint, force, tc, accelerator.num_processes, distributed)]
         if found[0] is None:
             shutil.rmtree(ckpt_root, ignore_errors=True)
     resume_from = _from_main(accelerator, found[0])
     if resume_from is not None:
-        state, weights, optim_state, rng = load_checkpoint(resume_from)
+        if setup.sharded:  # every process reads its shard
+            state, scheduler_state, rng = load_sharded_checkpoint(resume_from, setup, tc.method != "full")
+        else:
+            state, weights, optim_state, rng = load_checkpoint(resume_from)
+            _load_trainable(trainable, weights)
+            setup.optimizer.load_state_dict(optim_state["optimizer"])
+            scheduler_state = optim_state["scheduler"]
         plan["total"] = state.planned_steps or cap_steps
-        _load_trainable(trainable, weights)
-        setup.optimizer.load_state_dict(optim_state["optimizer"])
-        scheduler.load_state_dict(optim_state["scheduler"])
+        scheduler.load_state_dict(scheduler_state)
         restore_rng_states(process_rng(rng, accelerator.process_index))
         console.print(f"train: resuming from {resume_from} (step {state.step} of {plan['total']})")
     else:
         state = TrainerState(
-            fingerprint=fingerprint, method=tc.method, precision=tc.precision, processes=accelerator.num_processes
+            fingerprint=fingerprint,
+            method=tc.method,
+            precision=tc.precision,
+            processes=accelerator.num_processes,
+            distributed="fsdp" if setup.sharded else "ddp",
         )
 
     epoch0 = stream.epoch_blocks(0)
@@ -235,6 +252,15 @@ def _set_up(
         state.run_id = tracker.run_id
         _log_run_start(tracker, config, data, setup.loaded.description, epoch0, per_epoch, cap_steps, choices)
     _print_plan(setup.loaded.description, epoch0, per_epoch, plan["total"], tc, accelerator.num_processes)
+    if setup.sharded:
+        processes = accelerator.num_processes
+        console.print(f"train: the model is sharded over {processes} processes (FSDP2)", highlight=False)
+    elif tc.distributed == "fsdp":
+        console.print(
+            "train: note: training.distributed fsdp shards the model over processes; with one process it is trained "
+            "whole (launch several: cptkit train --processes N)",
+            highlight=False,
+        )
     if tc.max_minutes is not None and state.planned_steps is None:
         console.print(
             f"train: time budget {duration(tc.max_minutes * 60)} (training.max_minutes): the step count (at most "
@@ -338,9 +364,13 @@ def _loop(run: _Run) -> None:
                 break
         if state.step % tc.save_steps == 0 and state.step < total_steps:
             state.train_seconds = run.seconds_before + time.perf_counter() - run.started
-            optim_state = {"optimizer": setup.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
             rngs = _all_rng_states(accelerator)  # a collective: every process takes part
-            if accelerator.is_main_process:
+            if setup.sharded:  # every process writes its shard
+                save_sharded_checkpoint(
+                    run.ckpt_root, state, setup, run.scheduler, tc.save_total_limit, rngs, run.trainable_only
+                )
+            elif accelerator.is_main_process:
+                optim_state = {"optimizer": setup.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
                 save_checkpoint(run.ckpt_root, state, run.trainable, optim_state, tc.save_total_limit, rngs)
     state.train_seconds = run.seconds_before + time.perf_counter() - run.started
 
@@ -380,15 +410,29 @@ def _finish(run: _Run, config: Config, fingerprint: str) -> TrainResult:
     summary = _summary(state, tc, run.epoch0, run.plan["total"], loaded.description, run.choices, run.cap_steps)
     # This process's part of the run (a resumed run's earlier part is not included).
     summary = replace(summary, peak_memory_bytes=run.setup.memory.peak_bytes(), peak_memory_kind=run.setup.memory.kind)
+    whole: dict[str, Any] | None = None
+    if run.setup.sharded:  # collectives: the best weights sent to every shard, then all gathered to the main process
+        accelerator = run.setup.accelerator
+        if _from_main(accelerator, state.best is not None and state.stopped_reason is not None):
+            best: dict[str, Any] = {}
+            if accelerator.is_main_process:
+                from safetensors.torch import load_file
+
+                best = load_file(str(run.ckpt_root / BEST))
+            load_gathered(run.setup.model, best)
+        whole = gathered(run.setup.model, trainable_only=run.trainable_only)
     if run.setup.accelerator.is_main_process:
-        _write_trained(run, config, fingerprint, summary)
+        _write_trained(run, config, fingerprint, summary, whole)
     run.setup.accelerator.wait_for_everyone()
     return TrainResult(read_json(out / MANIFEST) or {}, out, skipped=False, summary=summary)
 
 
-def _write_trained(run: _Run, config: Config, fingerprint: str, summary: TrainingSummary) -> None:
+def _write_trained(
+    run: _Run, config: Config, fingerprint: str, summary: TrainingSummary, whole: dict[str, Any] | None
+) -> None:
+    """`whole`: a sharded model's gathered weights (the best ones already loaded), saved in their place."""
     state, out = run.state, config.output_dir
-    if state.best is not None and state.stopped_reason is not None:
+    if state.best is not None and state.stopped_reason is not None and whole is None:
         from safetensors.torch import load_file
 
         _load_trainable(run.trainable, load_file(str(run.ckpt_root / BEST)))
@@ -401,6 +445,7 @@ def _write_trained(run: _Run, config: Config, fingerprint: str, summary: Trainin
                 run.model_dir,
                 summary,
                 fingerprint,
+                whole,
             )
     except BaseException:  # the run has no model: its MLflow run must not stay RUNNING
         if run.tracker is not None:
@@ -414,9 +459,11 @@ def _write_trained(run: _Run, config: Config, fingerprint: str, summary: Trainin
     shutil.rmtree(run.ckpt_root, ignore_errors=True)
 
 
-def _resume_state(ckpt_root: Path, fingerprint: str, force: bool, tc: TrainingConfig, processes: int) -> Path | None:
+def _resume_state(
+    ckpt_root: Path, fingerprint: str, force: bool, tc: TrainingConfig, processes: int, distributed: str = "ddp"
+) -> Path | None:
     """The checkpoint to resume from: the latest one of this same run (same fingerprint, the same method
-    and precision where auto chose them, the same number of processes)."""
+    and precision where auto chose them, the same number of processes, sharded or not)."""
     found = list_checkpoints(ckpt_root)
     if not found or force:
         return None
@@ -436,6 +483,12 @@ def _resume_state(ckpt_root: Path, fingerprint: str, force: bool, tc: TrainingCo
         console.print(
             f"train: {ckpt_root} holds checkpoints of a run on {state.get('processes', 1)} processes, and this one "
             f"runs on {processes}; starting a new run"
+        )
+        return None
+    if state.get("distributed", "ddp") != distributed:
+        console.print(
+            f"train: {ckpt_root} holds checkpoints of a {state.get('distributed', 'ddp')} run, and this one is "
+            f"{distributed}; starting a new run"
         )
         return None
     return latest
@@ -557,7 +610,14 @@ def _named_choices(choices: TrainingChoices) -> list[tuple[str, Any]]:
     return [("device", choices.device), ("precision", choices.precision), ("method", choices.method)]
 
 
-def _write_outputs(config: Config, model: Any, model_dir: Path, summary: TrainingSummary, fingerprint: str) -> None:
+def _write_outputs(
+    config: Config,
+    model: Any,
+    model_dir: Path,
+    summary: TrainingSummary,
+    fingerprint: str,
+    whole: dict[str, Any] | None = None,
+) -> None:
     from transformers import AutoTokenizer
 
     from cptkit.models import save_trained
@@ -566,7 +626,7 @@ def _write_outputs(config: Config, model: Any, model_dir: Path, summary: Trainin
     out.mkdir(parents=True, exist_ok=True)
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    save_trained(model, staging / "model")
+    save_trained(model, staging / "model", whole)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(staging / "model")
     (staging / "model" / "cptkit_config.yaml").write_text(
         yaml.safe_dump(masked_dict(config), sort_keys=False), encoding="utf-8"

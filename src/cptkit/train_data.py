@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from cptkit.artifacts import MANIFEST, read_json
 from cptkit.config import Config, TrainingConfig, section_fingerprint
 from cptkit.datasets import Dataset, datasets
 from cptkit.errors import ConfigError, StageError
 from cptkit.packing import SEPARATOR_TOKEN, TokenDocs
+from cptkit.parquet_files import open_parquet
 from cptkit.tokenization import cache_dir
 
 
@@ -77,7 +77,7 @@ def _flatten(folder: Path, shards: list[dict[str, Any]], out: Path) -> None:
             if not path.is_file():
                 raise StageError(f"{path}: a token shard the manifest lists is missing; rerun `cptkit prepare`")
             # A row group at a time (Arrow's default batch of 65,536 documents would hold most of a shard).
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["input_ids"]):
+            for batch in open_parquet(path).iter_batches(batch_size=1024, columns=["input_ids"]):
                 column = batch.column(0)
                 np.asarray(column.flatten(), dtype=np.int32).tofile(values)
                 ends = column.offsets.to_numpy().astype(np.int64)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import numpy as np
 
 from cptkit.choices import TrainingChoices
 from cptkit.config import TrainingConfig
+from cptkit.errors import ConfigError
+from cptkit.fsdp import no_sync, shard, sharded
 from cptkit.memory import PeakMemory
 from cptkit.models import TrainableModel
 from cptkit.packing import IGNORE, Blocks, PackedRow
@@ -29,6 +32,7 @@ class TrainingSetup:
     model: Any  # the CausalLMLoss around loaded.model, as accelerate prepared it
     optimizer: Any
     memory: PeakMemory  # reset before the model was loaded
+    sharded: bool = False  # the model is sharded with FSDP (training.distributed fsdp, several processes)
 
     @property
     def device(self) -> Any:
@@ -57,15 +61,33 @@ def set_up(
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=choices.mixed_precision, cpu=device.type == "cpu")
+    is_sharded = sharded(tc.distributed, accelerator.num_processes)
+    if is_sharded and choices.mixed_precision == "fp16":
+        # fp16 needs a gradient scaler whose skipped steps agree across the shards (FSDP's own), not accelerate's.
+        raise ConfigError(
+            [
+                "error: training.precision auto chose fp16 on this device, and training.distributed fsdp trains in "
+                "bf16 or fp32: set training.precision"
+            ]
+        )
     memory = PeakMemory(accelerator.device)
     memory.reset()
     torch.manual_seed(tc.seed)
-    loaded = load_for_training(model_dir, tc, accelerator.device)
+    loaded = load_for_training(model_dir, tc, accelerator.device, for_fsdp=is_sharded)
     model = CausalLMLoss(loaded.model)
-    optimizer = torch.optim.AdamW(loaded.param_groups, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    param_groups = loaded.param_groups
+    if is_sharded:
+        # accelerate would wrap the sharded model in DDP (it applies FSDP only on GPUs): it prepares nothing,
+        # and the forward runs under the autocast it would have added.
+        param_groups = shard(model, loaded.model, param_groups)
+        if choices.mixed_precision == "bf16":
+            autocast = torch.autocast(accelerator.device.type, torch.bfloat16)
+            model.forward = MethodType(autocast(type(model).forward), model)  # type: ignore[method-assign]
+    optimizer = torch.optim.AdamW(param_groups, lr=tc.learning_rate, weight_decay=tc.weight_decay)
     scheduler = scheduler_factory(optimizer, accelerator.num_processes) if scheduler_factory is not None else None
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return TrainingSetup(accelerator, loaded, model, optimizer, memory), scheduler
+    if not is_sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    return TrainingSetup(accelerator, loaded, model, optimizer, memory, is_sharded), scheduler
 
 
 @dataclass(frozen=True)
@@ -98,10 +120,10 @@ def optimizer_step(
     loss_sum = 0.0
     for k, group in enumerate(micro):
         # Gradients are synchronised across processes once per step, on its last micro batch.
-        sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
+        sync = contextlib.nullcontext() if k == len(micro) - 1 else no_sync(accelerator, model)
         with sync:
             total, _ = model(*block_tensors(group, setup.device))
-            # DDP averages the processes' gradients; times `processes`, that average is the gradient of the
+            # DDP and FSDP average the processes' gradients; times `processes`, that average is the gradient of the
             # summed loss of every process's tokens over the global token count: one big batch's.
             accelerator.backward(total * processes / max(global_count, 1))
             loss_sum += float(total.detach())
@@ -128,20 +150,37 @@ def block_tensors(rows: list[PackedRow] | list[tuple[np.ndarray, np.ndarray, np.
     return tuple(torch.from_numpy(np.stack([r[i] for r in rows])).to(device) for i in range(3))
 
 
-def eval_loss(model: Any, blocks: Blocks, max_sequences: int | None, batch_size: int, device: Any) -> float:
-    """Mean next-token loss over the first `max_sequences` blocks; `model` is a CausalLMLoss."""
+def eval_loss(
+    model: Any, blocks: Blocks, max_sequences: int | None, batch_size: int, device: Any, accelerator: Any = None
+) -> float:
+    """Mean next-token loss over the first `max_sequences` blocks; `model` is a CausalLMLoss.
+
+    With the `accelerator` of several processes, each runs its share of the batches (batch k on process
+    k mod N) and the per-batch sums are all-reduced, then added in batch order: the result is bit for bit
+    one process's. Every process runs as many forwards (the last round's spares repeat batch 0 and are not
+    counted), since a DDP forward broadcasts buffers and an FSDP forward gathers parameters, collectively."""
     import torch
 
     n = len(blocks) if max_sequences is None else min(len(blocks), max_sequences)
+    processes = 1 if accelerator is None else accelerator.num_processes
+    rank = 0 if accelerator is None else accelerator.process_index
+    starts = list(range(0, n, batch_size))
+    sums = torch.zeros((len(starts), 2), dtype=torch.float64)  # (loss sum, labelled tokens) per batch
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, n, batch_size):
+        for first in range(0, len(starts), processes):
+            k = first + rank
+            start = starts[k] if k < len(starts) else starts[0]
             rows = [blocks.block(i) for i in range(start, min(start + batch_size, n))]
             s, c = model(*block_tensors(rows, device))
-            total += float(s)
-            count += int(c)
+            if k < len(starts):
+                sums[k, 0], sums[k, 1] = float(s), int(c)
     if was_training:
         model.train()
-    return total / max(count, 1)
+    if processes > 1:  # each entry is one process's value plus zeros: exact
+        sums = accelerator.reduce(sums.to(device), "sum").cpu()
+    total = 0.0
+    for value in sums[:, 0].tolist():
+        total += value
+    return total / max(int(sums[:, 1].sum()), 1)

@@ -15,9 +15,10 @@ def verdict(
     forgetting_by_set: Mapping[str, float],
     drift_kl: float | None,
     ec: EvaluateConfig,
+    chat_drift: float | None = None,
 ) -> Verdict:
-    """Adaptation, forgetting (per held-out set) and drift against the thresholds; a check whose threshold
-    or measurement is missing is reported as skipped."""
+    """Adaptation, forgetting (per held-out set), drift and chat drift against the thresholds; a check whose
+    threshold or measurement is missing is reported as skipped."""
     checks = []
 
     def check(name: str, value: float | None, threshold: float | None, ok: Callable[[float, float], bool]) -> None:
@@ -30,6 +31,8 @@ def verdict(
     for set_name, value in forgetting_by_set.items():
         check(f"forgetting ({set_name})", value, ec.max_forgetting, lambda v, t: v <= t)
     check("drift_kl", drift_kl, ec.max_drift_kl, lambda v, t: v <= t)
+    if ec.max_chat_drift is not None or chat_drift is not None:
+        check("chat_drift", chat_drift, ec.max_chat_drift, lambda v, t: v <= t)
     decided = [c.passed for c in checks if c.passed is not None]
     return Verdict(passed=all(decided), checks=checks)
 

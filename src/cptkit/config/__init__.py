@@ -19,6 +19,7 @@ from cptkit.config.reference import (
     reference_markdown,
 )
 from cptkit.config.schema import (
+    ChatDriftConfig,
     Config,
     DataConfig,
     DecontaminationConfig,
@@ -39,6 +40,7 @@ from cptkit.config.schema import (
     SplitConfig,
     TrackingConfig,
     TrainingConfig,
+    TuneConfig,
 )
 from cptkit.config.sources import (
     ENV_KEYS,
@@ -61,6 +63,7 @@ from cptkit.config.sources import (
 __all__ = [
     "ENV_KEYS",
     "SOURCE_TYPES",
+    "ChatDriftConfig",
     "Config",
     "CsvSourceConfig",
     "DataConfig",
@@ -93,6 +96,7 @@ __all__ = [
     "SplitConfig",
     "TrackingConfig",
     "TrainingConfig",
+    "TuneConfig",
     "apply_overrides",
     "expression_problem",
     "format_validation_errors",

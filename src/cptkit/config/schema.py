@@ -102,6 +102,20 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, gt=0, description="Steps between checkpoints.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept (the newest).")
     logging_steps: int = Field(1, gt=0, description="Steps between logged training metrics.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several processes: ddp keeps a whole model in each process and averages gradients; "
+        "fsdp shards weights, gradients and optimizer state over the processes (torch FSDP2: for models that do "
+        "not fit one device), with sharded checkpoints, and gathers the trained model on the main process to save "
+        "it. With one process both train the whole model.",
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> TrainingConfig:
+        if self.distributed == "fsdp" and self.precision == "fp16":
+            # fp16 needs a gradient scaler whose skipped steps agree across the shards (FSDP's own).
+            raise ValueError("distributed fsdp trains in bf16 or fp32, not fp16: set precision bf16, fp32 or auto")
+        return self
 
     @property
     def embedding_rate(self) -> float:
@@ -410,6 +424,23 @@ class DomainTasksConfig(Section):
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the items for the intervals.")
 
 
+class ChatDriftConfig(Section):
+    """Chat drift: the base model answers cptkit's fixed general instructions through its chat template
+    (greedy, cached on disk), and the adapted model is scored on those answers (log-likelihood, KL)."""
+
+    enabled: bool = Field(True, description="Measure chat drift (skipped, with the reason, without a chat template).")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens of each greedy answer (base and adapted).")
+    max_instructions: int | None = Field(
+        None, gt=0, description="The first this many of the shipped instructions; null for all of them."
+    )
+    side_by_side: int = Field(
+        4,
+        ge=0,
+        description="Instructions the adapted model answers too (greedy), shown beside the base's answer in the "
+        "report; 0 for none.",
+    )
+
+
 class EvaluateConfig(Section):
     """Base vs adapted model on each evaluation set (perplexity, bits per byte, drift); the verdict's thresholds.
 
@@ -441,6 +472,12 @@ class EvaluateConfig(Section):
         "tokens of context where the document has them. Default half the context length.",
     )
     batch_size: int = Field(8, gt=0, description="Windows per forward pass (across documents).")
+    base_score_cache: bool = Field(
+        True,
+        description="Cache the base model's scoring outputs of each set (in the cptkit cache, keyed by the base, "
+        "the set's tokens and the window settings), so that evaluating another adapter of the same base, or a "
+        "tune pilot, scores only the adapted model.",
+    )
     max_tokens: int | None = Field(
         None,
         gt=0,
@@ -464,6 +501,7 @@ class EvaluateConfig(Section):
     )
     task_limit: int | None = Field(None, gt=0, description="Examples per lm-evaluation-harness task; null for all.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    chat: ChatDriftConfig = Field(default_factory=ChatDriftConfig)
     min_adaptation: float | None = Field(
         0.05, description="Verdict: the domain perplexity must fall by at least this share; null disables the check."
     )
@@ -474,6 +512,11 @@ class EvaluateConfig(Section):
     max_drift_kl: float | None = Field(
         None, ge=0, description="Verdict: highest mean KL(base || adapted) on the general set, in nats; null disables."
     )
+    max_chat_drift: float | None = Field(
+        None,
+        description="Verdict: highest chat drift (log-likelihood per answer token the adapted model lost on the base's "
+        "own chat answers, nats); null disables.",
+    )
 
     @model_validator(mode="after")
     def _window(self) -> EvaluateConfig:
@@ -482,6 +525,51 @@ class EvaluateConfig(Section):
         reserved = {"domain", "general"} & set(self.sets)
         if reserved:
             raise ValueError(f"sets may not use the names {sorted(reserved)}: set evaluate.domain / evaluate.general")
+        return self
+
+
+class TuneConfig(Section):
+    """`cptkit tune`: short pilot runs over replay ratio x learning rate, a fitted law of domain gain and
+    forgetting, and the choice that maximizes the predicted domain gain within the forgetting budget
+    (evaluate.max_forgetting, max_drift_kl). See docs/tune.md."""
+
+    design: Literal["space-filling", "grid"] = Field(
+        "space-filling",
+        description="Pilot points: a scrambled Sobol design (space-filling, any count) or a grid of "
+        "floor(sqrt(points)) learning rates x the replay ratios that make up `points`.",
+    )
+    points: int = Field(8, ge=2, le=32, description="Pilot runs (6-12 give the fit something to hold on to).")
+    replay_ratio: tuple[float, float] = Field(
+        (0.0, 0.5), description="Range of data.replay_ratio tried, [low, high] (linear scale)."
+    )
+    learning_rate: tuple[float, float] = Field(
+        (2.0e-5, 2.0e-3), description="Range of training.learning_rate tried, [low, high] (log scale)."
+    )
+    tokens_per_pilot: int = Field(
+        200_000, gt=0, description="Training tokens of each pilot (rounded up to whole optimizer steps)."
+    )
+    eval_max_tokens: int | None = Field(
+        20_000, gt=0, description="Tokens of each evaluation set scored per pilot (evaluate.max_tokens for pilots)."
+    )
+    full_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Training tokens of the full run the choice is for; default from training.max_steps, "
+        "training.max_minutes (at the pilots' speed) or num_epochs over the prepared domain tokens.",
+    )
+    seed: int = Field(0, description="Seed of the design (the pilots train with training.seed).")
+    output_dir: Path = Field(
+        Path("outputs/tune"), description="Pilots, fit.json, choice, tuned.yaml and tune_report.html."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneConfig:
+        lo, hi = self.replay_ratio
+        if not 0 <= lo <= hi < 1:
+            raise ValueError(f"replay_ratio: need 0 <= low <= high < 1, got [{lo}, {hi}]")
+        lo, hi = self.learning_rate
+        if not 0 < lo <= hi:
+            raise ValueError(f"learning_rate: need 0 < low <= high, got [{lo}, {hi}]")
         return self
 
 
@@ -498,6 +586,7 @@ class Config(Section):
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     serve: ServeConfig = Field(default_factory=ServeConfig)
     databricks: DatabricksConfig = Field(default_factory=DatabricksConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     def run_name(self, stage: str, started: str | None = None) -> str:
         """The MLflow run name: tracking.run_name, else the stage, the model and (for training) when it started."""

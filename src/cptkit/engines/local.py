@@ -23,6 +23,7 @@ from cptkit.config import PrepareConfig
 from cptkit.corpus import DUPLICATE_REASONS, KEEP, Tally, assign_splits
 from cptkit.engines import PrepareJob
 from cptkit.engines.work_files import DedupStore, ResultSpill
+from cptkit.parquet_files import open_parquet
 from cptkit.prepared_files import PreparedWriter
 from cptkit.processes import die_with_parent
 from cptkit.records import DocResult, RecordProcessor
@@ -30,7 +31,7 @@ from cptkit.sources import ERROR, ID, TEXT
 
 
 def run(job: PrepareJob, advance: Callable[[int], None]) -> Tally:
-    parquet = pq.ParquetFile(job.snapshot)
+    parquet = open_parquet(job.snapshot)
     metadata_columns = _metadata_columns(parquet)
     tally = Tally()
     # A hidden ".*.tmp" name: a killed run's leftovers are removed by the next one (artifacts.invalidate).

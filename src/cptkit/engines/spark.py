@@ -40,6 +40,7 @@ from cptkit.engines import PrepareJob
 from cptkit.engines.spark_dedup import FATE, duplicate_fates
 from cptkit.engines.spark_session import first_line, is_remote, session
 from cptkit.errors import CptkitError, StageError
+from cptkit.parquet_files import open_parquet
 from cptkit.prepared_files import PreparedWriter, token_lists
 from cptkit.records import DocResult, RecordProcessor, Status
 from cptkit.sources import ERROR, ID, TEXT
@@ -92,7 +93,7 @@ def run(job: PrepareJob, advance: Callable[[int], None], make_processor: MakePro
 
 def _write(job: PrepareJob, batches: Iterator[pa.RecordBatch], advance: Callable[[int], None]) -> Tally:
     """Write the prepared files from the results in snapshot order, taking ids and metadata from the snapshot."""
-    snapshot = pq.ParquetFile(job.snapshot)
+    snapshot = open_parquet(job.snapshot)
     metadata_columns = [n for n in snapshot.schema_arrow.names if n not in (ID, TEXT, ERROR)]
     documents = _SnapshotRows(snapshot, [ID, *metadata_columns], job.config.chunk_size)
     tally = Tally()
@@ -178,7 +179,7 @@ def _uploaded(spark: SparkSession, snapshot: Path) -> DataFrame:
     from functools import reduce
 
     piece_bytes = _cache_threshold(spark)
-    parquet = pq.ParquetFile(snapshot)
+    parquet = open_parquet(snapshot)
     pieces: list[DataFrame] = []
     pending: list[pa.RecordBatch] = []
     pending_bytes = done = 0
@@ -285,7 +286,7 @@ def _lists(arrays: list[np.ndarray | None], dtype: type[np.signedinteger[Any]]) 
 
 def _read(files: Sequence[Path], columns: list[str]) -> Iterator[pa.RecordBatch]:
     for path in files:
-        yield from pq.ParquetFile(path).iter_batches(columns=columns)
+        yield from open_parquet(path).iter_batches(columns=columns)
 
 
 def _rows(column: pa.Array, dtype: type[np.generic]) -> list[np.ndarray | None]:

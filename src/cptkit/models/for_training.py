@@ -70,15 +70,18 @@ class TrainableModel:
     description: ModelDescription
 
 
-def load_for_training(model_dir: Path, training: TrainingConfig, device: torch.device | str) -> TrainableModel:
-    """Load a resolved model folder ready for `training.method`, with optimizer parameter groups."""
+def load_for_training(
+    model_dir: Path, training: TrainingConfig, device: torch.device | str, for_fsdp: bool = False
+) -> TrainableModel:
+    """Load a resolved model folder ready for `training.method`, with optimizer parameter groups;
+    `for_fsdp`: to be sharded with FSDP (qlora's 4-bit weights are then stored in the compute dtype)."""
     import torch
 
     device = torch.device(device)
     if training.method != "full" and importlib.util.find_spec("peft") is None:
         raise CptkitError(f"training.method {training.method} needs peft: pip install peft (or use full)")
     bf16 = uses_bf16(training, device)
-    model = load_base(model_dir, training, device, bf16)
+    model = load_base(model_dir, training, device, bf16, for_fsdp)
     # Not peft's prepare_model_for_kbit_training: it upcasts every 16-bit weight to float32, which makes
     # the residual stream float32 and costs a cast on both sides of every 4-bit layer (a tenth of a CPU
     # step) and twice the activation memory, for stability that bf16 autocast does not need.
@@ -121,9 +124,13 @@ def uses_bf16(training: TrainingConfig, device: torch.device) -> bool:
     return choose_precision(probe(device.type), "auto").value == "bf16"
 
 
-def load_base(model_dir: Path, training: TrainingConfig, device: torch.device, bf16: bool) -> Any:
+def load_base(
+    model_dir: Path, training: TrainingConfig, device: torch.device, bf16: bool, for_fsdp: bool = False
+) -> Any:
     """The base model as `training.method` trains it: 4-bit NF4 for qlora, bf16 frozen weights for
-    adapters when bf16 computes, float32 otherwise; KV cache off (packed blocks need that)."""
+    adapters when bf16 computes, float32 otherwise; KV cache off (packed blocks need that). `for_fsdp`:
+    qlora's packed 4-bit values are stored as tensors of the compute dtype, as FSDP needs to shard them
+    with the layer's other weights (the same bits: the values computed are unchanged)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -144,6 +151,7 @@ def load_base(model_dir: Path, training: TrainingConfig, device: torch.device, b
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+            **({"bnb_4bit_quant_storage": torch.bfloat16 if bf16 else torch.float32} if for_fsdp else {}),
         )
         kwargs["device_map"] = {"": device}
     with load_errors(model_dir):

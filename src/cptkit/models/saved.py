@@ -29,23 +29,26 @@ if TYPE_CHECKING:
 EMBEDDINGS_FILE = "embeddings.safetensors"
 
 
-def save_trained(model: torch.nn.Module, out_dir: Path) -> None:
+def save_trained(model: torch.nn.Module, out_dir: Path, weights: dict[str, Any] | None = None) -> None:
     """Save what training changed: the adapters (plus trained embeddings) of a peft model, or every
-    weight of a fully trained one. The folder appears complete or not at all."""
+    weight of a fully trained one. The folder appears complete or not at all. `weights`: the model's
+    trained weights by name, gathered from a sharded model (whose own parameters are shards), saved in
+    the same files as an unsharded model's."""
     inner = _unwrap(model)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        given = {} if weights is None else {"state_dict": weights}
         if is_peft(inner):
-            inner.save_pretrained(str(tmp), save_embedding_layers=False)
-            _save_embeddings(inner, tmp / EMBEDDINGS_FILE)
+            inner.save_pretrained(str(tmp), save_embedding_layers=False, **given)
+            _save_embeddings(inner, tmp / EMBEDDINGS_FILE, weights)
         else:
             # The saved model is for inference: let it use the KV cache that training turned off.
             use_cache = inner.config.use_cache
             inner.config.use_cache = True
             try:
-                inner.save_pretrained(str(tmp))
+                inner.save_pretrained(str(tmp), **given)
             finally:
                 inner.config.use_cache = use_cache
         replace_dir(tmp, out_dir)
@@ -135,12 +138,15 @@ def dequantized_base_dir(model_dir: Path, training: TrainingConfig) -> Path:
     return target
 
 
-def _save_embeddings(model: Any, path: Path) -> None:
+def _save_embeddings(model: Any, path: Path, weights: dict[str, Any] | None = None) -> None:
     from safetensors.torch import save_file
 
     params = embedding_params(model)
     if not params[0].requires_grad:
         return
+    if weights is not None:  # gathered by name: the parameters themselves are shards
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = [weights[names[id(p)]] for p in params]
     tensors = {"input_embeddings": params[0].detach().cpu().contiguous()}
     if len(params) > 1:
         tensors["output_embeddings"] = params[1].detach().cpu().contiguous()

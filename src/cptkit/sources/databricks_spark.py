@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cptkit.errors import CptkitError, SourceError
+from cptkit.parquet_files import open_parquet
 from cptkit.secrets import Secrets
 from cptkit.sources.databricks_client import translate
 from cptkit.sources.databricks_sql import Query, Warehouse
@@ -75,7 +75,7 @@ class SparkWarehouse(Warehouse):
                 )
             # An ordered result is written one range per part file, numbered in order.
             for path in sorted((work / "rows").glob("part-*.parquet")):
-                yield from pq.ParquetFile(path).iter_batches(batch_size=self._batch_size)
+                yield from open_parquet(path).iter_batches(batch_size=self._batch_size)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cptkit.errors import StageError
+from cptkit.parquet_files import open_parquet
 from cptkit.sources.base import ID
 
 OP, SEQ = "_op", "_commit_version"
@@ -148,7 +149,7 @@ def apply_changes(
     previous: Path, spool: Path | None, final: dict[str, tuple[int, int, str]], applied: Applied
 ) -> Iterator[pa.RecordBatch]:
     """Batches of the new snapshot: unchanged previous rows, then each changed id's final upsert."""
-    previous_file = pq.ParquetFile(previous)
+    previous_file = open_parquet(previous)
     schema = previous_file.schema_arrow
     changed = pa.array(list(final), pa.string())
     deletes = pa.array([k for k, v in final.items() if v[2] == DELETE], pa.string())
@@ -162,7 +163,7 @@ def apply_changes(
     if spool is None:
         return
     seen = 0
-    for batch in pq.ParquetFile(spool).iter_batches(batch_size=8192):
+    for batch in open_parquet(spool).iter_batches(batch_size=8192):
         ids, ops = batch.column(ID).to_pylist(), batch.column(OP).to_pylist()
         mask = [final[ids[i]][1] == seen + i and ops[i] == UPSERT for i in range(batch.num_rows)]
         seen += batch.num_rows

@@ -13,7 +13,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from cptkit.config import (
     CsvSourceConfig,
@@ -24,6 +23,7 @@ from cptkit.config import (
     SourceBase,
 )
 from cptkit.errors import SourceError
+from cptkit.parquet_files import open_parquet
 from cptkit.secrets import mask_url, scrub
 from cptkit.sources.base import ERROR, ID, TEXT, canonical_batch, content_id, strings_column
 
@@ -237,7 +237,7 @@ class ParquetSource(_FileBased):
     def batches(self) -> Iterator[pa.RecordBatch]:
         for file in self.files():
             try:
-                pf = pq.ParquetFile(file)
+                pf = open_parquet(file)
             except (pa.ArrowInvalid, OSError) as exc:
                 raise SourceError(f"{file}: not a readable Parquet file ({exc})") from None
             columns = _check_columns(pf.schema_arrow, self.config, str(file))

@@ -1,0 +1,168 @@
+"""The base model's scoring outputs of an evaluation set, computed once and cached.
+
+Every evaluation of an adapter scores the same sets with the same base: the base's half of the work
+(its decoder over every window) is the same each time. What scoring needs from the base, its NLL and,
+for drift, its full next-token distribution at every scored position, is a function of the decoder's
+last hidden state there (the LM head is a plain linear layer over it: `loss.decoder_and_head`). So the
+cache holds those hidden states, batch by batch: positions x hidden size (576 floats per token for
+SmolLM2-135M) rather than positions x vocabulary (49,152), and the head applied to them again gives the
+same distributions bit for bit, so cached and fresh results are equal, not close.
+
+An entry is keyed by everything its numbers depend on: the base's files, the exact token ids of the set
+(so the tokenizer, decontamination and caps are in it), the window settings and batch size (batches are
+cut from the sorted windows), precision, device type, how the base is scored (the adapted model with its
+adapter disabled, or a separately loaded copy) and the torch and transformers versions. It is written
+to a temporary folder renamed into place when complete, so two concurrent evaluations never see half an
+entry (both compute it; the second rename loses and its copy is removed). Entries are never evicted:
+`rm -r <cache>/base_scores` frees the space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from cptkit.errors import StageError
+from cptkit.tokenization import cache_dir
+
+FORMAT = 1
+META = "meta.json"
+
+
+def cache_root() -> Path:
+    return cache_dir() / "base_scores"
+
+
+def model_files_fingerprint(model_dir: Path) -> str:
+    """The base's files by name, size and modification time (hashing gigabytes of weights per
+    evaluation would cost more than it saves)."""
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    stats = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps([str(model_dir.resolve()), stats]).encode()).hexdigest()[:16]
+
+
+def entry_key(
+    base_fingerprint: str,
+    docs: Sequence[np.ndarray],
+    context_length: int,
+    stride: int,
+    batch_size: int,
+    precision: str,
+    device: str,
+    base_scored_as: str,
+) -> str:
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    settings = {
+        "format": FORMAT,
+        "base": base_fingerprint,
+        "context_length": context_length,
+        "stride": stride,
+        "batch_size": batch_size,
+        "precision": precision,
+        "device": device,
+        "base_scored_as": base_scored_as,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for doc in docs:
+        ids = np.ascontiguousarray(doc, dtype=np.int64)
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(ids.tobytes())
+    return h.hexdigest()[:32]
+
+
+class BaseOutputs:
+    """The base runner's outputs at the scored positions, batch by batch: read from a complete cache
+    entry where one exists, else computed and written to a new entry when the scoring completes. Used as a
+    context manager around the scoring, so a failed scoring leaves no entry."""
+
+    def __init__(self, key: str, root: Path | None = None) -> None:
+        self.root = root if root is not None else cache_root()
+        self.folder = self.root / key
+        self.cached = (self.folder / META).is_file()
+        self.batches = 0
+        self._work: Path | None = None
+        self._recording = not self.cached
+
+    def output(
+        self, index: int, positions: int, compute: Callable[[], tuple[str, Any]], device: Any
+    ) -> tuple[str, Any]:
+        """Batch `index`'s output ("hidden", states at its `positions` scored positions): the cached one,
+        or `compute()`'s, recorded."""
+        self.batches = max(self.batches, index + 1)
+        if self.cached:
+            import torch
+
+            values = torch.load(self.folder / f"{index:06d}.pt", map_location=device, weights_only=True)
+            if values.shape[0] != positions:
+                raise StageError(
+                    f"base-score cache {self.folder}: batch {index} holds {values.shape[0]} positions, not "
+                    f"{positions}; remove that folder and evaluate again"
+                )
+            return "hidden", values
+        out = compute()
+        kind, values = out
+        if kind != "hidden":  # a model without a plain LM head: its logits are too large to keep
+            self._recording = False
+        if self._recording:
+            import torch
+
+            if self._work is None:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._work = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".tmp", dir=self.root))
+            torch.save(values.detach(), self._work / f"{index:06d}.pt")
+        return out
+
+    def __enter__(self) -> BaseOutputs:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        work, self._work = self._work, None
+        if work is None:
+            return
+        try:
+            if exc_type is None and self._recording:
+                (work / META).write_text(json.dumps({"format": FORMAT, "batches": self.batches}), encoding="utf-8")
+                try:
+                    os.rename(work, self.folder)  # atomic; fails where another run's entry is already in place
+                    return
+                except OSError:
+                    if not (self.folder / META).is_file():
+                        raise
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+
+
+def base_outputs_for(
+    enabled: bool,
+    base_model_path: str,
+    base_scored_as: str,
+    docs: Sequence[np.ndarray],
+    context_length: int,
+    stride: int,
+    batch_size: int,
+    precision: str,
+    device: Any,
+) -> BaseOutputs | None:
+    """The cache entry of one set's base scores (None when evaluate.base_score_cache is off)."""
+    if not enabled:
+        return None
+    fingerprint = model_files_fingerprint(Path(base_model_path))
+    key = entry_key(fingerprint, docs, context_length, stride, batch_size, precision, str(device), base_scored_as)
+    return BaseOutputs(key)

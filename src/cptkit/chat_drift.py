@@ -1,0 +1,327 @@
+"""Chat drift: does the adapted model still answer general instructions the way its (instruct) base did?
+
+Raw-text perplexity does not see chat skills: an instruct base's general perplexity can fall under
+continual pretraining while its answers change. So the base model answers a fixed set of general
+instructions shipped with cptkit (`chat_instructions.yaml`) through its tokenizer's chat template, greedy;
+the answers are cached on disk by (base model fingerprint, instruction-set hash, generation settings).
+The adapted model is then scored on exactly those answers, conditioned on the same chat prompt: its
+log-likelihood per answer token against the base's (the difference is the *chat drift*), the mean
+KL(base || adapted) of the next-token distributions on the answer tokens, and top-1 agreement. A few
+instructions are also answered by the adapted model, for the report's side-by-side view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cptkit.artifacts import read_json, write_json_atomic
+from cptkit.config import ChatDriftConfig
+from cptkit.model_pair import ModelPair
+from cptkit.progress import console
+from cptkit.results import ChatAnswer, ChatDrift
+from cptkit.scoring import ModelRunner
+from cptkit.tokenization import cache_dir
+
+INSTRUCTIONS_FILE = "chat_instructions.yaml"
+CACHE_FOLDER = "chat_answers"
+# Files up to this size are hashed whole for the base model's fingerprint (config, tokenizer, chat
+# template); larger ones (weights) by name, size and modification time, so that a 14 GB model is not read
+# on every evaluation. The cache can then miss (a copied model), never hit a changed tokenizer.
+_HASHED_WHOLE_BYTES = 32 << 20
+# Bump when what is cached changes meaning (the prompt's construction, the answer's end).
+_CACHE_VERSION = 1
+
+
+def instructions(limit: int | None = None) -> list[str]:
+    """The shipped general instructions (the first `limit` of them)."""
+    import yaml
+
+    text = resources.files("cptkit").joinpath(INSTRUCTIONS_FILE).read_text(encoding="utf-8")
+    items = [str(item) for item in yaml.safe_load(text)["instructions"]]
+    return items[:limit] if limit is not None else items
+
+
+def instructions_hash(items: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(folder: Path) -> str:
+    """A model folder's identity: small files by content, large ones by name, size and time. A hub
+    snapshot's files link to blobs named by their content hash, which is part of the name used here."""
+    parts = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        real = path.resolve()
+        stat = real.stat()
+        if stat.st_size <= _HASHED_WHOLE_BYTES:
+            ident = hashlib.sha256(real.read_bytes()).hexdigest()
+        else:
+            ident = f"{real.name}:{stat.st_size}:{stat.st_mtime_ns}"
+        parts.append(f"{path.relative_to(folder)}={ident}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _BaseAnswer:
+    """A base answer as cached: the chat prompt's tokens, the answer's tokens (with the end-of-turn token
+    when the model stopped), and its text."""
+
+    instruction: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    text: str
+
+
+def measure(pair: ModelPair, cc: ChatDriftConfig, precision: str, device: Any, batch_size: int) -> ChatDrift:
+    """Chat drift of the pair, or a result that says why it was not measured."""
+    result = _measure(pair, cc, precision, device, batch_size)
+    if result.status == "skipped":
+        console.print(f"evaluate chat: not measured: {result.reason}", highlight=False)
+    return result
+
+
+def _measure(pair: ModelPair, cc: ChatDriftConfig, precision: str, device: Any, batch_size: int) -> ChatDrift:
+    if not cc.enabled:
+        return ChatDrift(status="off", reason="evaluate.chat.enabled is false")
+    base_tok, cpt_tok = pair.base_tokenizer.tokenizer, pair.cpt_tokenizer.tokenizer
+    if not getattr(base_tok, "chat_template", None):
+        return ChatDrift(
+            status="skipped",
+            reason="the base model's tokenizer has no chat template (a raw base model): there is no chat "
+            "behaviour to keep",
+        )
+    if base_tok.get_vocab() != cpt_tok.get_vocab():
+        return ChatDrift(
+            status="skipped",
+            reason="the adapted model's tokenizer differs from the base's: the two cannot be compared token by token",
+        )
+    items = instructions(cc.max_instructions)
+    settings = {
+        "max_new_tokens": cc.max_new_tokens,
+        "precision": precision,
+        "quantization": pair.description.quantization,
+        "device": str(getattr(device, "type", device)),
+    }
+    key = _cache_key(Path(pair.description.base_model_path), items, settings)
+    answers = _read_cache(key, items)
+    cached = answers is not None
+    if answers is None:
+        answers = [_base_answer(pair, item, cc.max_new_tokens, device) for item in items]
+        _write_cache(key, settings, answers)
+    if not cached:
+        console.print(f"evaluate chat: the base model answers {len(items)} instructions (cached for next time)")
+    sums = _score(pair, answers, device, precision == "bf16", batch_size)
+    # The adapted model's own answers, for the report only: the drift is measured on the base's answers.
+    shown = answers[: cc.side_by_side]
+    side = [_answer(pair.cpt_runner, cpt_tok, a.prompt_ids, cc.max_new_tokens, device) for a in shown]
+    tokens = sum(s.tokens for s in sums)
+    base_nll, cpt_nll = sum(s.base_nll for s in sums), sum(s.cpt_nll for s in sums)
+    result = ChatDrift(
+        status="ok",
+        instructions=len(answers),
+        answer_tokens=tokens,
+        base_log_likelihood=-base_nll / tokens,
+        cpt_log_likelihood=-cpt_nll / tokens,
+        drift=(cpt_nll - base_nll) / tokens,
+        kl=sum(s.kl for s in sums) / tokens,
+        top1_agreement=sum(s.agree for s in sums) / tokens,
+        max_new_tokens=cc.max_new_tokens,
+        cached=cached,
+        answers=[
+            ChatAnswer(
+                instruction=a.instruction,
+                base=a.text,
+                tokens=s.tokens,
+                drift=(s.cpt_nll - s.base_nll) / s.tokens,
+                kl=s.kl / s.tokens,
+                cpt=side[i][1] if i < len(side) else None,
+            )
+            for i, (a, s) in enumerate(zip(answers, sums, strict=True))
+        ],
+    )
+    console.print(
+        f"evaluate chat: drift {result.drift:+.4f} nats per answer token, KL {result.kl:.4f}, top-1 agreement "
+        f"{result.top1_agreement:.1%} ({tokens:,} tokens of {len(answers)} base answers"
+        f"{', from the cache' if cached else ''})",
+        highlight=False,
+    )
+    return result
+
+
+def metrics(chat: ChatDrift) -> dict[str, float]:
+    """The MLflow metrics of a measured chat drift (none when it was not measured)."""
+    if chat.status != "ok":
+        return {}
+    values = {
+        "drift": chat.drift,
+        "kl": chat.kl,
+        "top1_agreement": chat.top1_agreement,
+        "base_log_likelihood": chat.base_log_likelihood,
+        "cpt_log_likelihood": chat.cpt_log_likelihood,
+    }
+    return {f"eval/chat/{name}": float(value) for name, value in values.items() if value is not None}
+
+
+# ---------------------------------------------------------------- the base's answers and their cache
+
+
+def _cache_key(base_dir: Path, items: Sequence[str], settings: dict[str, Any]) -> str:
+    parts = [str(_CACHE_VERSION), model_fingerprint(base_dir), instructions_hash(items), json.dumps(settings)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _cache_path(key: str) -> Path:
+    return cache_dir() / CACHE_FOLDER / f"{key}.json"
+
+
+def _read_cache(key: str, items: Sequence[str]) -> list[_BaseAnswer] | None:
+    """The cached answers, or None when there are none (or the file is not what this version writes)."""
+    try:
+        data = read_json(_cache_path(key))
+    except Exception:  # an unreadable cache file is a miss: the answers are generated again
+        return None
+    if data is None or [a.get("instruction") for a in data.get("answers") or []] != list(items):
+        return None
+    try:
+        return [_BaseAnswer(a["instruction"], a["prompt_ids"], a["answer_ids"], a["text"]) for a in data["answers"]]
+    except (KeyError, TypeError):
+        return None
+
+
+def _write_cache(key: str, settings: dict[str, Any], answers: Sequence[_BaseAnswer]) -> None:
+    data = {
+        "settings": settings,
+        "answers": [
+            {"instruction": a.instruction, "prompt_ids": a.prompt_ids, "answer_ids": a.answer_ids, "text": a.text}
+            for a in answers
+        ],
+    }
+    with contextlib.suppress(OSError):  # a read-only cache costs a regeneration next time, nothing else
+        write_json_atomic(_cache_path(key), data)
+
+
+def _base_answer(pair: ModelPair, instruction: str, max_new_tokens: int, device: Any) -> _BaseAnswer:
+    tokenizer = pair.base_tokenizer.tokenizer
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+    )
+    # The template writes any special tokens (BOS, turn markers) itself.
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    answer_ids, text = _answer(pair.base_runner, tokenizer, prompt_ids, max_new_tokens, device)
+    return _BaseAnswer(instruction, prompt_ids, answer_ids, text)
+
+
+def _answer(
+    runner: ModelRunner, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, device: Any
+) -> tuple[list[int], str]:
+    """A greedy answer to a chat prompt: its tokens (ending with the end-of-turn token when the model
+    stopped by itself) and its text."""
+    import torch
+    from transformers import GenerationConfig as HfGenerationConfig
+
+    ids = torch.tensor([prompt_ids], device=device)
+    with torch.inference_mode(), runner() as model:
+        stops = _stop_ids(tokenizer, model)
+        settings = HfGenerationConfig(  # type: ignore[no-untyped-call]
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=stops,
+            pad_token_id=stops[0] if stops else None,
+            use_cache=True,  # loading turned the model's cache off (packed training needs that)
+        )
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings)
+    answer = [int(t) for t in generated[0, len(prompt_ids) :]]
+    for i, token in enumerate(answer):
+        if token in stops:
+            answer = answer[: i + 1]
+            break
+    return answer, str(tokenizer.decode(answer, skip_special_tokens=True)).strip()
+
+
+def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS (a chat model's end of turn) and those of the
+    model's generation config."""
+    stops = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(int(t) for t in stops if t is not None))
+
+
+# ---------------------------------------------------------------- scoring the answers
+
+
+@dataclass
+class _AnswerScore:
+    """One answer's sums over its tokens: both models' negative log-likelihoods, KL(base || adapted),
+    positions whose top-1 tokens agree."""
+
+    tokens: int = 0
+    base_nll: float = 0.0
+    cpt_nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+
+
+def _score(
+    pair: ModelPair, answers: Sequence[_BaseAnswer], device: Any, bf16: bool, batch_size: int
+) -> list[_AnswerScore]:
+    """Both models on each chat prompt + base answer, right-padded in batches (under causal attention the
+    padding after a sequence cannot change it); only the answer's tokens are scored."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    scores = [_AnswerScore() for _ in answers]
+    with torch.inference_mode(), autocast:
+        for first in range(0, len(answers), batch_size):
+            batch = answers[first : first + batch_size]
+            seqs = [a.prompt_ids + a.answer_ids for a in batch]
+            width = max(len(s) for s in seqs) - 1
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.bool)
+            for row, (a, seq) in enumerate(zip(batch, seqs, strict=True)):
+                ids[row, : len(seq) - 1] = torch.tensor(seq[:-1])
+                # position p predicts token p + 1: the answer's tokens are predicted from len(prompt) - 1 on
+                mask[row, len(a.prompt_ids) - 1 : len(seq) - 1] = True
+            ids, mask = ids.to(device), mask.to(device)
+            targets = torch.tensor([t for a in batch for t in a.answer_ids], device=device)
+            base = F.log_softmax(_logits_at(pair.base_runner, ids, mask), dim=-1, dtype=torch.float32)
+            cpt = F.log_softmax(_logits_at(pair.cpt_runner, ids, mask), dim=-1, dtype=torch.float32)
+            base_nll = -base.gather(-1, targets[:, None])[:, 0].double()
+            cpt_nll = -cpt.gather(-1, targets[:, None])[:, 0].double()
+            kl = F.kl_div(cpt, base, log_target=True, reduction="none").sum(-1).double()
+            agree = base.argmax(-1) == cpt.argmax(-1)
+            start = 0
+            for offset, a in enumerate(batch):
+                rows = slice(start, start + len(a.answer_ids))
+                start = rows.stop
+                s = scores[first + offset]
+                s.tokens = len(a.answer_ids)
+                s.base_nll = float(base_nll[rows].sum())
+                s.cpt_nll = float(cpt_nll[rows].sum())
+                s.kl = float(kl[rows].sum())
+                s.agree = int(agree[rows].sum())
+    return scores
+
+
+def _logits_at(runner: ModelRunner, ids: Any, mask: Any) -> Any:
+    """Logits at the masked positions, (positions, vocabulary), in row order. The LM head runs there only
+    where the logits are a plain head over the hidden states (see loss.decoder_and_head)."""
+    from cptkit.loss import decoder_and_head
+
+    with runner() as model:
+        parts = decoder_and_head(model)
+        if parts is None:
+            return model(input_ids=ids, use_cache=False).logits[mask]
+        decoder, head = parts
+        return head(decoder(input_ids=ids, use_cache=False).last_hidden_state[mask])
