@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cptkit import chat_drift
+from cptkit import chat_drift, domain_tasks
 from cptkit.artifacts import MANIFEST, invalidate, new_manifest, read_json, up_to_date, write_json_atomic
 from cptkit.base_scores import base_outputs_for
 from cptkit.choices import Choice
@@ -96,13 +96,16 @@ def _evaluate(
     started = time.perf_counter()
     sets = _decontaminate(config, {name: read_set(name, source, ec.max_documents) for name, source in sources.items()})
     summary = TrainingSummary.read(cpt_dir / SUMMARY)
-    results = _evaluate_sets(config, cpt_dir, sets, summary, device, precision)
+    built = domain_tasks.build(config, sets[DOMAIN].texts, out) if ec.domain_tasks.enabled else None
+    results = _evaluate_sets(config, cpt_dir, sets, summary, device, precision, built)
     results = replace(results, seconds=round(time.perf_counter() - started, 2))
     from cptkit.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RESULTS, results.to_json())
     report_files = write_report(results, summary, out)
+    if isinstance(built, domain_tasks.DomainTaskSet):
+        report_files.append(domain_tasks.TASKS_DIR)  # the generated task files, logged as a folder
     from cptkit.update_gate import evaluate_update
 
     report_files = [*report_files, *evaluate_update(config, out)]  # an update: base, champion, candidate
@@ -116,7 +119,7 @@ def _evaluate(
         write_json_atomic(output, results.to_json())
     manifest = new_manifest("evaluate", config_fp, input_fp)
     manifest.update(
-        outputs={n: {"bytes": (out / n).stat().st_size} for n in [RESULTS, *report_files]},
+        outputs={n: {"bytes": _size(out / n)} for n in [RESULTS, *report_files]},
         base_model=config.model.name,
         cpt_model=str(cpt_dir),
         verdict=results.passed,
@@ -124,6 +127,10 @@ def _evaluate(
     )
     write_json_atomic(out / MANIFEST, manifest)
     return EvaluateResult(manifest, out, skipped=False, results=results)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _decontaminate(config: Config, sets: dict[str, EvalSet]) -> dict[str, EvalSet]:
@@ -209,6 +216,7 @@ def _evaluate_sets(
     summary: TrainingSummary | None,
     device_choice: Choice,
     precision: Choice,
+    built: domain_tasks.DomainTaskSet | str | None = None,
 ) -> EvaluationResults:
     import torch
 
@@ -242,6 +250,7 @@ def _evaluate_sets(
     facts: dict[str, SetFacts] = {}
     scored_tokens = 0
     score_seconds = 0.0
+    term_spans: dict[str, domain_tasks.TermSpan] = {}
     for name, eval_set in sets.items():
         t0 = time.perf_counter()
         cut = False
@@ -252,6 +261,7 @@ def _evaluate_sets(
         same_tokens = len(base_docs) == len(cpt_docs) and all(
             np.array_equal(a, b) for a, b in zip(base_docs, cpt_docs, strict=True)
         )
+        per_token = name == DOMAIN and isinstance(built, domain_tasks.DomainTaskSet)  # for term-span perplexity
         cached = base_outputs_for(
             ec.base_score_cache,
             pair.description.base_model_path,
@@ -274,15 +284,29 @@ def _evaluate_sets(
                 bf16,
                 True,
                 name,
+                per_token=per_token,
                 base_outputs=cached,
             )
             assert drift is not None
             drifts[name] = drift.result()
         else:  # different tokenizers: scored separately; bits per byte still compares them
             (base_score,), _ = score(
-                [pair.base_runner], base_docs, context, stride, ec.batch_size, device, bf16, base_outputs=cached
+                [pair.base_runner],
+                base_docs,
+                context,
+                stride,
+                ec.batch_size,
+                device,
+                bf16,
+                per_token=per_token,
+                base_outputs=cached,
             )
-            (cpt_score,), _ = score([pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16)
+            (cpt_score,), _ = score(
+                [pair.cpt_runner], cpt_docs, context, stride, ec.batch_size, device, bf16, per_token=per_token
+            )
+        if per_token and isinstance(built, domain_tasks.DomainTaskSet):
+            for model, tok, s in (("base", pair.base_tokenizer, base_score), ("cpt", pair.cpt_tokenizer, cpt_score)):
+                term_spans[model] = domain_tasks.term_span(eval_set.texts, tok, s, built.pattern)
         score_seconds += time.perf_counter() - t0
         scored_tokens += base_score.tokens + cpt_score.tokens
         for score_ in (base_score, cpt_score):
@@ -324,6 +348,16 @@ def _evaluate_sets(
         top1_agreement=general_drift.top1_agreement if general_drift else None,
         tokens_per_second=scored_tokens / max(score_seconds, 1e-9),
         tasks=run_tasks(pair, ec.tasks, context, ec.batch_size, ec.task_limit, ec.task_include_path, bf16),
+        domain_tasks=domain_tasks.run(
+            built,
+            [("base", pair.base_runner, pair.base_tokenizer), ("cpt", pair.cpt_runner, pair.cpt_tokenizer)],
+            term_spans,
+            ec.domain_tasks,
+            context,
+            ec.batch_size * context,  # the tokens of a scoring batch
+            device,
+            bf16,
+        ),
         generations=generate(pair, ec.generation, device),
         chat=chat,
         training=TrainingFacts.of(summary) if summary is not None else None,
@@ -354,9 +388,11 @@ def _log(tracker: Tracker, results: EvaluationResults, out: Path, files: list[st
         metrics[f"eval/{set_name}/top1_agreement"] = d.top1_agreement
     for key, value in results.headline().items():
         metrics[f"eval/{key}"] = value
+    for key, value in results.domain_tasks.metrics().items():
+        metrics[f"eval/{key}"] = value
     metrics.update(chat_drift.metrics(results.chat))
     metrics["eval/passed"] = float(results.passed)
     tracker.log_metrics(metrics, step)
-    for name in files:
-        tracker.log_artifact(out / name, EVALUATION_DIR)
+    for name in files:  # a folder (the generated tasks) keeps its name under evaluation/
+        tracker.log_artifact(out / name, f"{EVALUATION_DIR}/{name}" if (out / name).is_dir() else EVALUATION_DIR)
     tracker.set_tags({"cptkit.evaluation": "passed" if results.passed else "failed"})

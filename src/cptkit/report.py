@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from cptkit import report_chat
+from cptkit import domain_tasks_report, report_chat
 from cptkit.artifacts import atomic_path
 from cptkit.results import EvaluationResults, TrainingSummary
 
@@ -246,6 +246,7 @@ def markdown(results: EvaluationResults, charts: list[str]) -> str:
     lines += [*_md_table(["task", "metric", "base", "adapted", "delta"], task_rows)] if task_rows else []
     note = _tasks_note(results)
     lines += [note, ""] if note else [""]
+    lines += domain_tasks_report.markdown(results.domain_tasks, _md_table)
     if results.generations:
         lines += ["## Generations", "", "The same prompts and decoding settings for both models.", ""]
         for g in results.generations:
@@ -313,6 +314,7 @@ def to_html(results: EvaluationResults, charts: dict[str, bytes]) -> str:
     note = _tasks_note(results)
     if note:
         parts.append(f"<p>{e(note)}</p>")
+    parts += domain_tasks_report.html_parts(results.domain_tasks, _html_table)
     if results.generations:
         parts += ["<h2>Generations</h2>", "<p>The same prompts and decoding settings for both models.</p>"]
         parts.append("<table class='gen'><tr><th>base</th><th>adapted</th></tr>")

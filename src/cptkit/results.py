@@ -201,6 +201,132 @@ class TaskResults:
         return _from_record(cls, data)
 
 
+# ---------------------------------------------------------------- the generated domain tasks
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interval:
+    """A value and its bootstrap confidence interval (95%, percentiles of item resamples)."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainTaskScore:
+    """One model on the generated domain tasks: multiple-choice accuracy, the cloze (mean log-likelihood
+    of the term, share of terms that are the greedy continuation), and perplexity on the domain terms'
+    tokens beside perplexity on all tokens of the same documents."""
+
+    mc_accuracy: Interval
+    cloze_loglikelihood: float
+    cloze_exact_match: Interval
+    term_perplexity: float | None = None
+    all_perplexity: float | None = None
+    term_tokens: int = 0
+    all_tokens: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ItemExample:
+    """An item the two models answer differently: the passage, the right term, each model's choice."""
+
+    context: str
+    answer: str
+    base: str
+    cpt: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainTaskResults:
+    """The generated domain tasks (cptkit.domain_tasks): `status` ok, or not_run with the `reason`."""
+
+    status: str
+    reason: str | None = None
+    terms: int = 0
+    items: int = 0
+    contaminated_items: int = 0
+    distractors: int = 0
+    random_baseline: float | None = None
+    folder: str | None = None  # the task files, relative to the evaluation folder
+    base: DomainTaskScore | None = None
+    cpt: DomainTaskScore | None = None
+    accuracy_change: Interval | None = None  # adapted - base, paired over items
+    exact_match_change: Interval | None = None
+    gained: list[ItemExample] = field(default_factory=list)  # right now, wrong before
+    lost: list[ItemExample] = field(default_factory=list)
+    seconds: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics, `<task>/<metric>`."""
+        out: dict[str, float] = {}
+        for name, s in (("base", self.base), ("cpt", self.cpt)):
+            if s is None:
+                continue
+            out[f"domain_mc/{name}_acc"] = s.mc_accuracy.value
+            out[f"domain_cloze/{name}_loglikelihood"] = s.cloze_loglikelihood
+            out[f"domain_cloze/{name}_exact_match"] = s.cloze_exact_match.value
+            if s.term_perplexity is not None:
+                out[f"domain_term_span/{name}_perplexity"] = s.term_perplexity
+            if s.all_perplexity is not None:
+                out[f"domain_term_span/{name}_all_token_perplexity"] = s.all_perplexity
+        if self.accuracy_change is not None:
+            out["domain_mc/acc_change"] = self.accuracy_change.value
+            out["domain_mc/acc_change_low"] = self.accuracy_change.low
+            out["domain_mc/acc_change_high"] = self.accuracy_change.high
+        if self.exact_match_change is not None:
+            out["domain_cloze/exact_match_change"] = self.exact_match_change.value
+        return out
+
+    def to_json(self) -> JSON:
+        data = _record(self)
+        for name in ("base", "cpt"):
+            score = getattr(self, name)
+            if score is not None:
+                data[name] = {
+                    **_record(score),
+                    "mc_accuracy": _record(score.mc_accuracy),
+                    "cloze_exact_match": _record(score.cloze_exact_match),
+                }
+        for name in ("accuracy_change", "exact_match_change"):
+            value = getattr(self, name)
+            data[name] = _record(value) if value is not None else None
+        data["gained"] = [_record(e) for e in self.gained]
+        data["lost"] = [_record(e) for e in self.lost]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Self:
+        def score(value: Mapping[str, Any] | None) -> DomainTaskScore | None:
+            if value is None:
+                return None
+            return _from_record(
+                DomainTaskScore,
+                {
+                    **value,
+                    "mc_accuracy": Interval(**value["mc_accuracy"]),
+                    "cloze_exact_match": Interval(**value["cloze_exact_match"]),
+                },
+            )
+
+        def interval(value: Mapping[str, Any] | None) -> Interval | None:
+            return Interval(**value) if value is not None else None
+
+        return _from_record(
+            cls,
+            {
+                **data,
+                "base": score(data.get("base")),
+                "cpt": score(data.get("cpt")),
+                "accuracy_change": interval(data.get("accuracy_change")),
+                "exact_match_change": interval(data.get("exact_match_change")),
+                "gained": [_from_record(ItemExample, e) for e in data.get("gained") or []],
+                "lost": [_from_record(ItemExample, e) for e in data.get("lost") or []],
+            },
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Generation:
     """A fixed prompt's greedy completion by both models."""
@@ -399,6 +525,7 @@ class EvaluationResults:
     top1_agreement: float | None = None
     tokens_per_second: float | None = None
     tasks: TaskResults = field(default_factory=lambda: TaskResults(status="not_requested"))
+    domain_tasks: DomainTaskResults = field(default_factory=lambda: DomainTaskResults(status="not_run"))
     generations: list[Generation] = field(default_factory=list)
     chat: ChatDrift = field(default_factory=lambda: _NOT_MEASURED)
     training: TrainingFacts | None = None
@@ -435,6 +562,7 @@ class EvaluationResults:
             "top1_agreement": self.top1_agreement,
             "tokens_per_second": self.tokens_per_second,
             "tasks": self.tasks.to_json(),
+            "domain_tasks": self.domain_tasks.to_json(),
             "generations": [_record(g) for g in self.generations],
             "chat": self.chat.to_json(),
             "training": _record(self.training) if self.training is not None else None,
@@ -461,6 +589,9 @@ class EvaluationResults:
             top1_agreement=data.get("top1_agreement"),
             tokens_per_second=data.get("tokens_per_second"),
             tasks=TaskResults.from_json(tasks) if tasks else TaskResults(status="not_requested"),
+            domain_tasks=DomainTaskResults.from_json(data["domain_tasks"])
+            if data.get("domain_tasks")
+            else DomainTaskResults(status="not_run", reason="evaluated before the domain tasks existed"),
             generations=[_from_record(Generation, g) for g in data.get("generations") or []],
             chat=ChatDrift.from_json(data["chat"]) if data.get("chat") else _NOT_MEASURED,
             training=_from_record(TrainingFacts, training) if training else None,

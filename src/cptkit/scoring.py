@@ -110,6 +110,9 @@ class SetScore:
     tokens: int = 0
     bytes: int = 0
     documents: int = 0
+    # With score(per_token=True): each token's NLL, the documents' sequences concatenated (NaN where not
+    # scored: each document's first token); a function of the scored positions, so of no batch layout.
+    token_nll: np.ndarray | None = None
 
     @property
     def perplexity(self) -> float:
@@ -170,11 +173,13 @@ def score(
     bf16: bool = False,
     drift: bool = False,
     label: str = "",
+    per_token: bool = False,
     base_outputs: BaseOutputs | None = None,
 ) -> tuple[list[SetScore], DriftScore | None]:
     """Score token sequences with each runner over the same batches of windows. With `drift`, the first
-    runner is the base and the second the adapted model. With `base_outputs`, the first runner's decoder
-    outputs come from (or go to) the base-score cache."""
+    runner is the base and the second the adapted model; with `per_token`, each score keeps every token's
+    NLL too (`SetScore.token_nll`). With `base_outputs`, the first runner's decoder outputs come from (or
+    go to) the base-score cache."""
     import torch
     import torch.nn.functional as F
 
@@ -183,6 +188,10 @@ def score(
     # positions line up.
     windows.sort(key=lambda w: (-w.length, -w.scored, w.doc, w.start))
     scores = [SetScore(documents=sum(1 for d in docs if len(d) > 1)) for _ in runners]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    if per_token:
+        for s in scores:
+            s.token_nll = np.full(int(offsets[-1]), np.nan, dtype=np.float32)
     result_drift = DriftScore() if drift else None
     device = torch.device(device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -197,6 +206,8 @@ def score(
         for first in range(0, len(windows), batch_size):
             batch = windows[first : first + batch_size]
             ids, targets, mask = _batch_tensors(batch, docs, device)
+            # Where each scored target sits in the concatenated sequences (the order of `targets`).
+            flat = np.concatenate([offsets[w.doc] + np.arange(w.end - w.scored + 1, w.end + 1) for w in batch])
             # Hidden states at the scored positions, then the LM head a chunk of positions at a time:
             # the full next-token distributions of both models (positions x vocabulary, float32) would
             # take gigabytes, and drift needs both at once.
@@ -226,7 +237,10 @@ def score(
                     # of bf16 logits), summed in float64.
                     lp = F.log_softmax(logits, dim=-1, dtype=torch.float32)
                     del logits
-                    sums.nll -= float(lp.gather(-1, t[:, None]).sum(dtype=torch.float64))
+                    target_lp = lp.gather(-1, t[:, None])
+                    sums.nll -= float(target_lp.sum(dtype=torch.float64))
+                    if sums.token_nll is not None:
+                        sums.token_nll[flat[rows]] = -target_lp[:, 0].float().cpu().numpy()
                     if drift and len(logprobs) < 2:  # the full distributions are needed for the KL
                         logprobs.append(lp)
                     del lp

@@ -403,6 +403,41 @@ class DecontaminationConfig(Section):
     )
 
 
+class DomainTasksConfig(Section):
+    """Benchmarks generated from the domain documents: characteristic terms of the domain training text
+    against the general (replay) text, and from the held-out domain documents a term cloze, a multiple
+    choice among terms, and perplexity on the domain terms' tokens."""
+
+    enabled: bool = Field(True, description="Build and score the generated domain tasks (needs data.replay).")
+    seed: int = Field(0, description="Seed of the item sample and the order of the choices.")
+    max_ngram: int = Field(3, ge=1, le=5, description="Longest term, in words.")
+    min_count: int = Field(5, ge=1, description="Occurrences a term needs in the domain training text.")
+    min_documents: int = Field(3, ge=1, description="Domain training documents a term must occur in.")
+    min_score: float = Field(
+        2.0, description="Lowest z-score of a term's log-odds (domain vs general, informative Dirichlet prior)."
+    )
+    max_terms: int = Field(300, gt=0, description="Terms kept, highest z-score first.")
+    common_words: int = Field(
+        100,
+        ge=0,
+        description="The general text's most frequent words (function words, measured) that may not start or "
+        "end a term.",
+    )
+    items: int = Field(
+        64,
+        gt=0,
+        description="Items (passages ending before a term) sampled at most; each costs about as much as scoring "
+        "150 tokens of perplexity per model.",
+    )
+    per_document: int = Field(8, gt=0, description="Items per held-out document at most.")
+    context_words: int = Field(24, ge=4, description="Words of the passage before the term.")
+    distractors: int = Field(3, ge=1, description="Wrong terms among the choices (k; random baseline 1/(k+1)).")
+    max_training_documents: int = Field(
+        20000, gt=0, description="Documents of each training stream read to find the terms (the first ones)."
+    )
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the items for the intervals.")
+
+
 class ChatDriftConfig(Section):
     """Chat drift: the base model answers cptkit's fixed general instructions through its chat template
     (greedy, cached on disk), and the adapted model is scored on those answers (log-likelihood, KL)."""
@@ -440,6 +475,7 @@ class EvaluateConfig(Section):
         None, gt=0, description="Documents read from each set (the first ones); null for all."
     )
     decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
+    domain_tasks: DomainTasksConfig = Field(default_factory=DomainTasksConfig)
     context_length: int | None = Field(
         None, gt=1, description="Tokens per scoring window; default training.max_seq_length."
     )
