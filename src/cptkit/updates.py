@@ -38,6 +38,7 @@ from cptkit.dedup import MinHasher, band_hashes, estimated_jaccard, exact_key, l
 from cptkit.errors import ConfigError, StageError
 from cptkit.model_folder import REGISTRATION_DIR
 from cptkit.packing import TokenDocs
+from cptkit.parquet_files import open_parquet
 from cptkit.start_model import StartModel, check_start, resolve_start
 from cptkit.train_data import TrainData
 
@@ -98,7 +99,7 @@ def _texts(dataset: Dataset) -> Iterator[tuple[str, str, str]]:
         yield from _jsonl(train_jsonl, "train")
     else:
         for part in sorted((dataset.directory / TRAIN_TEXT).glob("part-*.parquet")):
-            for batch in pq.ParquetFile(part).iter_batches(columns=["id", "text"]):
+            for batch in open_parquet(part).iter_batches(columns=["id", "text"]):
                 for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
                     yield str(doc_id), str(text), "train"
     yield from _jsonl(dataset.directory / VAL, "val")
