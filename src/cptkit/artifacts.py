@@ -160,9 +160,16 @@ def up_to_date(directory: Path, config_fingerprint: str, input_fingerprint: str 
         return None
     for name, info in (manifest.get("outputs") or {}).items():
         path = directory / name
-        if not path.is_file() or path.stat().st_size != info.get("bytes"):
+        if not path.exists() or output_bytes(path) != info.get("bytes"):
             return None
     return manifest
+
+
+def output_bytes(path: Path) -> int:
+    """A manifest's size of an output: a file's bytes, or the sum of a folder's files."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def invalidate(directory: Path) -> None:

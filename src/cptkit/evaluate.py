@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from cptkit import chat_drift, domain_tasks
-from cptkit.artifacts import MANIFEST, invalidate, new_manifest, read_json, up_to_date, write_json_atomic
+from cptkit.artifacts import (
+    MANIFEST,
+    invalidate,
+    new_manifest,
+    output_bytes,
+    read_json,
+    up_to_date,
+    write_json_atomic,
+)
 from cptkit.base_scores import base_outputs_for
 from cptkit.choices import Choice
 from cptkit.config import (
@@ -119,7 +127,7 @@ def _evaluate(
         write_json_atomic(output, results.to_json())
     manifest = new_manifest("evaluate", config_fp, input_fp)
     manifest.update(
-        outputs={n: {"bytes": _size(out / n)} for n in [RESULTS, *report_files]},
+        outputs={n: {"bytes": output_bytes(out / n)} for n in [RESULTS, *report_files]},
         base_model=config.model.name,
         cpt_model=str(cpt_dir),
         verdict=results.passed,
@@ -127,10 +135,6 @@ def _evaluate(
     )
     write_json_atomic(out / MANIFEST, manifest)
     return EvaluateResult(manifest, out, skipped=False, results=results)
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _decontaminate(config: Config, sets: dict[str, EvalSet]) -> dict[str, EvalSet]:
