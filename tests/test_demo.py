@@ -35,6 +35,9 @@ def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-unty
     small += ["training.micro_batch_size=1", "training.gradient_accumulation_steps=1", "training.max_seq_length=128"]
     small += ["evaluate.max_documents=3", "evaluate.stride=128", "evaluate.generation.max_new_tokens=4"]
     small += ["evaluate.max_tokens=1000"]
+    # Chat drift and the generated tasks still run, on a few instructions and items.
+    small += ["evaluate.chat.max_instructions=2", "evaluate.chat.max_new_tokens=8", "evaluate.chat.side_by_side=1"]
+    small += ["evaluate.domain_tasks.items=8"]
     args = [a for item in small for a in ("--set", item)]
     result = cli("demo", "--config", config, *args)
     assert result.exit_code == 0, result.output
@@ -69,6 +72,7 @@ def test_demo_runs_the_pipeline_end_to_end(cli) -> None:  # type: ignore[no-unty
     assert results["settings"]["precision"] == choose_eval_precision(probe("cpu")).value
     assert all(results["cpt"][name]["tokens"] <= 1000 for name in results["cpt"])
     assert Path("demo/outputs/cpt_model/evaluation/report.html").is_file()
+    assert results["chat"]["status"] == "ok" and results["chat"]["instructions"] == 2
     # Registered, and checked against the trained model (two steps do not pass the gate: challenger only).
     out = " ".join(result.output.split())
     assert "register: models:/python-docs-smollm2/1" in out and "vs the trained model: ok" in out
