@@ -63,16 +63,24 @@ class DeltaSourceConfig(SourceBase):
 
     @model_validator(mode="after")
     def _incremental(self) -> DeltaSourceConfig:
-        problems: list[str] = []
-        if self.mode == "watermark" and not self.watermark_column:
-            problems.append("mode watermark needs watermark_column")
-        if self.mode != "full" and not self.id_column:
-            problems.append(f"mode {self.mode} needs id_column (changed rows replace documents by id)")
-        if self.mode != "full" and self.version is not None:
-            problems.append("version pins a full read; incremental modes follow the table")
+        problems = _incremental_problems(self.mode, self.watermark_column, self.id_column, self.version)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _incremental_problems(
+    mode: str, watermark_column: str | None, id_column: str | None, version: int | None
+) -> list[str]:
+    """What a Delta or Databricks source's incremental mode needs, shared by both."""
+    problems: list[str] = []
+    if mode == "watermark" and not watermark_column:
+        problems.append("mode watermark needs watermark_column")
+    if mode != "full" and not id_column:
+        problems.append(f"mode {mode} needs id_column (changed rows replace documents by id)")
+    if mode != "full" and version is not None:
+        problems.append("version pins a full read; incremental modes follow the table")
+    return problems
 
 
 class FilesSourceConfig(SourceBase):
@@ -270,12 +278,7 @@ class DatabricksSourceConfig(SourceBase, DatabricksConnection):
                 problems.append("method volume reads every file: mode full, no filter, no version")
         if self.path is not None and self.method != "delta":
             problems.append("path is for method delta")
-        if self.mode == "watermark" and not self.watermark_column:
-            problems.append("mode watermark needs watermark_column")
-        if self.mode != "full" and not self.id_column:
-            problems.append(f"mode {self.mode} needs id_column (changed rows replace documents by id)")
-        if self.mode != "full" and self.version is not None:
-            problems.append("version pins a full read; incremental modes follow the table")
+        problems += _incremental_problems(self.mode, self.watermark_column, self.id_column, self.version)
         if problems:
             raise ValueError("; ".join(problems))
         return self
