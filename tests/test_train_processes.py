@@ -311,8 +311,13 @@ def test_validation_passes_are_shared_by_the_processes_with_one_process_numbers(
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run([*torchrun, str(script), str(tiny_model_dir)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 2
+    # Both processes print to one pipe: a line of one may run into the other's, so take each object.
+    decoder, results, start = json.JSONDecoder(), [], done.stdout.find('{"alone"')
+    while start >= 0:
+        result, end = decoder.raw_decode(done.stdout, start)
+        results.append(result)
+        start = done.stdout.find('{"alone"', end)
+    assert len(results) == 2, done.stdout
     for result in results:
         assert result["shared"] == result["alone"]  # bit for bit: the per-batch sums added in batch order
         assert result["forwards"] == 3  # 6 batches of 2 blocks (the first 11 blocks) over 2 processes
