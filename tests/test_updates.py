@@ -342,6 +342,7 @@ def test_gate_refuses_an_update_that_forgot_the_earlier_text_and_keeps_the_champ
             "evaluate.max_earlier_domain_regression": 0.0,
             "data.replay_ratio": 0.0,
             "data.domain_replay_ratio": 0.0,
+            "evaluate.max_tokens": 200,  # the gate's sets are cut like evaluate's
         },
     )
     v2 = cli("run", "-c", str(cfg2))
@@ -349,6 +350,9 @@ def test_gate_refuses_an_update_that_forgot_the_earlier_text_and_keeps_the_champ
     assert v2.exit_code == 1, v2.output
     assert "register: not promoted:" in text and "earlier domain bits/byte vs champion (version 1)" in text
     assert "| earlier domain (bits/byte) |" in (tmp_path / "outputs/v2/evaluation/update.md").read_text()
+    gate_sets = json.loads((tmp_path / "outputs/v2/evaluation/update.json").read_text())["sets"]
+    assert set(gate_sets) == {"new domain", "earlier domain", "general"}
+    assert all(0 < s["tokens"] <= 200 for s in gate_sets.values()), gate_sets
 
     config = load_config(cfg2)
     registry = Registry.open(config.tracking, config.register_)
@@ -414,6 +418,9 @@ def test_demo_updates_learns_the_second_batch_from_version_1(cli: Any) -> None:
     small = ["training.max_steps=2", "training.eval_steps=2", "training.eval_max_sequences=2"]
     small += ["training.micro_batch_size=1", "training.max_seq_length=128", "evaluate.max_documents=3"]
     small += ["evaluate.stride=128", "evaluate.generation.max_new_tokens=0", "evaluate.max_tokens=500"]
+    # The loop is under test, not the evaluation's other parts (test_demo runs those): two versions'
+    # chat drift, generated tasks and the news set would triple its time.
+    small += ["evaluate.chat.enabled=false", "evaluate.domain_tasks.enabled=false", "evaluate.sets={}"]
     args = [a for item in small for a in ("--set", item)]
     result = cli("demo", "--updates", "--config", str(repo / "configs/demo.yaml"), *args)
     out = " ".join(result.output.split())

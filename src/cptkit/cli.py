@@ -508,14 +508,14 @@ def run_all(
         options = pipeline.Options(
             processes=wanted, launch_train=lambda force: _launch_train(wanted, config, set_, force, wait, debug)
         )
-        reason = pipeline.not_promoted(pipeline.run_pipeline(cfg, stages, _reporters(), options))
+        reason = pipeline.not_promoted(pipeline.run_pipeline(cfg, stages, stage_reporters(), options))
         if reason is not None:
             raise CptkitError(reason)
 
     _run(debug, go, wait=wait)
 
 
-def _reporters() -> Reporters:
+def stage_reporters() -> Reporters:
     return Reporters(
         extract=print_extract,
         prepare=print_prepare,
@@ -550,9 +550,9 @@ def demo(
         if updates:
             from cptkit.demo_updates import run_demo_updates
 
-            run_demo_updates(_load(config, set_), force, _reporters())
+            run_demo_updates(_load(config, set_), force, stage_reporters())
             return
-        run_demo(_load(config, set_), force, _reporters())
+        run_demo(_load(config, set_), force, stage_reporters())
 
     _run(debug, go, wait=wait)
 

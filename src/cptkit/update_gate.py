@@ -22,7 +22,7 @@ from typing import Any
 
 from cptkit.artifacts import read_json, write_json_atomic
 from cptkit.config import Config
-from cptkit.eval_sets import GENERAL, eval_sources, read_set
+from cptkit.eval_sets import GENERAL, EvalSet, cap_tokens, eval_sources, read_set
 from cptkit.progress import console
 from cptkit.results import Check
 from cptkit.start_model import resolve_start
@@ -36,6 +36,7 @@ NEW, EARLIER = "new domain", "earlier domain"
 @dataclass(frozen=True)
 class SetScores:
     documents: int
+    tokens: int  # scored tokens of each model (the same windows)
     bits_per_byte: dict[str, float]  # model -> bits per byte
     perplexity: dict[str, float]
 
@@ -59,18 +60,18 @@ def evaluate_update(config: Config, out: Path) -> list[str]:
         return []
     texts: dict[str, list[str]] = {}
     for name, file in ((NEW, NEW_VAL), (EARLIER, EARLIER_VAL)):
-        rows = _jsonl_texts(cpt_dir / UPDATE_DIR / file)
+        rows = jsonl_texts(cpt_dir / UPDATE_DIR / file)[: config.evaluate.max_documents]
         if rows:
             texts[name] = rows
     general = eval_sources(config).get(GENERAL)
     if general is not None:
         texts[GENERAL] = read_set(GENERAL, general, config.evaluate.max_documents).texts
-    scores = _score(config, start.folder, texts)
+    scores = score_models(config, start.folder, texts)
     checks = update_checks(scores, config, start.version)
     data = {
         "champion": {"init_from": start.spec, "version": start.version, "folder": str(start.folder)},
         "sets": {
-            name: {"documents": s.documents, "bits_per_byte": s.bits_per_byte, "perplexity": s.perplexity}
+            name: {"documents": s.documents, "tokens": s.tokens, "bits_per_byte": s.bits_per_byte, "perplexity": s.perplexity}
             for name, s in scores.items()
         },
         "checks": [c.to_json() for c in checks],
@@ -85,13 +86,13 @@ def evaluate_update(config: Config, out: Path) -> list[str]:
     return [UPDATE_RESULTS, UPDATE_REPORT]
 
 
-def _jsonl_texts(path: Path) -> list[str]:
+def jsonl_texts(path: Path) -> list[str]:
     if not path.is_file():
         return []
     return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _score(config: Config, champion_dir: Path, texts: dict[str, list[str]]) -> dict[str, SetScores]:
+def score_models(config: Config, champion_dir: Path, texts: dict[str, list[str]]) -> dict[str, SetScores]:
     """Bits per byte and perplexity of the three models on each set, in float32, on the same windows."""
     import torch
     from transformers import AutoTokenizer
@@ -112,7 +113,11 @@ def _score(config: Config, champion_dir: Path, texts: dict[str, list[str]]) -> d
     tokenizer = text_tokenizer(AutoTokenizer.from_pretrained(str(cpt_dir)))
     context, stride = config.evaluation_window()
     out: dict[str, SetScores] = {}
-    for name, docs in texts.items():
+    for name, all_docs in texts.items():
+        docs = all_docs
+        if config.evaluate.max_tokens is not None:  # the same cut as evaluate's sets: the first tokens of each
+            whole = EvalSet(name, all_docs, sum(len(t.encode("utf-8")) for t in all_docs), 0, {})
+            docs = cap_tokens(whole, tokenizer.tokenizer, config.evaluate.max_tokens, min_share=context)[0].texts
         encoded = tokenizer.encode(docs)
         runners = [fixed(base), fixed(champion), fixed(candidate)]
         sums, _ = score(runners, encoded, context, stride, config.evaluate.batch_size, device, label=f"update {name}")
@@ -121,6 +126,7 @@ def _score(config: Config, champion_dir: Path, texts: dict[str, list[str]]) -> d
             s.bytes = n_bytes
         out[name] = SetScores(
             documents=len(docs),
+            tokens=sums[0].tokens,
             bits_per_byte={m: s.bits_per_byte for m, s in zip(MODELS, sums, strict=True)},
             perplexity={m: s.perplexity for m, s in zip(MODELS, sums, strict=True)},
         )

@@ -1,0 +1,103 @@
+"""The demo trained with `cptkit tune`'s choice against the demo's hand-set config, side by side in one run:
+the same prepared data, the same time budget and evaluation, only training.learning_rate and
+data.replay_ratio differ (what tuned.yaml changes). Each is trained and evaluated into a folder of its own
+under benchmarks/out/tune_choice/ (tracking off), one after the other, so both see the same machine.
+
+Needs the demo's prepared data (`cptkit demo`) and the tune (`cptkit tune --config configs/demo.yaml`,
+which writes demo/tune/tuned.yaml). Then:
+
+    PYTHONPATH=src .venv/bin/python benchmarks/tune_choice.py [--tuned demo/tune/tuned.yaml]
+
+Goal (issue 19): a larger domain gain at equal or lower drift, or equal gain at clearly lower drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "benchmarks" / "out" / "tune_choice"
+
+
+def cpu_name() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")]
+    return names[0] if names else platform.machine()
+
+
+def run(config: Any) -> dict[str, Any]:
+    """Train and evaluate `config` (forced); the numbers the comparison needs."""
+    from cptkit.evaluate import evaluate
+    from cptkit.train import train
+
+    started = time.perf_counter()
+    train(config, force=True)
+    trained = time.perf_counter()
+    evaluate(config, force=True)
+    done = time.perf_counter()
+    r = json.loads((config.output_dir / "evaluation" / "results.json").read_text())
+    tasks = r.get("domain_tasks") or {}
+    chat = r.get("chat") or {}
+    return {
+        "learning_rate": config.training.learning_rate,
+        "replay_ratio": config.data.replay_ratio,
+        "steps": r["training"]["steps"],
+        "tokens": r["training"]["tokens"],
+        "domain_perplexity": {m: round(r[m]["domain"]["perplexity"], 3) for m in ("base", "cpt")},
+        "adaptation": round(r["adaptation"], 4),  # relative fall of the domain perplexity
+        "forgetting": round(r["forgetting"], 4),  # worst relative rise of a general set's perplexity
+        "forgetting_by_set": {k: round(v, 4) for k, v in r["forgetting_by_set"].items()},
+        "drift_kl": round(r["drift_kl"], 5),
+        "chat_drift": None if chat.get("status") != "ok" else round(chat["drift"], 5),
+        "chat_kl": None if chat.get("status") != "ok" else round(chat["kl"], 5),
+        "mc_accuracy": (tasks.get("cpt") or {}).get("mc_accuracy"),
+        "verdict_passed": r["verdict"]["passed"],
+        "train_seconds": round(trained - started, 1),
+        "evaluate_seconds": round(done - trained, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--tuned", type=Path, default=Path("demo/tune/tuned.yaml"))
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    if not args.tuned.is_file():
+        raise SystemExit(f"{args.tuned}: not found; run `cptkit tune --config {args.config}` first")
+
+    from cptkit.config import load_config
+
+    load_start = os.getloadavg()
+    results = {}
+    for label, path in (("hand_set", args.config), ("tuned", args.tuned)):
+        config = load_config(path, ["tracking.enabled=false", f"output_dir={args.out.resolve() / label}"])
+        results[label] = run(config)
+    hand, tuned = results["hand_set"], results["tuned"]
+    report = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
+        "load_average": {"start": load_start, "end": os.getloadavg()},
+        **results,
+        "tuned_minus_hand_set": {
+            "adaptation": round(tuned["adaptation"] - hand["adaptation"], 4),
+            "forgetting": round(tuned["forgetting"] - hand["forgetting"], 4),
+            "drift_kl": round(tuned["drift_kl"] - hand["drift_kl"], 5),
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
