@@ -486,7 +486,8 @@ def test_a_token_cap_is_shared_evenly_among_the_documents(tiny_model_dir: Path) 
 
     long = " ".join(make_doc(i) for i in range(6))  # one long document, then three short ones
     texts = [long, make_doc(10), make_doc(11)[:100], make_doc(12)]
-    whole = EvalSet("s", texts, sum(len(t.encode()) for t in texts), 0, {})
+    # Decontamination's counts (made before the cut) stay with the set: the report and results.json give them.
+    whole = EvalSet("s", texts, sum(len(t.encode()) for t in texts), 0, {}, contaminated=1, any_overlap=2)
     assert cap_tokens(whole, tokenizer, sum(map(count, texts))) == (whole, False)  # fits: unchanged
     short = count(texts[2])
     cap = short + 3 * 40 + 1  # the short one whole, 40 or 41 tokens of each other one
@@ -495,6 +496,7 @@ def test_a_token_cap_is_shared_evenly_among_the_documents(tiny_model_dir: Path) 
     assert [count(t) for t in cut.texts] == [41, 40, short, 40]
     assert all(original.startswith(kept) for original, kept in zip(texts, cut.texts, strict=True))
     assert cut.bytes == sum(len(t.encode()) for t in cut.texts)
+    assert (cut.contaminated, cut.any_overlap) == (1, 2)
     one, _ = cap_tokens(whole, tokenizer, 2)  # fewer tokens than documents: the first ones get one each
     assert [count(t) for t in one.texts] == [1, 1]
     # With a floor (the scoring window), many short shares become fewer documents of that many tokens.

@@ -4,7 +4,7 @@ source type, capped to a document or token budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ def cap_tokens(eval_set: EvalSet, tokenizer: Any, max_tokens: int, min_share: in
         if left == 0:
             break
     n_bytes = sum(len(t.encode("utf-8")) for t in kept)
-    return EvalSet(eval_set.name, kept, n_bytes, eval_set.skipped, eval_set.source), True
+    return replace(eval_set, texts=kept, bytes=n_bytes), True
 
 
 def set_fingerprint(source: SourceConfig) -> str:

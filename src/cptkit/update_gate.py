@@ -71,7 +71,12 @@ def evaluate_update(config: Config, out: Path) -> list[str]:
     data = {
         "champion": {"init_from": start.spec, "version": start.version, "folder": str(start.folder)},
         "sets": {
-            name: {"documents": s.documents, "tokens": s.tokens, "bits_per_byte": s.bits_per_byte, "perplexity": s.perplexity}
+            name: {
+                "documents": s.documents,
+                "tokens": s.tokens,
+                "bits_per_byte": s.bits_per_byte,
+                "perplexity": s.perplexity,
+            }
             for name, s in scores.items()
         },
         "checks": [c.to_json() for c in checks],
