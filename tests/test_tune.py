@@ -154,6 +154,17 @@ def test_tune_runs_resumes_after_a_kill_and_writes_the_choice(
     assert all(_finished(loaded, p) is None for p in plan_tune(loaded).pilots)
 
 
+def test_a_pilot_evaluates_loss_and_drift_only(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from cptkit.config import load_config
+    from cptkit.tune import pilot_config, plan_tune
+
+    config = load_config(tune_config(tmp_path, tiny_model_dir))
+    assert config.evaluate.domain_tasks.enabled and config.evaluate.chat.enabled
+    pc = pilot_config(config, plan_tune(config).pilots[0])
+    assert not pc.evaluate.domain_tasks.enabled and not pc.evaluate.chat.enabled
+    assert pc.evaluate.generation.max_new_tokens == 0 and pc.evaluate.tasks == []
+
+
 def test_tune_without_replay_data_says_so(tmp_path: Path, tiny_model_dir: Path, cli: Any) -> None:
     cfg = tune_config(tmp_path, tiny_model_dir)
     data = yaml.safe_load(cfg.read_text())

@@ -163,6 +163,10 @@ def pilot_config(config: Config, pilot: Pilot) -> Config:
             "max_tokens": config.tune.eval_max_tokens or ec.max_tokens,
             "tasks": [],
             "generation": ec.generation.model_copy(update={"max_new_tokens": 0}),
+            # The choice uses loss and drift only; the generated tasks and chat drift would cost each pilot
+            # about as much as its loss evaluation again (measured on the demo).
+            "domain_tasks": ec.domain_tasks.model_copy(update={"enabled": False}),
+            "chat": ec.chat.model_copy(update={"enabled": False}),
             "min_adaptation": None,
             "max_forgetting": None,
             "max_drift_kl": None,
