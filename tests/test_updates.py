@@ -421,6 +421,7 @@ def test_demo_updates_learns_the_second_batch_from_version_1(cli: Any) -> None:
     # The loop is under test, not the evaluation's other parts (test_demo runs those): two versions'
     # chat drift, generated tasks and the news set would triple its time.
     small += ["evaluate.chat.enabled=false", "evaluate.domain_tasks.enabled=false", "evaluate.sets={}"]
+    small += ["evaluate.decontamination.mode=off"]
     args = [a for item in small for a in ("--set", item)]
     result = cli("demo", "--updates", "--config", str(repo / "configs/demo.yaml"), *args)
     out = " ".join(result.output.split())
