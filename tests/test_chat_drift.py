@@ -80,12 +80,27 @@ def test_an_unchanged_model_has_no_drift_and_a_second_run_reads_the_cache(
     def no_generation(*args: Any) -> Any:
         raise AssertionError("the base answers were generated again")
 
-    monkeypatch.setattr(chat_drift, "_base_answer", no_generation)
+    monkeypatch.setattr(chat_drift, "_base_answers", no_generation)
     second = measure(chat_model_dir, adapter)
     assert second.cached and second.to_json() | {"cached": False} == first.to_json()
     # Other generation settings are another cache entry.
     with pytest.raises(AssertionError, match="generated again"):
         measure(chat_model_dir, adapter, SMALL.model_copy(update={"max_new_tokens": 11}))
+
+
+def test_answers_generated_together_equal_answers_generated_one_by_one(
+    chat_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pair = load_pair(
+        str(chat_model_dir), make_adapter(chat_model_dir, tmp_path / "adapter"), TrainingConfig(), "fp32", "cpu"
+    )
+    items = chat_drift.instructions(5)
+    together = chat_drift._base_answers(pair, items, 12, "cpu")
+    assert len({len(a.prompt_ids) for a in together}) > 1  # prompts of several lengths: padding is exercised
+    monkeypatch.setattr(chat_drift, "GENERATION_BATCH", 1)
+    alone = chat_drift._base_answers(pair, items, 12, "cpu")
+    assert [(a.answer_ids, a.text) for a in together] == [(a.answer_ids, a.text) for a in alone]
+    assert all(len(a.answer_ids) > 0 for a in together)
 
 
 def test_a_changed_model_drifts(chat_model_dir: Path, tmp_path: Path) -> None:

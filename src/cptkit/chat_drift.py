@@ -35,8 +35,12 @@ CACHE_FOLDER = "chat_answers"
 # template); larger ones (weights) by name, size and modification time, so that a 14 GB model is not read
 # on every evaluation. The cache can then miss (a copied model), never hit a changed tokenizer.
 _HASHED_WHOLE_BYTES = 32 << 20
-# Bump when what is cached changes meaning (the prompt's construction, the answer's end).
-_CACHE_VERSION = 1
+# Bump when what is cached changes meaning (the prompt's construction, the answer's end, batching).
+_CACHE_VERSION = 2
+# Prompts answered together (left-padded). Greedy decoding is bound by the per-token pass, not by the batch,
+# so a batch of 8 answers takes little more than one; 8 x (prompt + max_new_tokens) tokens of KV cache is
+# small next to any model's weights.
+GENERATION_BATCH = 8
 
 
 def instructions(limit: int | None = None) -> list[str]:
@@ -112,14 +116,14 @@ def _measure(pair: ModelPair, cc: ChatDriftConfig, precision: str, device: Any, 
     answers = _read_cache(key, items)
     cached = answers is not None
     if answers is None:
-        answers = [_base_answer(pair, item, cc.max_new_tokens, device) for item in items]
+        answers = _base_answers(pair, items, cc.max_new_tokens, device)
         _write_cache(key, settings, answers)
     if not cached:
         console.print(f"evaluate chat: the base model answers {len(items)} instructions (cached for next time)")
     sums = _score(pair, answers, device, precision == "bf16", batch_size)
     # The adapted model's own answers, for the report only: the drift is measured on the base's answers.
     shown = answers[: cc.side_by_side]
-    side = [_answer(pair.cpt_runner, cpt_tok, a.prompt_ids, cc.max_new_tokens, device) for a in shown]
+    side = _answers(pair.cpt_runner, cpt_tok, [a.prompt_ids for a in shown], cc.max_new_tokens, device)
     tokens = sum(s.tokens for s in sums)
     base_nll, cpt_nll = sum(s.base_nll for s in sums), sum(s.cpt_nll for s in sums)
     result = ChatDrift(
@@ -206,28 +210,34 @@ def _write_cache(key: str, settings: dict[str, Any], answers: Sequence[_BaseAnsw
         write_json_atomic(_cache_path(key), data)
 
 
-def _base_answer(pair: ModelPair, instruction: str, max_new_tokens: int, device: Any) -> _BaseAnswer:
+def _base_answers(pair: ModelPair, instructions: Sequence[str], max_new_tokens: int, device: Any) -> list[_BaseAnswer]:
     tokenizer = pair.base_tokenizer.tokenizer
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
-    )
-    # The template writes any special tokens (BOS, turn markers) itself.
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    answer_ids, text = _answer(pair.base_runner, tokenizer, prompt_ids, max_new_tokens, device)
-    return _BaseAnswer(instruction, prompt_ids, answer_ids, text)
+    prompts = []
+    for instruction in instructions:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+        )
+        # The template writes any special tokens (BOS, turn markers) itself.
+        prompts.append(list(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+    answers = _answers(pair.base_runner, tokenizer, prompts, max_new_tokens, device)
+    return [
+        _BaseAnswer(instruction, prompt_ids, answer_ids, text)
+        for instruction, prompt_ids, (answer_ids, text) in zip(instructions, prompts, answers, strict=True)
+    ]
 
 
-def _answer(
-    runner: ModelRunner, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, device: Any
-) -> tuple[list[int], str]:
-    """A greedy answer to a chat prompt: its tokens (ending with the end-of-turn token when the model
-    stopped by itself) and its text."""
+def _answers(
+    runner: ModelRunner, tokenizer: Any, prompts: Sequence[list[int]], max_new_tokens: int, device: Any
+) -> list[tuple[list[int], str]]:
+    """Greedy answers to chat prompts, GENERATION_BATCH at a time: each answer's tokens (ending with the
+    end-of-turn token when the model stopped by itself) and its text."""
     import torch
     from transformers import GenerationConfig as HfGenerationConfig
 
-    ids = torch.tensor([prompt_ids], device=device)
+    out: list[tuple[list[int], str]] = []
     with torch.inference_mode(), runner() as model:
         stops = _stop_ids(tokenizer, model)
+        pad = stops[0] if stops else 0  # after an answer's end: cut off below
         settings = HfGenerationConfig(  # type: ignore[no-untyped-call]
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -235,16 +245,24 @@ def _answer(
             top_p=None,
             top_k=None,
             eos_token_id=stops,
-            pad_token_id=stops[0] if stops else None,
+            pad_token_id=pad,
             use_cache=True,  # loading turned the model's cache off (packed training needs that)
         )
-        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=settings)
-    answer = [int(t) for t in generated[0, len(prompt_ids) :]]
-    for i, token in enumerate(answer):
-        if token in stops:
-            answer = answer[: i + 1]
-            break
-    return answer, str(tokenizer.decode(answer, skip_special_tokens=True)).strip()
+        for start in range(0, len(prompts), GENERATION_BATCH):
+            batch = prompts[start : start + GENERATION_BATCH]
+            width = max(len(p) for p in batch)
+            # Left padding, masked: every prompt ends where generation starts (positions follow the mask).
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+            for row in generated[:, width:].tolist():
+                answer = [int(t) for t in row]
+                for i, token in enumerate(answer):
+                    if token in stops:
+                        answer = answer[: i + 1]
+                        break
+                out.append((answer, str(tokenizer.decode(answer, skip_special_tokens=True)).strip()))
+    return out
 
 
 def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
