@@ -28,7 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "out" / "eval_cache"
-TIMINGS = {"seconds", "tokens_per_second"}
+TIMINGS = {"seconds", "tokens_per_second", "cached"}
 
 
 def other_adapter(trained: Path, target: Path) -> Path:
@@ -44,6 +44,24 @@ def other_adapter(trained: Path, target: Path) -> Path:
     return target
 
 
+def without_timings(value: Any) -> Any:
+    """`value` with every timing (and the chat answers' cache flag) left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """The paths where two results differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
 def timed_evaluation(config: Any) -> tuple[float, dict[str, Any]]:
     from cptkit.evaluate import evaluate
 
@@ -51,7 +69,7 @@ def timed_evaluation(config: Any) -> tuple[float, dict[str, Any]]:
     result = evaluate(config, force=True)
     seconds = time.perf_counter() - started
     assert result.results is not None
-    numbers = {k: v for k, v in result.results.to_json().items() if k not in TIMINGS}
+    numbers = without_timings(result.results.to_json())
     return seconds, numbers
 
 
@@ -94,6 +112,7 @@ def main() -> None:
         uncached, plain_numbers = timed_evaluation(plain)
         report["second_without_cache_seconds"] = round(uncached, 1)
         report["equal_results"] = plain_numbers == cached_numbers
+        report["differences"] = differences(plain_numbers, cached_numbers)[:20]
     print(json.dumps(report, indent=2))
 
 
