@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cptkit import chat_drift
-    from cptkit.capability import probe
+    from cptkit.capability import cpu_model, probe
     from cptkit.choices import choose_eval_precision
     from cptkit.config import TrainingConfig
     from cptkit.model_pair import load_pair
@@ -50,8 +49,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                f"torch threads {torch.get_num_threads()}",
+                "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
                 "load_average": os.getloadavg(),
                 "model": args.model,
                 "precision": precision,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -80,6 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import cptkit.base_scores as base_scores
+    from cptkit.capability import cpu_model
     from cptkit.config import load_config
 
     config = load_config(args.config, ["tracking.enabled=false"])
@@ -96,7 +96,7 @@ def main() -> None:
     second_config = config.model_copy(update={"output_dir": second})
     again, cached_numbers = timed_evaluation(second_config)
     report: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
         "load_average_at_start": load,
         "load_average_at_end": os.getloadavg(),
         "first_evaluate_seconds": round(first, 1),

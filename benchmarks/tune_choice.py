@@ -16,23 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from cptkit.capability import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "out" / "tune_choice"
-
-
-def cpu_name() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")]
-    return names[0] if names else platform.machine()
 
 
 def run(config: Any) -> dict[str, Any]:
@@ -85,7 +76,7 @@ def main() -> None:
         results[label] = run(config)
     hand, tuned = results["hand_set"], results["tuned"]
     report = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
         "load_average": {"start": load_start, "end": os.getloadavg()},
         **results,
         "tuned_minus_hand_set": {

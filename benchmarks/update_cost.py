@@ -24,24 +24,15 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from cptkit.capability import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "out" / "update_cost"
-
-
-def cpu_name() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")]
-    return names[0] if names else platform.machine()
 
 
 def corpus(share: float) -> tuple[Any, Any]:
@@ -162,7 +153,7 @@ def main() -> None:
     tolerance = base.evaluate.max_earlier_domain_regression
     new_bpb, earlier_bpb = scores["new"]["bits_per_byte"], scores["earlier"]["bits_per_byte"]
     result = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "share_of_modules": args.share,
         "documents": {"batch_a": a.num_rows, "batch_b": b.num_rows},
