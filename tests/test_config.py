@@ -44,6 +44,16 @@ def test_set_overrides_any_key_with_yaml_typed_values(tmp_path: Path) -> None:
     assert cfg.source is not None and cfg.source.type == "jsonl"
 
 
+def test_an_unquoted_off_is_the_mode_off(tmp_path: Path) -> None:
+    # YAML reads `off` as false: in a file and in --set it still means the mode "off".
+    config = tmp_path / "c.yaml"
+    config.write_text("evaluate:\n  decontamination:\n    mode: off\n")
+    assert load_config(config).evaluate.decontamination.mode == "off"
+    assert load_config(None, ["evaluate.decontamination.mode=off"]).evaluate.decontamination.mode == "off"
+    with pytest.raises(ConfigError, match=r"decontamination\.mode"):
+        load_config(None, ["evaluate.decontamination.mode=true"])
+
+
 def test_all_errors_are_reported_at_once_with_key_paths(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cptkit.config.base import Section
 from cptkit.config.sources import DatabricksConfig, SourceConfig
@@ -393,6 +393,12 @@ class DecontaminationConfig(Section):
     mode: Literal["drop", "report", "off"] = Field(
         "drop", description="drop: leave them out of the scores; report: count them only; off: no check."
     )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: object) -> object:
+        # YAML 1.1 (PyYAML, and so config files and --set) reads an unquoted `off` as false.
+        return "off" if value is False else value
     ngram: int = Field(13, ge=1, description="Words per n-gram (13, as in GPT-3's contamination study).")
     min_share: float = Field(
         0.5,
