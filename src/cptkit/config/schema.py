@@ -399,6 +399,7 @@ class DecontaminationConfig(Section):
     def _unquoted_off(cls, value: object) -> object:
         # YAML 1.1 (PyYAML, and so config files and --set) reads an unquoted `off` as false.
         return "off" if value is False else value
+
     ngram: int = Field(13, ge=1, description="Words per n-gram (13, as in GPT-3's contamination study).")
     min_share: float = Field(
         0.5,
