@@ -332,3 +332,30 @@ def test_shared_context_scoring_equals_scoring_each_request_whole(tiny_model_dir
         np.testing.assert_allclose(scores.loglikelihoods, expected, rtol=1e-5, atol=1e-5)
         labels = [k * len(it.choices) + it.label for k, it in enumerate(items)]
         assert scores.answer_greedy.tolist() == [greedy[i] for i in labels]
+
+
+def test_context_distractors_take_the_answers_place_in_a_sentence() -> None:
+    """Each planted term stands between its own cue word and "today": by context its distractors are
+    the other planted terms (alone or with their cue word: the only terms followed by "today"), choices
+    that fit the sentence, where frequency and length alone pick words of other kinds."""
+    from cptkit.domain_tasks import distractors
+    from cptkit.domain_terms import context_profiles
+
+    domain = [domain_doc(i) for i in range(40)]
+    terms = extract_terms(domain, [general_doc(i) for i in range(40)], SETTINGS)
+    profiles = context_profiles(domain, terms, SETTINGS.max_ngram, SETTINGS.max_training_documents)
+    assert profiles.shape[0] == len(terms)
+    np.testing.assert_allclose(np.linalg.norm(profiles, axis=1), 1.0)
+    similarity = profiles @ profiles.T
+    index = {t.key: i for i, t in enumerate(terms)}
+    by_frequency_planted = 0
+    for key in PLANTED:
+        row = index[key]
+        chosen = distractors(terms[row], terms, 3, similarity[row])
+        # Another planted term, part of one or one with its cue word: what fits before "today".
+        others = set(PLANTED) - {key}
+        assert all(any(set(c.split()) & set(o.split()) for o in others) for c in chosen), (key, chosen)
+        assert not any(a != b and a in b for a in chosen for b in chosen), chosen  # none nested in another
+        by_frequency = distractors(terms[row], terms, 3)
+        by_frequency_planted += sum(any(set(c.split()) & set(o.split()) for o in others) for c in by_frequency)
+    assert by_frequency_planted < 3 * len(PLANTED)

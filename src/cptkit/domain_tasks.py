@@ -5,8 +5,9 @@ evaluation set, never the training split):
 
 - *term cloze*: a passage of `context_words` words up to an occurrence of a term, the term as the
   answer; scored as the term's log-likelihood and whether it is the greedy continuation;
-- *multiple choice*: the same passage, the true term among `distractors` other terms of similar
-  frequency and length, in an order drawn with the seed; accuracy by log-likelihood (random: 1/(k+1));
+- *multiple choice*: the same passage, the true term among `distractors` other terms that take the same
+  places in sentences (similar neighbours in the training text) and have a similar frequency, in an
+  order drawn with the seed; accuracy by log-likelihood (random: 1/(k+1));
 - *term-span perplexity*: perplexity on the tokens of the domain terms in the held-out documents, beside
   perplexity on all their tokens (from the evaluation's own scoring, `scoring.score(per_token=True)`).
 
@@ -37,7 +38,7 @@ from cptkit.artifacts import atomic_path, write_json_atomic
 from cptkit.config import Config, DomainTasksConfig
 from cptkit.datasets import TRAIN, TRAIN_TEXT, domain_dir, replay_dir
 from cptkit.decontamination import contaminated, overlap_shares, training_texts
-from cptkit.domain_terms import Term, extract_terms, term_pattern
+from cptkit.domain_terms import Term, context_profiles, extract_terms, term_pattern
 from cptkit.results import DomainTaskResults, DomainTaskScore, Interval, ItemExample
 from cptkit.scoring import ModelRunner, SetScore, TextTokenizer
 
@@ -93,7 +94,12 @@ def build(config: Config, domain_texts: list[str], out: Path) -> DomainTaskSet |
             f"{len(terms)} domain terms found, fewer than the {settings.distractors + 1} choices of an item "
             "(evaluate.domain_tasks.min_count, min_documents, min_score)"
         )
-    items = make_items(domain_texts, terms, settings)
+    profiles = None
+    if settings.distractors_by == "context":
+        profiles = context_profiles(
+            training_texts([domain]), terms, settings.max_ngram, settings.max_training_documents
+        )
+    items = make_items(domain_texts, terms, settings, profiles)
     dc = config.evaluate.decontamination
     dropped = 0
     if items and dc.mode != "off":
@@ -114,11 +120,16 @@ def _has_training_text(folder: Path) -> bool:
     return (folder / TRAIN).is_file() or (folder / TRAIN_TEXT).is_dir()
 
 
-def make_items(texts: Sequence[str], terms: Sequence[Term], settings: DomainTasksConfig) -> list[Item]:
+def make_items(
+    texts: Sequence[str], terms: Sequence[Term], settings: DomainTasksConfig, profiles: np.ndarray | None = None
+) -> list[Item]:
     """Items from every occurrence of every term (a term inside a longer one too: `flux` and `flux
     capacitor` each make items) that follows a space after at least four words: at most `per_document`
-    per document and `items` in all, drawn with the seed; in document order."""
-    by_text = {t.text: t for t in terms}
+    per document and `items` in all, drawn with the seed; in document order. With the terms' context
+    `profiles` (rows aligned with `terms`), the distractors are the terms most alike in context."""
+    index = {t.text: i for i, t in enumerate(terms)}
+    # Cosine similarities, rounded so that a tie is a tie on any machine (BLAS sums in its own order).
+    similarity = None if profiles is None else np.round(profiles @ profiles.T, 9)
     patterns = [(t.text, term_pattern([t])) for t in sorted(terms, key=lambda t: t.text)]
     rng = random.Random(settings.seed)
     candidates: list[tuple[int, int, str]] = []
@@ -146,23 +157,47 @@ def make_items(texts: Sequence[str], terms: Sequence[Term], settings: DomainTask
         context = text[starts[max(0, before - settings.context_words)] : start - 1]
         if context != context.rstrip():  # the space is not the only separator
             continue
-        choices = [answer, *distractors(by_text[answer], terms, settings.distractors)]
+        row = index[answer]
+        alike = None if similarity is None else similarity[row]
+        choices = [answer, *distractors(terms[row], terms, settings.distractors, alike)]
         rng.shuffle(choices)
         items.append(Item(doc, context, answer, choices, choices.index(answer)))
     return items
 
 
-def distractors(term: Term, terms: Sequence[Term], k: int) -> list[str]:
-    """The k terms nearest to `term` in frequency (log of the domain count) and length (characters,
-    relative), none of them containing it or contained in it; ties by the term."""
+# A distractor chosen by context is at most this many times more or less frequent than the answer: a
+# rare term the model has barely seen is an easy one to rule out, whatever its neighbours.
+FREQUENCY_RATIO = 4.0
+
+
+def distractors(term: Term, terms: Sequence[Term], k: int, similarity: np.ndarray | None = None) -> list[str]:
+    """k wrong choices for `term`, none containing it or contained in it. By frequency (no `similarity`):
+    the terms nearest in frequency (log of the domain count) and length (characters, relative). By
+    context (`similarity[i]`: how alike terms[i]'s neighbours are to `term`'s): the terms most alike
+    among those within FREQUENCY_RATIO of its frequency, topped up by frequency where fewer are. Ties by
+    the term, so the same terms give the same choices."""
 
     def distance(other: Term) -> float:
         frequency = abs(np.log(other.domain_count) - np.log(term.domain_count))
         return float(frequency + abs(len(other.text) - len(term.text)) / max(len(term.text), 1))
 
     answer = term.text.lower()
-    others = [t for t in terms if t.text.lower() not in answer and answer not in t.text.lower()]
-    return [t.text for t in sorted(others, key=lambda t: (distance(t), t.text))[:k]]
+    others = [(i, t) for i, t in enumerate(terms) if t.text.lower() not in answer and answer not in t.text.lower()]
+    by_frequency = [t.text for _, t in sorted(others, key=lambda it: (distance(it[1]), it[1].text))]
+    if similarity is None:
+        return by_frequency[:k]
+    window = np.log(FREQUENCY_RATIO)
+    near = [(i, t) for i, t in others if abs(np.log(t.domain_count) - np.log(term.domain_count)) <= window]
+    by_context = [t.text for _, t in sorted(near, key=lambda it: (-similarity[it[0]], it[1].text))]
+    chosen: list[str] = []
+    for text in [*by_context, *by_frequency]:
+        # Alike terms nest ("chronometric gauge" in "against chronometric gauge"): one of them is enough.
+        lower = text.lower()
+        if not any(lower in c.lower() or c.lower() in lower for c in chosen):
+            chosen.append(text)
+        if len(chosen) == k:
+            break
+    return chosen
 
 
 def write_task_files(folder: Path, terms: Sequence[Term], items: Sequence[Item], settings: DomainTasksConfig) -> None:
@@ -460,6 +495,13 @@ def results(
         cpt=per_model["cpt"],
         accuracy_change=bootstrap([correct["base"], correct["cpt"]], _mean_difference, *resampling),
         exact_match_change=bootstrap([exact["base"], exact["cpt"]], _mean_difference, *resampling),
+        loglikelihood_change=bootstrap(
+            [scores["base"].answer_loglikelihood(items), scores["cpt"].answer_loglikelihood(items)],
+            _mean_difference,
+            *resampling,
+        ),
+        items_gained=int((correct["cpt"] & ~correct["base"]).sum()),
+        items_lost=int((correct["base"] & ~correct["cpt"]).sum()),
         gained=examples("cpt", "base"),
         lost=examples("base", "cpt"),
         seconds=round(seconds, 2),

@@ -25,6 +25,10 @@ def _interval(i: Interval, signed: bool = False) -> str:
     return f"{i.value:.1%} [{i.low:.1%}, {i.high:.1%}]"
 
 
+def _nats(i: Interval | None) -> str:
+    return "" if i is None else f"{i.value:+.3f} [{i.low:+.3f}, {i.high:+.3f}]"
+
+
 def _ppl(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.3f}"
 
@@ -40,8 +44,10 @@ def intro(r: DomainTaskResults) -> str:
         f"{r.items:,} items from the held-out domain documents, each a passage ending just before one of "
         f"{r.terms:,} terms characteristic of the domain (log-odds against the general text); "
         f"{r.contaminated_items:,} items overlapping the training text were left out. Multiple choice: the "
-        f"term among {r.distractors} others of similar frequency and length, chosen by log-likelihood "
-        f"(random baseline {r.random_baseline or 0:.1%}). Intervals: 95% bootstrap over items. The task files "
+        f"term among {r.distractors} other terms that fit the same place in a sentence, chosen by log-likelihood "
+        f"(random baseline {r.random_baseline or 0:.1%}); the adapted model answers {r.items_gained:,} items "
+        f"right that the base got wrong and {r.items_lost:,} the other way. Intervals: 95% bootstrap over "
+        f"items. The task files "
         f"(lm-evaluation-harness YAML + JSONL, and terms.json) are in `{r.folder}/`; took {r.seconds or 0:.1f} s."
     )
 
@@ -56,7 +62,8 @@ def score_rows(r: DomainTaskResults) -> list[list[str]]:
         ["term cloze", "exact match (greedy)", _interval(base.cloze_exact_match), _interval(cpt.cloze_exact_match),
          _interval(r.exact_match_change, signed=True) if r.exact_match_change else "n/a"],
         ["term cloze", "mean log-likelihood of the term (nats)", f"{base.cloze_loglikelihood:.3f}",
-         f"{cpt.cloze_loglikelihood:.3f}", f"{cpt.cloze_loglikelihood - base.cloze_loglikelihood:+.3f}"],
+         f"{cpt.cloze_loglikelihood:.3f}", _nats(r.loglikelihood_change)
+         or f"{cpt.cloze_loglikelihood - base.cloze_loglikelihood:+.3f}"],
     ]  # fmt: skip
     rows += _span_rows(base, cpt)
     return rows

@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from cptkit.config import DomainTasksConfig
 
@@ -183,3 +185,31 @@ def term_pattern(terms: Iterable[Term]) -> re.Pattern[str] | None:
     if not spellings:
         return None
     return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(s) for s in spellings) + r")(?!\w)")
+
+
+def context_profiles(texts: Iterable[str], terms: Sequence[Term], max_ngram: int, max_documents: int) -> np.ndarray:
+    """Each term's neighbours in the domain training text, as rows of unit length (terms x features):
+    the square root of how often each lower-cased word stands just before (or just after) the term. Two
+    terms with similar rows take the same places in sentences (after "the" and before "is": nouns; after
+    "to": verbs), which is what a distractor needs to be a grammatical choice; the square root keeps the
+    commonest neighbours from deciding alone (the Hellinger distance's weighting)."""
+    row_of = {t.key: i for i, t in enumerate(terms)}
+    features: dict[str, int] = {}
+    cells: Counter[tuple[int, int]] = Counter()
+    for text in _first(texts, max_documents):
+        words = _WORD.findall(text.lower())
+        for n in range(1, max_ngram + 1):
+            for i in range(len(words) - n + 1):
+                row = row_of.get(" ".join(words[i : i + n]))
+                if row is None:
+                    continue
+                if i > 0:
+                    cells[row, features.setdefault("<" + words[i - 1], len(features))] += 1
+                if i + n < len(words):
+                    cells[row, features.setdefault(">" + words[i + n], len(features))] += 1
+    profiles = np.zeros((len(terms), len(features)))
+    for (row, feature), count in cells.items():
+        profiles[row, feature] = math.sqrt(count)
+    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
+    unit: np.ndarray = np.divide(profiles, norms, out=np.zeros_like(profiles), where=norms > 0)
+    return unit

@@ -254,7 +254,10 @@ class DomainTaskResults:
     cpt: DomainTaskScore | None = None
     accuracy_change: Interval | None = None  # adapted - base, paired over items
     exact_match_change: Interval | None = None
-    gained: list[ItemExample] = field(default_factory=list)  # right now, wrong before
+    loglikelihood_change: Interval | None = None  # of the cloze term, nats, paired over items
+    items_gained: int = 0  # multiple-choice items right now and wrong before
+    items_lost: int = 0
+    gained: list[ItemExample] = field(default_factory=list)  # examples: right now, wrong before
     lost: list[ItemExample] = field(default_factory=list)
     seconds: float | None = None
 
@@ -277,6 +280,10 @@ class DomainTaskResults:
             out["domain_mc/acc_change_high"] = self.accuracy_change.high
         if self.exact_match_change is not None:
             out["domain_cloze/exact_match_change"] = self.exact_match_change.value
+        if self.loglikelihood_change is not None:
+            out["domain_cloze/loglikelihood_change"] = self.loglikelihood_change.value
+            out["domain_cloze/loglikelihood_change_low"] = self.loglikelihood_change.low
+            out["domain_cloze/loglikelihood_change_high"] = self.loglikelihood_change.high
         return out
 
     def to_json(self) -> JSON:
@@ -289,7 +296,7 @@ class DomainTaskResults:
                     "mc_accuracy": _record(score.mc_accuracy),
                     "cloze_exact_match": _record(score.cloze_exact_match),
                 }
-        for name in ("accuracy_change", "exact_match_change"):
+        for name in ("accuracy_change", "exact_match_change", "loglikelihood_change"):
             value = getattr(self, name)
             data[name] = _record(value) if value is not None else None
         data["gained"] = [_record(e) for e in self.gained]
@@ -321,6 +328,7 @@ class DomainTaskResults:
                 "cpt": score(data.get("cpt")),
                 "accuracy_change": interval(data.get("accuracy_change")),
                 "exact_match_change": interval(data.get("exact_match_change")),
+                "loglikelihood_change": interval(data.get("loglikelihood_change")),
                 "gained": [_from_record(ItemExample, e) for e in data.get("gained") or []],
                 "lost": [_from_record(ItemExample, e) for e in data.get("lost") or []],
             },

@@ -439,6 +439,12 @@ class DomainTasksConfig(Section):
     per_document: int = Field(8, gt=0, description="Items per held-out document at most.")
     context_words: int = Field(24, ge=4, description="Words of the passage before the term.")
     distractors: int = Field(3, ge=1, description="Wrong terms among the choices (k; random baseline 1/(k+1)).")
+    distractors_by: Literal["context", "frequency"] = Field(
+        "context",
+        description="How the wrong terms are chosen: `context`, the terms whose neighbouring words in the training "
+        "text are most like the answer's (they fit the sentence: a noun for a noun), within 4x its frequency; "
+        "`frequency`, the terms nearest in frequency and length (often the wrong part of speech: easier).",
+    )
     max_training_documents: int = Field(
         20000, gt=0, description="Documents of each training stream read to find the terms (the first ones)."
     )
