@@ -30,13 +30,13 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     import cptkit.scoring as scoring
 
     calls = [0]
-    real = scoring._scored_outputs
+    real = scoring.scored_outputs
 
     def counting(*args: Any) -> Any:
         calls[0] += 1
         return real(*args)
 
-    monkeypatch.setattr(scoring, "_scored_outputs", counting)
+    monkeypatch.setattr(scoring, "scored_outputs", counting)
     return calls
 
 

@@ -207,3 +207,37 @@ def test_the_promotion_gate_bounds_chat_drift() -> None:
     assert not gate.passed and gate.failures() == ["chat drift 0.2500 > maximum 0.1000 nats per token"]
     relaxed = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"max_chat_drift": 0.3})})
     assert promotion_gate(results, relaxed, NoChampion(), "m").passed  # type: ignore[arg-type]
+
+
+def test_the_base_side_of_the_scoring_is_cached_and_equal(
+    chat_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the base-score cache, a second measurement of another adapter reads the base's hidden states
+    at the answers instead of running the base's decoder, and gets the numbers of a fresh measurement."""
+    import cptkit.chat_drift as module
+    from cptkit.base_scores import cache_root
+
+    def run(adapter: Path, cache: bool) -> ChatDrift:
+        pair = load_pair(str(chat_model_dir), adapter, TrainingConfig(method="lora"), "fp32", "cpu")
+        return chat_drift.measure(pair, SMALL, "fp32", "cpu", batch_size=3, base_cache=cache)
+
+    calls: list[int] = []
+    real = module.scored_outputs
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(module, "scored_outputs", counting)
+    first = make_adapter(chat_model_dir, tmp_path / "first")
+    run(first, True)  # writes the entry
+    assert [p for p in cache_root().iterdir() if not p.name.startswith(".")]
+    other = make_adapter(chat_model_dir, tmp_path / "other", seed=2)
+    calls.clear()
+    cached = run(other, True)
+    with_cache = len(calls)
+    calls.clear()
+    fresh = run(other, False)
+    assert 0 < with_cache < len(calls) and with_cache * 2 == len(calls)  # only the adapted model's passes
+    assert cached.to_json() | {"cached": None} == fresh.to_json() | {"cached": None}
+    assert cached.drift is not None and cached.drift != 0

@@ -359,3 +359,46 @@ def test_context_distractors_take_the_answers_place_in_a_sentence() -> None:
         by_frequency = distractors(terms[row], terms, 3)
         by_frequency_planted += sum(any(set(c.split()) & set(o.split()) for o in others) for c in by_frequency)
     assert by_frequency_planted < 3 * len(PLANTED)
+
+
+def test_the_base_scores_of_the_items_are_cached(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a base identity, the base's item scores are computed once: a second run scores only the other
+    model, and its results equal those of a run without the cache."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import cptkit.domain_tasks as module
+    from cptkit.base_scores import BaseIdentity
+    from cptkit.domain_tasks import DomainTaskSet, run
+    from cptkit.scoring import fixed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    terms, items, _ = built_items()
+    built = DomainTaskSet(terms, items[:8], 0, tmp_path, 0.0)
+    models = [("base", fixed(model), tok), ("cpt", fixed(model), tok)]
+    base = BaseIdentity(str(tiny_model_dir), "adapter disabled; none", "fp32", "cpu")
+    calls: list[int] = []
+    real = module.score_items
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(module, "score_items", counting)
+
+    def scored(identity: BaseIdentity | None) -> dict[str, Any]:
+        calls.clear()
+        out = run(built, models, {}, SETTINGS, 64, 512, "cpu", False, identity).to_json()  # type: ignore[arg-type]
+        return {k: v for k, v in out.items() if k != "seconds"}
+
+    fresh = scored(None)
+    assert len(calls) == 2
+    assert scored(base) == fresh and len(calls) == 2  # computed and written
+    assert scored(base) == fresh and len(calls) == 1  # read back: only the adapted model is scored
+    other = BaseIdentity(str(tiny_model_dir), "adapter disabled; none", "bf16", "cpu")
+    scored(other)
+    assert len(calls) == 2  # another precision is another entry

@@ -19,12 +19,14 @@ entry (both compute it; the second rename loses and its copy is removed). Entrie
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -59,13 +61,17 @@ def entry_key(
     precision: str,
     device: str,
     base_scored_as: str,
+    kind: str = "windows",
 ) -> str:
+    """The entry of `docs` scored in windows (`kind` "windows", an evaluation set) or as whole sequences
+    (`kind` "chat", chat drift's prompts and answers)."""
     import torch
     import transformers
 
     h = hashlib.sha256()
     settings = {
         "format": FORMAT,
+        "kind": kind,
         "base": base_fingerprint,
         "context_length": context_length,
         "stride": stride,
@@ -159,10 +165,60 @@ def base_outputs_for(
     batch_size: int,
     precision: str,
     device: Any,
+    kind: str = "windows",
 ) -> BaseOutputs | None:
     """The cache entry of one set's base scores (None when evaluate.base_score_cache is off)."""
     if not enabled:
         return None
     fingerprint = model_files_fingerprint(Path(base_model_path))
-    key = entry_key(fingerprint, docs, context_length, stride, batch_size, precision, str(device), base_scored_as)
+    key = entry_key(fingerprint, docs, context_length, stride, batch_size, precision, str(device), base_scored_as, kind)
     return BaseOutputs(key)
+
+
+# ---------------------------------------------------------------- small per-item results
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """What a base's per-item results depend on besides the items: its files, how it is scored (adapter
+    switched off or loaded apart, quantization), precision and device (with the library versions)."""
+
+    base_model_path: str
+    base_scored_as: str
+    precision: str
+    device: str
+
+    def key(self, what: str, content: bytes) -> str:
+        import torch
+        import transformers
+
+        h = hashlib.sha256()
+        settings = [FORMAT, what, model_files_fingerprint(Path(self.base_model_path)), self.base_scored_as]
+        settings += [self.precision, self.device, torch.__version__, transformers.__version__]
+        h.update(json.dumps(settings).encode())
+        h.update(content)
+        return f"{what}-{h.hexdigest()[:32]}"
+
+
+def read_arrays(key: str) -> dict[str, np.ndarray] | None:
+    """A cached set of arrays (the base's scores of the generated tasks' items), or None."""
+    try:
+        with np.load(cache_root() / f"{key}.npz") as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, KeyError):  # absent or unreadable: computed again
+        return None
+
+
+def write_arrays(key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Written whole or not at all (a temporary file renamed into place); a read-only cache is skipped."""
+    root = cache_root()
+    with contextlib.suppress(OSError):
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz.tmp", dir=root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]
+            os.replace(tmp, root / f"{key}.npz")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)

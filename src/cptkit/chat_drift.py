@@ -13,6 +13,7 @@ instructions are also answered by the adapted model, for the report's side-by-si
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -21,12 +22,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cptkit.artifacts import read_json, write_json_atomic
+from cptkit.base_scores import BaseOutputs, base_outputs_for
 from cptkit.config import ChatDriftConfig
 from cptkit.model_pair import ModelPair
 from cptkit.progress import console
 from cptkit.results import ChatAnswer, ChatDrift
-from cptkit.scoring import ModelRunner
+from cptkit.scoring import ModelRunner, head_logits, scored_outputs
 from cptkit.tokenization import cache_dir
 
 INSTRUCTIONS_FILE = "chat_instructions.yaml"
@@ -82,15 +86,20 @@ class _BaseAnswer:
     text: str
 
 
-def measure(pair: ModelPair, cc: ChatDriftConfig, precision: str, device: Any, batch_size: int) -> ChatDrift:
-    """Chat drift of the pair, or a result that says why it was not measured."""
-    result = _measure(pair, cc, precision, device, batch_size)
+def measure(
+    pair: ModelPair, cc: ChatDriftConfig, precision: str, device: Any, batch_size: int, base_cache: bool = False
+) -> ChatDrift:
+    """Chat drift of the pair, or a result that says why it was not measured. With `base_cache`
+    (evaluate.base_score_cache), the base's side of the scoring is cached like an evaluation set's."""
+    result = _measure(pair, cc, precision, device, batch_size, base_cache)
     if result.status == "skipped":
         console.print(f"evaluate chat: not measured: {result.reason}", highlight=False)
     return result
 
 
-def _measure(pair: ModelPair, cc: ChatDriftConfig, precision: str, device: Any, batch_size: int) -> ChatDrift:
+def _measure(
+    pair: ModelPair, cc: ChatDriftConfig, precision: str, device: Any, batch_size: int, base_cache: bool
+) -> ChatDrift:
     if not cc.enabled:
         return ChatDrift(status="off", reason="evaluate.chat.enabled is false")
     base_tok, cpt_tok = pair.base_tokenizer.tokenizer, pair.cpt_tokenizer.tokenizer
@@ -120,7 +129,19 @@ def _measure(pair: ModelPair, cc: ChatDriftConfig, precision: str, device: Any, 
         _write_cache(key, settings, answers)
     if not cached:
         console.print(f"evaluate chat: the base model answers {len(items)} instructions (cached for next time)")
-    sums = _score(pair, answers, device, precision == "bf16", batch_size)
+    cached_base = base_outputs_for(
+        base_cache,
+        pair.description.base_model_path,
+        f"{pair.description.base_scored_as}; {pair.description.quantization}",
+        [np.asarray(a.prompt_ids + a.answer_ids) for a in answers],
+        0,
+        0,
+        batch_size,
+        precision,
+        device,
+        kind="chat",
+    )
+    sums = _score(pair, answers, device, precision == "bf16", batch_size, cached_base)
     # The adapted model's own answers, for the report only: the drift is measured on the base's answers.
     shown = answers[: cc.side_by_side]
     side = _answers(pair.cpt_runner, cpt_tok, [a.prompt_ids for a in shown], cc.max_new_tokens, device)
@@ -290,17 +311,23 @@ class _AnswerScore:
 
 
 def _score(
-    pair: ModelPair, answers: Sequence[_BaseAnswer], device: Any, bf16: bool, batch_size: int
+    pair: ModelPair,
+    answers: Sequence[_BaseAnswer],
+    device: Any,
+    bf16: bool,
+    batch_size: int,
+    base_outputs: BaseOutputs | None = None,
 ) -> list[_AnswerScore]:
     """Both models on each chat prompt + base answer, right-padded in batches (under causal attention the
-    padding after a sequence cannot change it); only the answer's tokens are scored."""
+    padding after a sequence cannot change it); only the answer's tokens are scored. With `base_outputs`,
+    the base's hidden states at the answers' positions come from (or go to) the base-score cache."""
     import torch
     import torch.nn.functional as F
 
     device = torch.device(device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     scores = [_AnswerScore() for _ in answers]
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, base_outputs if base_outputs is not None else contextlib.nullcontext():
         for first in range(0, len(answers), batch_size):
             batch = answers[first : first + batch_size]
             seqs = [a.prompt_ids + a.answer_ids for a in batch]
@@ -313,7 +340,11 @@ def _score(
                 mask[row, len(a.prompt_ids) - 1 : len(seq) - 1] = True
             ids, mask = ids.to(device), mask.to(device)
             targets = torch.tensor([t for a in batch for t in a.answer_ids], device=device)
-            base = F.log_softmax(_logits_at(pair.base_runner, ids, mask), dim=-1, dtype=torch.float32)
+            base = F.log_softmax(
+                _logits_at(pair.base_runner, ids, mask, base_outputs, first // batch_size, device),
+                dim=-1,
+                dtype=torch.float32,
+            )
             cpt = F.log_softmax(_logits_at(pair.cpt_runner, ids, mask), dim=-1, dtype=torch.float32)
             base_nll = -base.gather(-1, targets[:, None])[:, 0].double()
             cpt_nll = -cpt.gather(-1, targets[:, None])[:, 0].double()
@@ -332,14 +363,18 @@ def _score(
     return scores
 
 
-def _logits_at(runner: ModelRunner, ids: Any, mask: Any) -> Any:
+def _logits_at(
+    runner: ModelRunner,
+    ids: Any,
+    mask: Any,
+    cache: BaseOutputs | None = None,
+    batch: int = 0,
+    device: Any = None,
+) -> Any:
     """Logits at the masked positions, (positions, vocabulary), in row order. The LM head runs there only
-    where the logits are a plain head over the hidden states (see loss.decoder_and_head)."""
-    from cptkit.loss import decoder_and_head
-
+    where the logits are a plain head over the hidden states (see loss.decoder_and_head); those hidden
+    states are what `cache` keeps, as batch number `batch`."""
     with runner() as model:
-        parts = decoder_and_head(model)
-        if parts is None:
-            return model(input_ids=ids, use_cache=False).logits[mask]
-        decoder, head = parts
-        return head(decoder(input_ids=ids, use_cache=False).last_hidden_state[mask])
+        compute = functools.partial(scored_outputs, model, ids, mask)
+        out = cache.output(batch, int(mask.sum()), compute, device) if cache is not None else compute()
+        return head_logits(model, out, slice(None))

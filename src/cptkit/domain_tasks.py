@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from cptkit.artifacts import atomic_path, write_json_atomic
+from cptkit.base_scores import BaseIdentity, read_arrays, write_arrays
 from cptkit.config import Config, DomainTasksConfig
 from cptkit.datasets import TRAIN, TRAIN_TEXT, domain_dir, replay_dir
 from cptkit.decontamination import contaminated, overlap_shares, training_texts
@@ -517,15 +518,32 @@ def run(
     batch_tokens: int,
     device: Any,
     bf16: bool,
+    base: BaseIdentity | None = None,
 ) -> DomainTaskResults:
-    """Score the built tasks with each (name, runner, tokenizer) of base and cpt; or say why not."""
+    """Score the built tasks with each (name, runner, tokenizer) of base and cpt; or say why not. With
+    `base` (evaluate.base_score_cache), the base's scores of these exact items are read from the cache,
+    or computed and cached: the next evaluation of another adapter of the same base skips them."""
     if built is None:
         return DomainTaskResults(status="not_run", reason="evaluate.domain_tasks.enabled is false")
     if isinstance(built, str):
         return DomainTaskResults(status="not_run", reason=built)
     started = time.perf_counter()
-    scores = {
-        name: score_items(runner, tok.tokenizer, built.items, max_length, batch_tokens, device, bf16)
-        for name, runner, tok in models
-    }
+    scores = {}
+    for name, runner, tok in models:
+        key = None
+        if name == "base" and base is not None:
+            # The exact tokens scored (so the tokenizer is in the key), and what decides the batches.
+            requests = [
+                request_tokens(tok.tokenizer, it.context, " " + c, max_length) for it in built.items for c in it.choices
+            ]
+            key = base.key("items", json.dumps([max_length, batch_tokens, requests]).encode())
+            cached = read_arrays(key)
+            if cached is not None:
+                scores[name] = ItemScores(cached["loglikelihoods"], cached["answer_greedy"])
+                continue
+        scores[name] = score_items(runner, tok.tokenizer, built.items, max_length, batch_tokens, device, bf16)
+        if key is not None:
+            write_arrays(
+                key, {"loglikelihoods": scores[name].loglikelihoods, "answer_greedy": scores[name].answer_greedy}
+            )
     return results(built, scores, spans, settings, built.seconds + time.perf_counter() - started)

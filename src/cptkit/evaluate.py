@@ -24,7 +24,7 @@ from cptkit.artifacts import (
     up_to_date,
     write_json_atomic,
 )
-from cptkit.base_scores import base_outputs_for
+from cptkit.base_scores import BaseIdentity, base_outputs_for
 from cptkit.choices import Choice
 from cptkit.config import (
     Config,
@@ -336,7 +336,7 @@ def _evaluate_sets(
     forgetting_by_set = {n: relative_change(base[n].perplexity, cpt[n].perplexity) for n in held_out}
     general_drift = drifts.get(GENERAL)
     drift_kl = general_drift.kl if general_drift else None
-    chat = chat_drift.measure(pair, ec.chat, precision.value, device, ec.batch_size)
+    chat = chat_drift.measure(pair, ec.chat, precision.value, device, ec.batch_size, ec.base_score_cache)
     return EvaluationResults(
         pair=pair.description,
         settings=settings,
@@ -361,6 +361,14 @@ def _evaluate_sets(
             ec.batch_size * context,  # the tokens of a scoring batch
             device,
             bf16,
+            BaseIdentity(
+                pair.description.base_model_path,
+                f"{pair.description.base_scored_as}; {pair.description.quantization}",
+                precision.value,
+                str(device),
+            )
+            if ec.base_score_cache
+            else None,
         ),
         generations=generate(pair, ec.generation, device),
         chat=chat,

@@ -219,12 +219,12 @@ def score(
                             base_outputs.output(
                                 first // batch_size,
                                 int(mask.sum()),
-                                functools.partial(_scored_outputs, model, ids, mask),
+                                functools.partial(scored_outputs, model, ids, mask),
                                 device,
                             )
                         )
                     else:
-                        outputs.append(_scored_outputs(model, ids, mask))
+                        outputs.append(scored_outputs(model, ids, mask))
             n = int(targets.numel())
             for start in range(0, n, _HEAD_CHUNK):
                 rows = slice(start, start + _HEAD_CHUNK)
@@ -232,7 +232,7 @@ def score(
                 logprobs: list[Any] = []
                 for runner, sums, out in zip(runners, scores, outputs, strict=True):
                     with runner() as model:
-                        logits = _chunk_logits(model, out, rows)
+                        logits = head_logits(model, out, rows)
                     # In float32 whatever the logits' precision (casting inside the op: no float32 copy
                     # of bf16 logits), summed in float64.
                     lp = F.log_softmax(logits, dim=-1, dtype=torch.float32)
@@ -302,7 +302,7 @@ def _batch_tensors(batch: Sequence[Window], docs: Sequence[np.ndarray], device: 
 _HEAD_CHUNK = 1024
 
 
-def _scored_outputs(model: Any, ids: Any, mask: Any) -> tuple[str, Any]:
+def scored_outputs(model: Any, ids: Any, mask: Any) -> tuple[str, Any]:
     """("hidden", hidden states at the masked positions) where the model's logits are a plain linear
     head over them (see loss.decoder_and_head), else ("logits", the logits there)."""
     from cptkit.loss import decoder_and_head
@@ -314,7 +314,7 @@ def _scored_outputs(model: Any, ids: Any, mask: Any) -> tuple[str, Any]:
     return "hidden", decoder(input_ids=ids, use_cache=False).last_hidden_state[mask]
 
 
-def _chunk_logits(model: Any, output: tuple[str, Any], rows: slice) -> Any:
+def head_logits(model: Any, output: tuple[str, Any], rows: slice) -> Any:
     from cptkit.loss import decoder_and_head
 
     kind, values = output
