@@ -346,3 +346,17 @@ def test_tune_of_pilots_at_two_token_levels_fits_chat_drift_and_says_its_rule(
     changed = tune_module.tune(Config.model_validate(data), data, lambda *args: NullTracker(), estimate=False)
     assert sorted(p.tokens for p in changed.pilots) == [1024] * 4 + [4096] * 4
     assert len(ran) == 4 and all(name.endswith("-1024tok") for name in ran)
+
+
+def test_token_levels_are_validated() -> None:
+    from pydantic import ValidationError
+
+    from cptkit.config import TuneConfig
+
+    assert TuneConfig().token_levels == [0.5, 1.0]
+    assert TuneConfig(token_levels=[1.0]).token_levels == [1.0]
+    for bad in ([0.0, 1.0], [0.5, 1.5], [1.0, 0.5], [0.5, 0.5], []):
+        with pytest.raises(ValidationError, match="token_levels"):
+            TuneConfig(token_levels=bad)
+    with pytest.raises(ValidationError, match="at least as many points"):
+        TuneConfig(points=2, token_levels=[0.25, 0.5, 1.0])
