@@ -8,6 +8,9 @@ which writes demo/tune/tuned.yaml). Then:
 
     PYTHONPATH=src .venv/bin/python benchmarks/tune_choice.py [--tuned demo/tune/tuned.yaml]
 
+result.json also holds what tune predicted for its choice at the full run's tokens (choice.json beside
+tuned.yaml, with the rule that chose it), to set against what the tuned run measured.
+
 Goal (issue 19): a larger domain gain at equal or lower drift, or equal gain at clearly lower drift.
 """
 
@@ -58,6 +61,23 @@ def run(config: Any) -> dict[str, Any]:
     }
 
 
+def predicted(choice_path: Path) -> dict[str, Any] | None:
+    """What tune predicted for its choice at the full run's tokens (choice.json beside tuned.yaml), to set
+    against what the tuned run measured."""
+    if not choice_path.is_file():
+        return None
+    choice = json.loads(choice_path.read_text())
+    chosen = choice["chosen"]
+    return {
+        "rule": choice.get("rule"),
+        "full_tokens": choice["full_tokens"],
+        "adaptation": round(choice["predicted_adaptation"], 4),
+        "forgetting": round(choice["predicted_forgetting"], 4),
+        "drift_kl": chosen.get("drift_kl"),
+        "chat_drift": chosen.get("chat_drift"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
@@ -83,7 +103,11 @@ def main() -> None:
             "adaptation": round(tuned["adaptation"] - hand["adaptation"], 4),
             "forgetting": round(tuned["forgetting"] - hand["forgetting"], 4),
             "drift_kl": round(tuned["drift_kl"] - hand["drift_kl"], 5),
+            "chat_drift": None
+            if tuned["chat_drift"] is None or hand["chat_drift"] is None
+            else round(tuned["chat_drift"] - hand["chat_drift"], 5),
         },
+        "tuned_predicted": predicted(args.tuned.with_name("choice.json")),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -144,7 +144,8 @@ def _measure(
     sums = _score(pair, answers, device, precision == "bf16", batch_size, cached_base)
     # The adapted model's own answers, for the report only: the drift is measured on the base's answers.
     shown = answers[: cc.side_by_side]
-    side = _answers(pair.cpt_runner, cpt_tok, [a.prompt_ids for a in shown], cc.max_new_tokens, device)
+    # side_by_side 0 (tune's pilots): the adapted model generates nothing at all.
+    side = _answers(pair.cpt_runner, cpt_tok, [a.prompt_ids for a in shown], cc.max_new_tokens, device) if shown else []
     tokens = sum(s.tokens for s in sums)
     base_nll, cpt_nll = sum(s.base_nll for s in sums), sum(s.cpt_nll for s in sums)
     result = ChatDrift(

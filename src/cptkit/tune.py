@@ -1,19 +1,22 @@
 """`cptkit tune`: the replay ratio and learning rate chosen from short pilot runs.
 
-Each pilot is a real `train` on `tune.tokens_per_pilot` tokens at one (replay ratio, learning rate) of
-the design, then `evaluate` of it (the same code as `cptkit evaluate`: domain and held-out losses,
-drift; the base's scores come from the base-score cache after the first pilot). The pilots run one
-after the other, each loading the base (train and evaluate are called as they are). A pilot's result is
-written atomically to `<tune.output_dir>/pilots/<name>/pilot.json` when it is complete, so a killed
-tune continues with the pilots not yet done. Then the law of tune_fit is fitted, the choice made, and
-`fit.json`, `choice.json`, `tuned.yaml` and `tune_report.html` written. All pilots are MLflow child
-runs of one parent run. The design, the law and its limits: docs/tune.md.
+Each pilot is a real `train` at one (replay ratio, learning rate, token level) of the design, on its
+level's share of `tune.tokens_per_pilot` tokens, then `evaluate` of it (the same code as `cptkit
+evaluate`: domain and held-out losses, drift, and chat drift on the base's cached chat answers; the
+base's scores come from the base-score cache after the first pilot). The pilots run one after the other,
+each loading the base (train and evaluate are called as they are). A pilot's result is written
+atomically to `<tune.output_dir>/pilots/<name>/pilot.json` when it is complete (the name holds its token
+budget), so a killed tune continues with the pilots not yet done. Then the laws of tune_fit are fitted,
+the choice made, and `fit.json`, `choice.json`, `tuned.yaml` and `tune_report.html` written. All pilots
+are MLflow child runs of one parent run. The design, the laws, the choice's rule and their limits:
+docs/tune.md.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,11 +48,15 @@ class Pilot:
     index: int
     replay_ratio: float
     learning_rate: float
+    level: float  # the share of tune.tokens_per_pilot
     steps: int
+    tokens: int  # steps x tokens per step
 
     @property
     def name(self) -> str:
-        return f"pilot-{self.index:02d}"
+        # The token budget is part of the name: a pilot of another budget is another pilot (its own folder,
+        # checkpoints and result), not this one redone.
+        return f"pilot-{self.index:02d}-{self.tokens}tok"
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class PilotResult:
     fingerprint: str
     replay_ratio: float
     learning_rate: float
+    token_level: float
     steps: int
     tokens: int
     base_domain_loss: float
@@ -69,13 +77,21 @@ class PilotResult:
     forgetting: float  # ln(1 + relative_forgetting): the worst held-out set's loss increase
     relative_forgetting: float
     drift_kl: float | None
+    chat_drift: float | None  # log-likelihood lost on the base's chat answers; None where not measured
+    chat_kl: float | None
     tokens_per_second: float
     seconds: float
     mlflow_run_id: str | None
 
     def observation(self) -> Observation:
         return Observation(
-            self.replay_ratio, self.learning_rate, self.tokens, self.domain_gain, self.forgetting, self.drift_kl
+            self.replay_ratio,
+            self.learning_rate,
+            self.tokens,
+            self.domain_gain,
+            self.forgetting,
+            self.drift_kl,
+            self.chat_drift,
         )
 
     @classmethod
@@ -108,7 +124,8 @@ class TuneResult:
 
 
 def plan_tune(config: Config) -> TunePlan:
-    """The pilots of the design, each with the whole optimizer steps that hold tune.tokens_per_pilot."""
+    """The pilots of the design, each with the whole optimizer steps that hold its level's share of
+    tune.tokens_per_pilot."""
     tu, tc = config.tune, config.training
     if tu.replay_ratio[1] > 0 and config.data.replay is None:
         raise CptkitError(
@@ -116,9 +133,11 @@ def plan_tune(config: Config) -> TunePlan:
             "set; set a replay source or tune.replay_ratio: [0, 0]"
         )
     tokens_per_step = tc.max_seq_length * tc.micro_batch_size * tc.gradient_accumulation_steps
-    steps = max(1, math.ceil(tu.tokens_per_pilot / tokens_per_step))
-    points = design_points(tu.design, tu.points, tu.replay_ratio, tu.learning_rate, tu.seed)
-    pilots = [Pilot(i, r, lr, steps) for i, (r, lr) in enumerate(points)]
+    steps = [max(1, math.ceil(level * tu.tokens_per_pilot / tokens_per_step)) for level in tu.token_levels]
+    points = design_points(tu.design, tu.points, tu.replay_ratio, tu.learning_rate, tu.seed, len(tu.token_levels))
+    pilots = [
+        Pilot(i, r, lr, tu.token_levels[k], steps[k], steps[k] * tokens_per_step) for i, (r, lr, k) in enumerate(points)
+    ]
     return TunePlan(pilots, tokens_per_step, _full_tokens(config, tokens_per_step))
 
 
@@ -144,8 +163,8 @@ def _full_tokens(config: Config, tokens_per_step: int) -> int | None:
 
 def pilot_config(config: Config, pilot: Pilot) -> Config:
     """The user's config with the pilot's replay ratio, learning rate and steps; validation only at the
-    start and end, no forgetting stop, no checkpoints but the last; evaluation of the loss and drift only
-    (no tasks, no generations, no thresholds: the choice applies them)."""
+    start and end, no forgetting stop, no checkpoints but the last; evaluation of the loss, drift and chat
+    drift only (no tasks, no generations, no thresholds: the choice applies them)."""
     tc, ec = config.training, config.evaluate
     training = tc.model_copy(
         update={
@@ -163,10 +182,13 @@ def pilot_config(config: Config, pilot: Pilot) -> Config:
             "max_tokens": config.tune.eval_max_tokens or ec.max_tokens,
             "tasks": [],
             "generation": ec.generation.model_copy(update={"max_new_tokens": 0}),
-            # The choice uses loss and drift only; the generated tasks and chat drift would cost each pilot
-            # about as much as its loss evaluation again (measured on the demo).
+            # The choice uses losses, drift and chat drift only; the generated tasks would cost each pilot about
+            # as much as its loss evaluation again (measured on the demo).
             "domain_tasks": ec.domain_tasks.model_copy(update={"enabled": False}),
-            "chat": ec.chat.model_copy(update={"enabled": False}),
+            # Chat drift stays (where the config has it on and the base a chat template): on an instruct base
+            # it is the retention signal that moves. It scores the base's cached answers; the adapted model's
+            # own answers are for the report's side-by-side only, and generating them costs time: none.
+            "chat": ec.chat.model_copy(update={"side_by_side": 0}),
             "min_adaptation": None,
             "max_forgetting": None,
             "max_drift_kl": None,
@@ -218,7 +240,7 @@ def tune(
         parent.log_params(
             {
                 "tune": config.tune.model_dump(mode="json"),
-                "tune.pilot_steps": plan.pilots[0].steps,
+                "tune.pilot_steps": sorted({p.steps for p in plan.pilots}),
                 "tune.tokens_per_step": plan.tokens_per_step,
             }
         )
@@ -229,7 +251,13 @@ def tune(
         fit = fit_pilots([r.observation() for r in usable_pilots(results)])
         ec = config.evaluate
         choice = choose(
-            fit, config.tune.replay_ratio, config.tune.learning_rate, full, ec.max_forgetting, ec.max_drift_kl
+            fit,
+            config.tune.replay_ratio,
+            config.tune.learning_rate,
+            full,
+            ec.max_forgetting,
+            ec.max_drift_kl,
+            ec.max_chat_drift,
         )
         result = _write_outputs(config, config_data, results, fit, choice, len(todo))
         _log_parent(parent, result)
@@ -281,7 +309,7 @@ def run_pilot(config: Config, pilot: Pilot, tracker_factory: Callable[..., Track
     pc = pilot_config(config, pilot)
     console.print(
         f"tune {pilot.name}: replay ratio {pilot.replay_ratio:g}, learning rate {pilot.learning_rate:.3g}, "
-        f"{pilot.steps} steps",
+        f"{pilot.steps} steps ({pilot.tokens:,} tokens)",
         highlight=False,
     )
     started = time.perf_counter()
@@ -295,11 +323,13 @@ def run_pilot(config: Config, pilot: Pilot, tracker_factory: Callable[..., Track
         )
     base, cpt = results.base[DOMAIN], results.cpt[DOMAIN]
     base_loss, loss = base.nll / base.tokens, cpt.nll / cpt.tokens
+    chat = results.chat if results.chat.status == "ok" else None
     result = PilotResult(
         name=pilot.name,
         fingerprint=_pilot_fingerprint(pc),
         replay_ratio=pilot.replay_ratio,
         learning_rate=pilot.learning_rate,
+        token_level=pilot.level,
         steps=summary.steps,
         tokens=summary.tokens,
         base_domain_loss=base_loss,
@@ -309,6 +339,8 @@ def run_pilot(config: Config, pilot: Pilot, tracker_factory: Callable[..., Track
         forgetting=math.log1p(results.forgetting),
         relative_forgetting=results.forgetting,
         drift_kl=results.drift_kl,
+        chat_drift=chat.drift if chat is not None else None,
+        chat_kl=chat.kl if chat is not None else None,
         tokens_per_second=summary.tokens_per_second,
         seconds=round(time.perf_counter() - started, 1),
         mlflow_run_id=summary.mlflow_run_id,
@@ -316,7 +348,8 @@ def run_pilot(config: Config, pilot: Pilot, tracker_factory: Callable[..., Track
     write_json_atomic(pc.output_dir / PILOT_RESULT, asdict(result))
     console.print(
         f"tune {pilot.name}: domain perplexity {-results.adaptation:+.2%}, forgetting {results.forgetting:+.2%}"
-        + (f", drift KL {results.drift_kl:.4f}" if results.drift_kl is not None else ""),
+        + (f", drift KL {results.drift_kl:.4f}" if results.drift_kl is not None else "")
+        + (f", chat drift {result.chat_drift:+.4f}" if result.chat_drift is not None else ""),
         highlight=False,
     )
     return result
@@ -349,13 +382,18 @@ def _tokens_in_minutes(config: Config, results: list[PilotResult]) -> int:
 
 def _preflight_line(config: Config, plan: TunePlan, todo: list[Pilot], estimate: bool) -> None:
     tu = config.tune
-    steps = plan.pilots[0].steps
-    per_pilot = steps * plan.tokens_per_step
+    counts = Counter(p.steps for p in plan.pilots)
+    budgets = " and ".join(
+        f"{counts[steps]} x {steps} step{'s' if steps > 1 else ''} ({steps * plan.tokens_per_step:,} tokens)"
+        for steps in sorted(counts)
+    )
     line = (
         f"tune: {len(plan.pilots)} pilots ({tu.design}: replay ratio {tu.replay_ratio[0]:g}-{tu.replay_ratio[1]:g} x "
-        f"learning rate {tu.learning_rate[0]:.2g}-{tu.learning_rate[1]:.2g}), {steps} steps x "
-        f"{plan.tokens_per_step:,} = {per_pilot:,} tokens each, {per_pilot * len(plan.pilots):,} in all"
+        f"learning rate {tu.learning_rate[0]:.2g}-{tu.learning_rate[1]:.2g}), {budgets} at {plan.tokens_per_step:,} "
+        f"tokens per step, {sum(p.tokens for p in plan.pilots):,} tokens in all"
     )
+    if len(counts) < len(tu.token_levels):
+        line += " (token levels that round to the same steps: the token exponent is not told from replay's effect)"
     if len(todo) < len(plan.pilots):
         line += f"; {len(plan.pilots) - len(todo)} done before, {len(todo)} to run"
     if estimate and todo:
@@ -365,18 +403,28 @@ def _preflight_line(config: Config, plan: TunePlan, todo: list[Pilot], estimate:
 
 
 def _estimated_seconds(config: Config, todo: list[Pilot]) -> float:
-    """The preflight of the first pilot to run (its timed steps and model loading), times the pilots, plus
-    their evaluations at a forward pass's share of a step's speed (the base scored once: then cached)."""
+    """The preflight of the first pilot to run (its timed steps and model loading), with each pilot's own
+    steps, plus the evaluations at a forward pass's share of a step's speed (the base scored once: then
+    cached; chat drift scores both models on every pilot)."""
+    from cptkit.chat_drift import instructions
     from cptkit.preflight import preflight
 
     plan = preflight(pilot_config(config, todo[0]), measure=True)
-    per_pilot = plan.estimated_seconds.get("total", 0.0)
+    estimated = plan.estimated_seconds
     measured = plan.measured
-    eval_tokens = (config.tune.eval_max_tokens or 0) * (2 + len(config.evaluate.sets))
+    if measured is None:
+        return len(todo) * estimated.get("total", 0.0)
+    outside_steps = estimated.get("total", 0.0) - estimated.get("steps", 0.0)
+    training = sum(outside_steps + p.steps * measured.seconds_per_step for p in todo)
+    ec = config.evaluate
+    eval_tokens = (config.tune.eval_max_tokens or 0) * (2 + len(ec.sets))
+    # A chat prompt is taken to be about as long as its answer: two models x prompt and answer tokens.
+    chat_tokens = 4 * len(instructions(ec.chat.max_instructions)) * ec.chat.max_new_tokens if ec.chat.enabled else 0
     # A forward pass costs about a third of a training step (forward and backward) per token: one model's
     # scoring runs at about three times the training speed.
-    scoring = eval_tokens / (3 * measured.tokens_per_second) if measured is not None and eval_tokens else 0.0
-    return len(todo) * (per_pilot + scoring) + scoring
+    scoring = eval_tokens / (3 * measured.tokens_per_second)
+    chat = chat_tokens / (3 * measured.tokens_per_second)
+    return training + len(todo) * (scoring + chat) + scoring
 
 
 # ---------------------------------------------------------------- outputs
@@ -394,31 +442,31 @@ def _write_outputs(
 
     out = config.tune.output_dir
     write_json_atomic(out / FIT, {"pilots": [asdict(r) for r in results], **fit.to_json()})
-    write_json_atomic(
-        out / CHOICE,
-        {
-            "chosen": asdict(choice.chosen),
-            "predicted_adaptation": choice.chosen.adaptation,
-            "predicted_forgetting": choice.chosen.relative_forgetting,
-            "within_budget": choice.within_budget,
-            "full_tokens": choice.tokens,
-            "max_forgetting": config.evaluate.max_forgetting,
-            "max_drift_kl": config.evaluate.max_drift_kl,
-            "front": [asdict(c) for c in choice.front],
-        },
-    )
+    write_json_atomic(out / CHOICE, choice_json(config, choice))
     tuned = write_tuned_config(out / TUNED, config_data, choice, fit, len(results))
     report = write_report(out / REPORT, config, results, fit, choice)
     c = choice.chosen
-    budget = "within the forgetting budget" if choice.within_budget else "NO point meets the budget: least forgetting"
+    budget = "within the budget" if choice.within_budget else "NO point meets the budget: the least over it"
+    drifts = "".join(
+        f", {label} {value:.4f}"
+        for label, value in (("drift KL", c.drift_kl), ("chat drift", c.chat_drift))
+        if value is not None
+    )
     console.print(
         f"tune: chose replay ratio {c.replay_ratio:.3g}, learning rate {c.learning_rate:.3g} ({budget}); predicted "
         f"at {choice.tokens:,.0f} tokens: domain perplexity {-c.adaptation:+.2%}, forgetting "
-        f"{c.relative_forgetting:+.2%}; leave-one-out error (nats) domain {_rmse(fit, 'domain')}, forgetting "
-        f"{_rmse(fit, 'forgetting')}",
+        f"{c.relative_forgetting:+.2%}{drifts}; rule: {choice.rule}; leave-one-out error (nats) "
+        + ", ".join(f"{name.replace('_', ' ')} {_rmse(fit, name)}" for name in fit.loo_rmse),
         highlight=False,
         soft_wrap=True,
     )
+    if choice.unmeasured:
+        limits = ", ".join(f"evaluate.max_{name}" for name in choice.unmeasured)
+        console.print(
+            f"tune: not applied (not measured by the pilots): {limits}",
+            style="yellow",
+            highlight=False,
+        )
     console.print(f"tune: wrote {tuned} and {report}", highlight=False, soft_wrap=True)
     event(
         "tune",
@@ -428,12 +476,38 @@ def _write_outputs(
         within_budget=choice.within_budget,
         predicted_adaptation=c.adaptation,
         predicted_forgetting=c.relative_forgetting,
+        predicted_drift_kl=c.drift_kl,
+        predicted_chat_drift=c.chat_drift,
         full_tokens=choice.tokens,
         loo_rmse=fit.loo_rmse,
         tuned_config=str(tuned),
         report=str(report),
     )
     return TuneResult(out, results, ran, fit, choice, tuned, report)
+
+
+def choice_json(config: Config, choice: Choice) -> dict[str, Any]:
+    """choice.json: the chosen point, its predictions, the rule that chose it and the rule's numbers."""
+    ec, c = config.evaluate, choice.chosen
+    return {
+        "chosen": asdict(c),
+        "predicted_adaptation": c.adaptation,
+        "predicted_forgetting": c.relative_forgetting,
+        "predicted_domain_gain": c.domain_gain,
+        "predicted_drift": getattr(c, choice.tie_break),
+        "within_budget": choice.within_budget,
+        "rule": choice.rule,
+        "max_predicted_domain_gain": choice.best.domain_gain,
+        "best_gain_point": asdict(choice.best),
+        "tolerance": choice.tolerance,
+        "tie_break": choice.tie_break,
+        "full_tokens": choice.tokens,
+        "max_forgetting": ec.max_forgetting,
+        "max_drift_kl": ec.max_drift_kl,
+        "max_chat_drift": ec.max_chat_drift,
+        "not_applied": [f"max_{name}" for name in choice.unmeasured],
+        "front": [asdict(f) for f in choice.front],
+    }
 
 
 def _rmse(fit: Fit, name: str) -> str:
@@ -482,8 +556,14 @@ def _log_parent(parent: Tracker, result: TuneResult) -> None:
         "tune/chosen_learning_rate": c.learning_rate,
         "tune/predicted_adaptation": c.adaptation,
         "tune/predicted_forgetting": c.relative_forgetting,
+        "tune/max_predicted_domain_gain": result.choice.best.domain_gain,
+        "tune/predicted_domain_gain": c.domain_gain,
+        "tune/tolerance": result.choice.tolerance,
         "tune/pilots": float(len(result.pilots)),
     }
+    for name, value in (("drift_kl", c.drift_kl), ("chat_drift", c.chat_drift)):
+        if value is not None:
+            metrics[f"tune/predicted_{name}"] = value
     for name, value in result.fit.loo_rmse.items():
         if value is not None:
             metrics[f"tune/loo_rmse_{name}"] = value

@@ -1,5 +1,6 @@
-"""tune_report.html: the pilots, the fitted law, the Pareto front of predicted domain gain against
-forgetting, and the choice, in one self-contained page (inline SVG, no script, no network)."""
+"""tune_report.html: the pilots, the fitted laws, the Pareto front of predicted domain gain against
+forgetting, and the choice with the rule that made it, in one self-contained page (inline SVG, no
+script, no network)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ def report_html(config: Config, pilots: Sequence[PilotResult], fit: Fit, choice:
         budget.append(f"forgetting at most {ec.max_forgetting:.1%}")
     if ec.max_drift_kl is not None:
         budget.append(f"drift KL at most {ec.max_drift_kl:g}")
-    verdict = (
-        "the largest predicted domain gain within the budget"
-        if choice.within_budget
-        else "no candidate meets the budget: the one with the least predicted forgetting"
-    )
+    if ec.max_chat_drift is not None:
+        budget.append(f"chat drift at most {ec.max_chat_drift:g}")
+    if choice.unmeasured:
+        unmeasured = ", ".join(f"evaluate.max_{name}" for name in choice.unmeasured)
+        budget.append(f"not applied, not measured by the pilots: {unmeasured}")
     rows = "".join(_pilot_row(p, fit) for p in pilots)
+    pilot_tokens = " and ".join(f"{t:,}" for t in sorted({p.tokens for p in pilots}))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cptkit tune</title>
 <style>
@@ -49,34 +51,62 @@ code {{ background: #f3f3f3; padding: 0 0.2rem; }}
 </style></head><body>
 <h1>cptkit tune: {html.escape(config.model.name)}</h1>
 <p><b>Choice</b>: <code>data.replay_ratio: {c.replay_ratio:.3g}</code>,
-<code>training.learning_rate: {c.learning_rate:.3g}</code> ({verdict}; budget:
-{html.escape(", ".join(budget) or "none")}), for a full run of {choice.tokens:,.0f} training tokens.
-Predicted there: domain perplexity {-c.adaptation:+.2%}, worst held-out perplexity
-{c.relative_forgetting:+.2%}{_drift_text(c)}.</p>
+<code>training.learning_rate: {c.learning_rate:.3g}</code> for a full run of {choice.tokens:,.0f} training
+tokens (budget: {html.escape("; ".join(budget) or "none")}). Predicted there: domain perplexity
+{-c.adaptation:+.2%}, worst held-out perplexity {c.relative_forgetting:+.2%}{_drift_text(c)}.</p>
+{_rule_html(choice)}
 <h2>Pareto front at {choice.tokens:,.0f} tokens</h2>
 {pareto_svg(pilots, choice, ec.max_forgetting)}
 <p>Grey: every candidate (replay ratio x learning rate inside the pilots' ranges) as the law predicts it;
 blue line: the front (most domain gain for its forgetting); black circles: the pilots as measured (at their
-own {pilots[0].tokens:,} tokens, not the full run's); red star: the choice; dashed: the forgetting budget.</p>
-<h2>The law</h2>
-<p><code>y = exp(c0 + c1 ln((1 - r) D / D_ref) + c2 u + c3 u&sup2;)</code>, <code>u = ln(lr / lr_ref)</code>, fitted by
-least squares to {len(pilots)} pilots ({fit.terms} coefficients; see docs/tune.md).</p>
-<table><tr><th>quantity (nats per token)</th><th>coefficients</th><th>leave-one-out RMSE</th></tr>
+own {pilot_tokens} tokens, not the full run's); red star: the choice; dashed: the forgetting budget.</p>
+<h2>The laws</h2>
+<p><code>y = exp(c0 + c1 ln((1 - r) D / D_ref) + c2 u + c3 ln(1 - r) + c4 u&sup2;)</code>,
+<code>u = ln(lr / lr_ref)</code>, with the terms the pilots carry ({html.escape(", ".join(fit.terms))}), fitted by
+least squares to {len(pilots)} pilots at {pilot_tokens} tokens (see docs/tune.md).</p>
+<table><tr><th>quantity (nats per token)</th><th>coefficients ({html.escape(", ".join(fit.terms))})</th>
+<th>leave-one-out RMSE</th></tr>
 {_law_row("domain gain", fit.domain, fit.loo_rmse.get("domain"))}
 {_law_row("forgetting", fit.forgetting, fit.loo_rmse.get("forgetting"))}
 {_law_row("drift KL", fit.drift, fit.loo_rmse.get("drift"))}
+{_law_row("chat drift", fit.chat_drift, fit.loo_rmse.get("chat_drift"))}
 </table>
 <p>lr_ref {fit.domain.lr_ref:.3g}, D_ref {fit.domain.d_ref:,.0f} tokens.</p>
 <h2>Pilots</h2>
 <table><tr><th>pilot</th><th>replay ratio</th><th>learning rate</th><th>tokens</th><th>domain gain</th><th>fitted</th>
-<th>forgetting</th><th>fitted</th><th>drift KL</th><th>seconds</th></tr>
+<th>forgetting</th><th>fitted</th><th>drift KL</th><th>fitted</th><th>chat drift</th><th>fitted</th>
+<th>seconds</th></tr>
 {rows}</table>
 </body></html>
 """
 
 
 def _drift_text(c: Candidate) -> str:
-    return f", drift KL {c.drift_kl:.4f}" if c.drift_kl is not None else ""
+    return "".join(
+        f", {label} {value:.4f}"
+        for label, value in (("drift KL", c.drift_kl), ("chat drift", c.chat_drift))
+        if value is not None
+    )
+
+
+def _rule_html(choice: Choice) -> str:
+    """The rule that chose, and its numbers: the largest gain, the tolerance, the chosen point's gain and drift."""
+    if not choice.within_budget:
+        return f"<p><b>Rule</b>: {html.escape(choice.rule)}.</p>"
+    c, b = choice.chosen, choice.best
+    drift = choice.tie_break.replace("_", " ")
+    return f"""<p><b>Rule</b>: {html.escape(choice.rule)}.</p>
+<table><tr><th></th><th>replay ratio</th><th>learning rate</th><th>predicted domain gain (nats)</th>
+<th>predicted {drift}</th></tr>
+<tr><td>largest gain within the budget</td><td>{b.replay_ratio:.3g}</td><td>{b.learning_rate:.3g}</td>
+<td>{b.domain_gain:.4f}</td><td>{_fmt(getattr(b, choice.tie_break))}</td></tr>
+<tr><td>chosen (gain within {choice.tolerance:.4f} of the largest, least {drift})</td><td>{c.replay_ratio:.3g}</td>
+<td>{c.learning_rate:.3g}</td><td>{c.domain_gain:.4f}</td><td>{_fmt(getattr(c, choice.tie_break))}</td></tr>
+</table>"""
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def _law_row(name: str, law: Law | None, rmse: float | None) -> str:
@@ -87,13 +117,14 @@ def _law_row(name: str, law: Law | None, rmse: float | None) -> str:
 
 
 def _pilot_row(p: PilotResult, fit: Fit) -> str:
-    gain = float(fit.domain.predict(p.replay_ratio, p.learning_rate, p.tokens))
-    forget = float(fit.forgetting.predict(p.replay_ratio, p.learning_rate, p.tokens))
-    drift = "" if p.drift_kl is None else f"{p.drift_kl:.4f}"
+    def fitted(law: Law | None) -> str:
+        return "" if law is None else f"{float(law.predict(p.replay_ratio, p.learning_rate, p.tokens)):.4f}"
+
     return (
         f"<tr><td>{p.name}</td><td>{p.replay_ratio:.3g}</td><td>{p.learning_rate:.3g}</td><td>{p.tokens:,}</td>"
-        f"<td>{p.domain_gain:.4f}</td><td>{gain:.4f}</td><td>{p.forgetting:.4f}</td><td>{forget:.4f}</td>"
-        f"<td>{drift}</td><td>{p.seconds:.0f}</td></tr>\n"
+        f"<td>{p.domain_gain:.4f}</td><td>{fitted(fit.domain)}</td><td>{p.forgetting:.4f}</td>"
+        f"<td>{fitted(fit.forgetting)}</td><td>{_fmt(p.drift_kl)}</td><td>{fitted(fit.drift)}</td>"
+        f"<td>{_fmt(p.chat_drift)}</td><td>{fitted(fit.chat_drift)}</td><td>{p.seconds:.0f}</td></tr>\n"
     )
 
 
@@ -123,7 +154,7 @@ def pareto_svg(pilots: Sequence[PilotResult], choice: Choice, max_forgetting: fl
     for (x, y), p in zip(measured, pilots, strict=True):
         parts.append(
             f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="none" stroke="#000"><title>{p.name}: replay '
-            f"{p.replay_ratio:.3g}, lr {p.learning_rate:.3g}</title></circle>"
+            f"{p.replay_ratio:.3g}, lr {p.learning_rate:.3g}, {p.tokens:,} tokens</title></circle>"
         )
     if max_forgetting is not None:
         bx = sx(max_forgetting * 100)

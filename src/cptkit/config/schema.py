@@ -8,6 +8,7 @@ keys (`model.name`, `training.learning_rate`, `training.num_epochs`, `training.m
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Literal
@@ -562,9 +563,10 @@ class EvaluateConfig(Section):
 
 
 class TuneConfig(Section):
-    """`cptkit tune`: short pilot runs over replay ratio x learning rate, a fitted law of domain gain and
-    forgetting, and the choice that maximizes the predicted domain gain within the forgetting budget
-    (evaluate.max_forgetting, max_drift_kl). See docs/tune.md."""
+    """`cptkit tune`: short pilot runs over replay ratio x learning rate at one or more token budgets, a
+    fitted law of domain gain, forgetting, drift and chat drift, and the choice: the largest predicted
+    domain gain within the budget (evaluate.max_forgetting, max_drift_kl, max_chat_drift), or the least
+    drift among the points within the fit's error of it. See docs/tune.md."""
 
     design: Literal["space-filling", "grid"] = Field(
         "space-filling",
@@ -579,7 +581,16 @@ class TuneConfig(Section):
         (2.0e-5, 2.0e-3), description="Range of training.learning_rate tried, [low, high] (log scale)."
     )
     tokens_per_pilot: int = Field(
-        200_000, gt=0, description="Training tokens of each pilot (rounded up to whole optimizer steps)."
+        200_000,
+        gt=0,
+        description="Training tokens of the longest pilots (rounded up to whole optimizer steps); the others run "
+        "a share of it (token_levels).",
+    )
+    token_levels: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0],
+        min_length=1,
+        description="Token budgets of the pilots as shares of tokens_per_pilot, ascending, each in (0, 1]; the "
+        "pilots are split evenly among them. Two or more let the fit tell the token exponent from replay's effect.",
     )
     eval_max_tokens: int | None = Field(
         20_000, gt=0, description="Tokens of each evaluation set scored per pilot (evaluate.max_tokens for pilots)."
@@ -603,6 +614,11 @@ class TuneConfig(Section):
         lo, hi = self.learning_rate
         if not 0 < lo <= hi:
             raise ValueError(f"learning_rate: need 0 < low <= high, got [{lo}, {hi}]")
+        levels = self.token_levels
+        if not all(0 < v <= 1 for v in levels) or any(a >= b for a, b in itertools.pairwise(levels)):
+            raise ValueError(f"token_levels: need distinct shares in (0, 1], ascending, got {levels}")
+        if len(levels) > self.points:
+            raise ValueError(f"token_levels: {len(levels)} levels need at least as many points, got {self.points}")
         return self
 
 
