@@ -444,9 +444,11 @@ def serve(
 
 @app.command()
 def tune(config: ConfigOpt = None, set_: SetOpt = None, wait: WaitOpt = False, debug: DebugOpt = False) -> None:
-    """Pilot runs over replay ratio x learning rate (the tune section), a fitted law of domain gain and
-    forgetting, and the choice within evaluate.max_forgetting / max_drift_kl, written as tuned.yaml beside
-    an HTML report (docs/tune.md). A killed tune continues with the pilots not yet done."""
+    """Pilot runs over replay ratio x learning rate at tune.token_levels of tune.tokens_per_pilot (the tune
+    section), fitted laws of domain gain, forgetting, drift and chat drift, and the choice: the largest
+    predicted gain within evaluate.max_forgetting / max_drift_kl / max_chat_drift, or a point within the
+    fit's error of it with less drift; written as tuned.yaml beside an HTML report (docs/tune.md). A
+    killed tune continues with the pilots not yet done."""
 
     def go() -> None:
         from cptkit.tune import read_config_data
