@@ -47,6 +47,10 @@ URL_PASSWORD = "url-PASSWORD-7c1e9b42"
         ("storage_options", True),
         ("source.storage_options.AWS_REGION", True),
         ("aws_access_key_id", True),
+        ("refresh_token", True),
+        ("x-amz-security-token", True),
+        ("tune.token_levels", False),  # a list of shares: masked, tuned.yaml could not be read back
+        ("token_budget", False),
         ("tokenizer", False),
         ("prepare.tokenize", False),
         ("tokens", False),

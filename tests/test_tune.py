@@ -346,6 +346,10 @@ def test_tune_of_pilots_at_two_token_levels_fits_chat_drift_and_says_its_rule(
     changed = tune_module.tune(Config.model_validate(data), data, lambda *args: NullTracker(), estimate=False)
     assert sorted(p.tokens for p in changed.pilots) == [1024] * 4 + [4096] * 4
     assert len(ran) == 4 and all(name.endswith("-1024tok") for name in ran)
+    # tuned.yaml reads back as the config it was written from (a `token_...` key is no secret to mask).
+    from cptkit.config import load_config
+
+    assert load_config(Path("tune/tuned.yaml")).tune.token_levels == [0.25, 1.0]
 
 
 def test_token_levels_are_validated() -> None:

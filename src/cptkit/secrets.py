@@ -41,8 +41,10 @@ SECRET_ENV_VARS = (
 )
 
 # Whole words of a key that mark its value secret. Words, not substrings: `tokenizer`, `tokenize` and a
-# `tokens` count are not secrets.
-_SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "credential", "credentials", "apikey"})
+# `tokens` count are not secrets. "token" only as a name's last word (`access_token`, `DATABRICKS_TOKEN`):
+# before another word it names a count or a setting of tokens (`tune.token_levels`).
+_SECRET_WORDS = frozenset({"secret", "password", "passwd", "credential", "credentials", "apikey"})
+_SECRET_LAST_WORDS = frozenset({"token"})
 # Consecutive words that do (aws_access_key_id, openai_api_key, storage_options).
 _SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("storage", "options")})
 _KEY_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
@@ -73,6 +75,8 @@ def is_secret_key(key: str) -> bool:
     for name in key.split("."):
         words = [w.lower() for w in _KEY_WORD_SPLIT.split(name) if w]
         if any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in itertools.pairwise(words)):
+            return True
+        if words and words[-1] in _SECRET_LAST_WORDS:
             return True
     return False
 
