@@ -155,6 +155,19 @@ def shard_rows(folder: Path) -> list[dict[str, Any]]:
     return [row for part in sorted(folder.glob("part-*.parquet")) for row in pq.read_table(part).to_pylist()]
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Replace `module.name` with a wrapper that appends to the returned list on every call."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 def write_config(path: Path, data: dict[str, Any]) -> Path:
     import yaml
 

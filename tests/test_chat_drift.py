@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from conftest import count_calls
 from cptkit import chat_drift
 from cptkit.config import ChatDriftConfig, EvaluateConfig, TrainingConfig
 from cptkit.model_pair import load_pair
@@ -221,14 +222,7 @@ def test_the_base_side_of_the_scoring_is_cached_and_equal(
         pair = load_pair(str(chat_model_dir), adapter, TrainingConfig(method="lora"), "fp32", "cpu")
         return chat_drift.measure(pair, SMALL, "fp32", "cpu", batch_size=3, base_cache=cache)
 
-    calls: list[int] = []
-    real = module.scored_outputs
-
-    def counting(*args: Any) -> Any:
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(module, "scored_outputs", counting)
+    calls = count_calls(monkeypatch, module, "scored_outputs")
     first = make_adapter(chat_model_dir, tmp_path / "first")
     run(first, True)  # writes the entry
     assert [p for p in cache_root().iterdir() if not p.name.startswith(".")]

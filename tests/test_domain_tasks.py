@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import make_doc, write_config, write_jsonl
+from conftest import count_calls, make_doc, write_config, write_jsonl
 from cptkit.config import DomainTasksConfig
 from cptkit.domain_tasks import (
     CLOZE_TASK,
@@ -381,14 +381,7 @@ def test_the_base_scores_of_the_items_are_cached(
     built = DomainTaskSet(terms, items[:8], 0, tmp_path, 0.0)
     models = [("base", fixed(model), tok), ("cpt", fixed(model), tok)]
     base = BaseIdentity(str(tiny_model_dir), "adapter disabled; none", "fp32", "cpu")
-    calls: list[int] = []
-    real = module.score_items
-
-    def counting(*args: Any) -> Any:
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(module, "score_items", counting)
+    calls = count_calls(monkeypatch, module, "score_items")
 
     def scored(identity: BaseIdentity | None) -> dict[str, Any]:
         calls.clear()
