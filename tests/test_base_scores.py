@@ -121,3 +121,32 @@ def test_a_failed_scoring_leaves_no_entry_and_two_writers_leave_one(tmp_path: Pa
         assert reader.cached
         kind, values = reader.output(1, 5, compute(99), "cpu")
         assert kind == "hidden" and np.array_equal(values.numpy(), np.full((5, 3), 5.0, dtype=np.float32))
+
+
+def test_a_key_changes_with_everything_the_base_results_depend_on(tmp_path: Path) -> None:
+    """One identity keys every cached base result: equal inputs give the same key; the kind, the settings,
+    the content, how the base is scored, the precision, and a changed tokenizer file each give another."""
+    from cptkit.base_scores import BaseIdentity, token_bytes
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text('{"v": 1}')
+    base = BaseIdentity(str(model), "adapter disabled; none", "fp32", "cpu")
+    docs = [np.arange(5), np.arange(3)]
+
+    def key(identity: BaseIdentity = base, kind: str = "windows", batch: int = 2, content: Any = docs) -> str:
+        return identity.key(kind, {"batch_size": batch}, token_bytes(content))
+
+    first = key()
+    assert key(BaseIdentity(str(model), "adapter disabled; none", "fp32", "cpu")) == first
+    others = [
+        key(kind="chat"),
+        key(batch=3),
+        key(content=[np.arange(4), np.arange(4)]),  # same tokens, cut elsewhere
+        key(BaseIdentity(str(model), "a separately loaded copy; none", "fp32", "cpu")),
+        key(BaseIdentity(str(model), "adapter disabled; none", "bf16", "cpu")),
+    ]
+    (model / "tokenizer.json").write_text('{"v": 2}')  # same size: the content is what tells
+    others.append(key(BaseIdentity(str(model), "adapter disabled; none", "fp32", "cpu")))
+    assert len({first, *others}) == len(others) + 1

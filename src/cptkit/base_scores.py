@@ -11,7 +11,7 @@ same distributions bit for bit, so cached and fresh results are equal, not close
 An entry is keyed by everything its numbers depend on: the base's files, the exact token ids of the set
 (so the tokenizer, decontamination and caps are in it), the window settings and batch size (batches are
 cut from the sorted windows), precision, device type, how the base is scored (the adapted model with its
-adapter disabled, or a separately loaded copy) and the torch and transformers versions. It is written
+adapter disabled, or a separately loaded copy) and the torch and transformers versions (`BaseIdentity`). It is written
 to a temporary folder renamed into place when complete, so two concurrent evaluations never see half an
 entry (both compute it; the second rename loses and its copy is removed). Entries are never evicted:
 `rm -r <cache>/base_scores` frees the space.
@@ -20,12 +20,13 @@ entry (both compute it; the second rename loses and its copy is removed). Entrie
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -44,50 +45,70 @@ def cache_root() -> Path:
     return cache_dir() / "base_scores"
 
 
-def model_files_fingerprint(model_dir: Path) -> str:
-    """The base's files by name, size and modification time (hashing gigabytes of weights per
-    evaluation would cost more than it saves)."""
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    stats = [(str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps([str(model_dir.resolve()), stats]).encode()).hexdigest()[:16]
+# Files up to this size are hashed whole for the base model's fingerprint (config, tokenizer, chat
+# template); larger ones (weights) by name, size and modification time, so that a 14 GB model is not read
+# on every evaluation. The cache can then miss (a copied model), never hit a changed tokenizer.
+_HASHED_WHOLE_BYTES = 32 << 20
 
 
-def entry_key(
-    base_fingerprint: str,
-    docs: Sequence[np.ndarray],
-    context_length: int,
-    stride: int,
-    batch_size: int,
-    precision: str,
-    device: str,
-    base_scored_as: str,
-    kind: str = "windows",
-) -> str:
-    """The entry of `docs` scored in windows (`kind` "windows", an evaluation set) or as whole sequences
-    (`kind` "chat", chat drift's prompts and answers)."""
-    import torch
-    import transformers
+def model_fingerprint(folder: Path) -> str:
+    """A model folder's identity: small files by content, large ones by name, size and time. A hub
+    snapshot's files link to blobs named by their content hash, which is part of the name used here."""
+    parts = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        real = path.resolve()
+        stat = real.stat()
+        if stat.st_size <= _HASHED_WHOLE_BYTES:
+            ident = hashlib.sha256(real.read_bytes()).hexdigest()
+        else:
+            ident = f"{real.name}:{stat.st_size}:{stat.st_mtime_ns}"
+        parts.append(f"{path.relative_to(folder)}={ident}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
-    h = hashlib.sha256()
-    settings = {
-        "format": FORMAT,
-        "kind": kind,
-        "base": base_fingerprint,
-        "context_length": context_length,
-        "stride": stride,
-        "batch_size": batch_size,
-        "precision": precision,
-        "device": device,
-        "base_scored_as": base_scored_as,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    h.update(json.dumps(settings, sort_keys=True).encode())
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """What the base's outputs depend on besides its input: its files, how it is scored (`scored_as`:
+    adapter switched off or loaded apart, and quantization), precision and device, with the torch and
+    transformers versions. Every cached base result (windows, chat answers and their scores, the
+    generated tasks' items) is keyed by it plus what was scored."""
+
+    base_model_path: str
+    scored_as: str
+    precision: str
+    device: str
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
+        return model_fingerprint(Path(self.base_model_path))
+
+    def key(self, kind: str, settings: dict[str, Any], content: Iterable[bytes]) -> str:
+        """The entry of `content` (what was scored, exactly) of this `kind` under `settings`."""
+        import torch
+        import transformers
+
+        h = hashlib.sha256()
+        identity = {
+            "format": FORMAT,
+            "kind": kind,
+            "base": self._fingerprint,
+            "scored_as": self.scored_as,
+            "precision": self.precision,
+            "device": self.device,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+        h.update(json.dumps([identity, settings], sort_keys=True).encode())
+        for part in content:
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        return f"{kind}-{h.hexdigest()[:32]}"
+
+
+def token_bytes(docs: Iterable[Sequence[int] | np.ndarray]) -> Iterator[bytes]:
+    """Token id sequences as bytes, for a key."""
     for doc in docs:
-        ids = np.ascontiguousarray(doc, dtype=np.int64)
-        h.update(len(ids).to_bytes(8, "little"))
-        h.update(ids.tobytes())
-    return h.hexdigest()[:32]
+        yield np.ascontiguousarray(doc, dtype=np.int64).tobytes()
 
 
 class BaseOutputs:
@@ -156,48 +177,23 @@ class BaseOutputs:
 
 
 def base_outputs_for(
-    enabled: bool,
-    base_model_path: str,
-    base_scored_as: str,
+    base: BaseIdentity | None,
     docs: Sequence[np.ndarray],
     context_length: int,
     stride: int,
     batch_size: int,
-    precision: str,
-    device: Any,
     kind: str = "windows",
 ) -> BaseOutputs | None:
-    """The cache entry of one set's base scores (None when evaluate.base_score_cache is off)."""
-    if not enabled:
+    """The cache entry of `docs` scored in windows (`kind` "windows", an evaluation set) or as whole
+    sequences (`kind` "chat", chat drift's prompts and answers); None without a `base` (the cache off).
+    Batches are cut from the sorted windows, so the window settings and batch size are in the key."""
+    if base is None:
         return None
-    fingerprint = model_files_fingerprint(Path(base_model_path))
-    key = entry_key(fingerprint, docs, context_length, stride, batch_size, precision, str(device), base_scored_as, kind)
-    return BaseOutputs(key)
+    settings = {"context_length": context_length, "stride": stride, "batch_size": batch_size}
+    return BaseOutputs(base.key(kind, settings, token_bytes(docs)))
 
 
 # ---------------------------------------------------------------- small per-item results
-
-
-@dataclass(frozen=True)
-class BaseIdentity:
-    """What a base's per-item results depend on besides the items: its files, how it is scored (adapter
-    switched off or loaded apart, quantization), precision and device (with the library versions)."""
-
-    base_model_path: str
-    base_scored_as: str
-    precision: str
-    device: str
-
-    def key(self, what: str, content: bytes) -> str:
-        import torch
-        import transformers
-
-        h = hashlib.sha256()
-        settings = [FORMAT, what, model_files_fingerprint(Path(self.base_model_path)), self.base_scored_as]
-        settings += [self.precision, self.device, torch.__version__, transformers.__version__]
-        h.update(json.dumps(settings).encode())
-        h.update(content)
-        return f"{what}-{h.hexdigest()[:32]}"
 
 
 def read_arrays(key: str) -> dict[str, np.ndarray] | None:

@@ -3,7 +3,8 @@
 Raw-text perplexity does not see chat skills: an instruct base's general perplexity can fall under
 continual pretraining while its answers change. So the base model answers a fixed set of general
 instructions shipped with cptkit (`chat_instructions.yaml`) through its tokenizer's chat template, greedy;
-the answers are cached on disk by (base model fingerprint, instruction-set hash, generation settings).
+the answers are cached on disk by the base's identity (`base_scores.BaseIdentity`), the instruction set
+and the generation settings.
 The adapted model is then scored on exactly those answers, conditioned on the same chat prompt: its
 log-likelihood per answer token against the base's (the difference is the *chat drift*), the mean
 KL(base || adapted) of the next-token distributions on the answer tokens, and top-1 agreement. A few
@@ -35,10 +36,6 @@ from cptkit.tokenization import cache_dir
 
 INSTRUCTIONS_FILE = "chat_instructions.yaml"
 CACHE_FOLDER = "chat_answers"
-# Files up to this size are hashed whole for the base model's fingerprint (config, tokenizer, chat
-# template); larger ones (weights) by name, size and modification time, so that a 14 GB model is not read
-# on every evaluation. The cache can then miss (a copied model), never hit a changed tokenizer.
-_HASHED_WHOLE_BYTES = 32 << 20
 # Bump when what is cached changes meaning (the prompt's construction, the answer's end, batching).
 _CACHE_VERSION = 2
 # Prompts answered together (left-padded). Greedy decoding is bound by the per-token pass, not by the batch,
@@ -58,21 +55,6 @@ def instructions(limit: int | None = None) -> list[str]:
 
 def instructions_hash(items: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()[:16]
-
-
-def model_fingerprint(folder: Path) -> str:
-    """A model folder's identity: small files by content, large ones by name, size and time. A hub
-    snapshot's files link to blobs named by their content hash, which is part of the name used here."""
-    parts = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        real = path.resolve()
-        stat = real.stat()
-        if stat.st_size <= _HASHED_WHOLE_BYTES:
-            ident = hashlib.sha256(real.read_bytes()).hexdigest()
-        else:
-            ident = f"{real.name}:{stat.st_size}:{stat.st_mtime_ns}"
-        parts.append(f"{path.relative_to(folder)}={ident}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -115,30 +97,22 @@ def _measure(
             reason="the adapted model's tokenizer differs from the base's: the two cannot be compared token by token",
         )
     items = instructions(cc.max_instructions)
-    settings = {
-        "max_new_tokens": cc.max_new_tokens,
-        "precision": precision,
-        "quantization": pair.description.quantization,
-        "device": str(getattr(device, "type", device)),
-    }
-    key = _cache_key(Path(pair.description.base_model_path), items, settings)
+    identity = pair.base_identity(precision, device)
+    generation = {"version": _CACHE_VERSION, "max_new_tokens": cc.max_new_tokens}
+    key = identity.key("answers", generation, [instructions_hash(items).encode()])
     answers = _read_cache(key, items)
     cached = answers is not None
     if answers is None:
         answers = _base_answers(pair, items, cc.max_new_tokens, device)
-        _write_cache(key, settings, answers)
+        _write_cache(key, answers)
     if not cached:
         console.print(f"evaluate chat: the base model answers {len(items)} instructions (cached for next time)")
     cached_base = base_outputs_for(
-        base_cache,
-        pair.description.base_model_path,
-        f"{pair.description.base_scored_as}; {pair.description.quantization}",
+        identity if base_cache else None,
         [np.asarray(a.prompt_ids + a.answer_ids) for a in answers],
         0,
         0,
         batch_size,
-        precision,
-        device,
         kind="chat",
     )
     sums = _score(pair, answers, device, precision == "bf16", batch_size, cached_base)
@@ -197,11 +171,6 @@ def metrics(chat: ChatDrift) -> dict[str, float]:
 # ---------------------------------------------------------------- the base's answers and their cache
 
 
-def _cache_key(base_dir: Path, items: Sequence[str], settings: dict[str, Any]) -> str:
-    parts = [str(_CACHE_VERSION), model_fingerprint(base_dir), instructions_hash(items), json.dumps(settings)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-
-
 def _cache_path(key: str) -> Path:
     return cache_dir() / CACHE_FOLDER / f"{key}.json"
 
@@ -220,9 +189,8 @@ def _read_cache(key: str, items: Sequence[str]) -> list[_BaseAnswer] | None:
         return None
 
 
-def _write_cache(key: str, settings: dict[str, Any], answers: Sequence[_BaseAnswer]) -> None:
+def _write_cache(key: str, answers: Sequence[_BaseAnswer]) -> None:
     data = {
-        "settings": settings,
         "answers": [
             {"instruction": a.instruction, "prompt_ids": a.prompt_ids, "answer_ids": a.answer_ids, "text": a.text}
             for a in answers

@@ -273,6 +273,11 @@ def request_tokens(tokenizer: Any, context: str, continuation: str, max_length: 
     return (ctx + cont)[-(max_length + 1) :], len(cont)
 
 
+def item_requests(tokenizer: Any, items: Sequence[Item], max_length: int) -> list[tuple[list[int], int]]:
+    """Every choice of every item as a request (`request_tokens`), item by item."""
+    return [request_tokens(tokenizer, it.context, " " + c, max_length) for it in items for c in it.choices]
+
+
 def score_items(
     runner: ModelRunner,
     tokenizer: Any,
@@ -281,18 +286,19 @@ def score_items(
     batch_tokens: int,
     device: Any = "cpu",
     bf16: bool = False,
+    requests: Sequence[tuple[list[int], int]] | None = None,
 ) -> ItemScores:
-    """Every choice of every item scored. The choices of an item share its context, so the context runs
-    once and its key/value cache serves all the choices (a third of the compute of scoring each request
-    whole, at the passages' length); an item whose requests the length limit cuts is scored request by
-    request, in right-padded batches of at most `batch_tokens` tokens (no attention mask is needed under
-    causal attention: padding after a row cannot change it)."""
+    """Every choice of every item scored (`requests`: their `item_requests`, where already made). The
+    choices of an item share its context, so the context runs once and its key/value cache serves all the
+    choices (a third of the compute of scoring each request whole, at the passages' length); an item whose
+    requests the length limit cuts is scored request by request, in right-padded batches of at most
+    `batch_tokens` tokens (no attention mask is needed under causal attention: padding after a row cannot
+    change it)."""
     import torch
 
     per_item = len(items[0].choices) if items else 0
-    requests = [
-        request_tokens(tokenizer, it.context, " " + choice, max_length) for it in items for choice in it.choices
-    ]
+    if requests is None:
+        requests = item_requests(tokenizer, items, max_length)
     contexts = [tokenizer(it.context, add_special_tokens=False)["input_ids"] for it in items]
     lls = np.zeros(len(requests))
     greedy = np.zeros(len(requests), dtype=bool)
@@ -530,18 +536,19 @@ def run(
     started = time.perf_counter()
     scores = {}
     for name, runner, tok in models:
+        requests = item_requests(tok.tokenizer, built.items, max_length)
         key = None
         if name == "base" and base is not None:
             # The exact tokens scored (so the tokenizer is in the key), and what decides the batches.
-            requests = [
-                request_tokens(tok.tokenizer, it.context, " " + c, max_length) for it in built.items for c in it.choices
-            ]
-            key = base.key("items", json.dumps([max_length, batch_tokens, requests]).encode())
+            batching = {"max_length": max_length, "batch_tokens": batch_tokens}
+            key = base.key("items", batching, [json.dumps(requests).encode()])
             cached = read_arrays(key)
             if cached is not None:
                 scores[name] = ItemScores(cached["loglikelihoods"], cached["answer_greedy"])
                 continue
-        scores[name] = score_items(runner, tok.tokenizer, built.items, max_length, batch_tokens, device, bf16)
+        scores[name] = score_items(
+            runner, tok.tokenizer, built.items, max_length, batch_tokens, device, bf16, requests=requests
+        )
         if key is not None:
             write_arrays(
                 key, {"loglikelihoods": scores[name].loglikelihoods, "answer_greedy": scores[name].answer_greedy}

@@ -24,7 +24,7 @@ from cptkit.artifacts import (
     up_to_date,
     write_json_atomic,
 )
-from cptkit.base_scores import BaseIdentity, base_outputs_for
+from cptkit.base_scores import base_outputs_for
 from cptkit.choices import Choice
 from cptkit.config import (
     Config,
@@ -233,6 +233,7 @@ def _evaluate_sets(
     if precision.warning:
         console.print(f"evaluate: warning: {precision.warning}", style="yellow", highlight=False, markup=False)
     bf16 = precision.value == "bf16"
+    cached_base = pair.base_identity(precision.value, device) if ec.base_score_cache else None
     settings = EvaluationSettings(
         context_length=context,
         stride=stride,
@@ -266,17 +267,7 @@ def _evaluate_sets(
             np.array_equal(a, b) for a, b in zip(base_docs, cpt_docs, strict=True)
         )
         per_token = name == DOMAIN and isinstance(built, domain_tasks.DomainTaskSet)  # for term-span perplexity
-        cached = base_outputs_for(
-            ec.base_score_cache,
-            pair.description.base_model_path,
-            f"{pair.description.base_scored_as}; {pair.description.quantization}",
-            base_docs,
-            context,
-            stride,
-            ec.batch_size,
-            precision.value,
-            device,
-        )
+        cached = base_outputs_for(cached_base, base_docs, context, stride, ec.batch_size)
         if same_tokens:
             (base_score, cpt_score), drift = score(
                 [pair.base_runner, pair.cpt_runner],
@@ -361,14 +352,7 @@ def _evaluate_sets(
             ec.batch_size * context,  # the tokens of a scoring batch
             device,
             bf16,
-            BaseIdentity(
-                pair.description.base_model_path,
-                f"{pair.description.base_scored_as}; {pair.description.quantization}",
-                precision.value,
-                str(device),
-            )
-            if ec.base_score_cache
-            else None,
+            cached_base,
         ),
         generations=generate(pair, ec.generation, device),
         chat=chat,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cptkit.base_scores import BaseIdentity
 from cptkit.config import (
     GenerationConfig,
     TrainingConfig,
@@ -30,6 +31,14 @@ class ModelPair:
     cpt_tokenizer: TextTokenizer
     cpt_model: Any
     description: PairDescription
+
+    def base_identity(self, precision: str, device: Any) -> BaseIdentity:
+        """What the base's outputs here depend on besides their input: the key of its cached results."""
+        import torch
+
+        d = self.description
+        scored_as = f"{d.base_scored_as}; {d.quantization}"
+        return BaseIdentity(d.base_model_path, scored_as, precision, torch.device(device).type)
 
 
 def load_pair(base_name: str, cpt_dir: Path, training: TrainingConfig, precision: str, device: Any) -> ModelPair:
