@@ -340,6 +340,20 @@ def test_tune_of_pilots_at_two_token_levels_fits_chat_drift_and_says_its_rule(
     again = tune_module.tune(Config.model_validate(data), data, lambda *args: NullTracker(), estimate=False)
     assert ran == [] and again.ran == 0
 
+    # A wider equal gain and another chat drift limit rechoose from the same pilots: nothing reruns, the
+    # ties widen to that share of the largest gain, and the least chat drift among them is lower still.
+    wider = data | {
+        "evaluate": {"max_forgetting": None, "max_chat_drift": 0.3},
+        "tune": data["tune"] | {"equal_gain": 0.2},
+    }
+    ran.clear()
+    rechosen = tune_module.tune(Config.model_validate(wider), wider, lambda *args: NullTracker(), estimate=False)
+    assert ran == [] and rechosen.ran == 0
+    assert rechosen.choice.tolerance == pytest.approx(0.2 * rechosen.choice.best.domain_gain)
+    assert rechosen.choice.tolerance > choice["tolerance"] and "tune.equal_gain: 20%" in rechosen.choice.rule
+    assert rechosen.choice.chosen.chat_drift is not None and rechosen.choice.chosen.chat_drift < chosen["chat_drift"]
+    assert rechosen.choice.chosen.domain_gain >= 0.8 * rechosen.choice.best.domain_gain - 1e-12
+
     # The shorter level changed: its pilots are new ones (their names hold the budget); the others stay.
     data["tune"]["token_levels"] = [0.25, 1.0]
     ran.clear()

@@ -175,7 +175,7 @@ def test_the_choice_takes_the_least_drift_among_gains_within_the_fit_error() -> 
     assert len(ties) > 1 and chosen in ties
     assert chosen.chat_drift == min(c.chat_drift for c in ties if c.chat_drift is not None)
     assert chosen.learning_rate < best.learning_rate / 3 and chosen.chat_drift < best.chat_drift / 3  # type: ignore[operator]
-    assert "within the domain law's leave-one-out error (0.0040)" in choice.rule and "chat drift" in choice.rule
+    assert "within 0.0040 of it (the domain law's leave-one-out error)" in choice.rule and "chat drift" in choice.rule
 
     # Without a leave-one-out error: no ties, the corner.
     assert choose(flat_fit(None), *ranges, 1e6, None, None).chosen == best

@@ -192,6 +192,7 @@ def pilot_config(config: Config, pilot: Pilot) -> Config:
             "min_adaptation": None,
             "max_forgetting": None,
             "max_drift_kl": None,
+            "max_chat_drift": None,  # so a changed limit rechooses without rerunning a pilot
         }
     )
     tracking = config.tracking.model_copy(update={"run_name": f"{config.tracking.run_name or 'tune'}-{pilot.name}"})
@@ -258,6 +259,7 @@ def tune(
             ec.max_forgetting,
             ec.max_drift_kl,
             ec.max_chat_drift,
+            config.tune.equal_gain,
         )
         result = _write_outputs(config, config_data, results, fit, choice, len(todo))
         _log_parent(parent, result)
@@ -500,6 +502,7 @@ def choice_json(config: Config, choice: Choice) -> dict[str, Any]:
         "max_predicted_domain_gain": choice.best.domain_gain,
         "best_gain_point": asdict(choice.best),
         "tolerance": choice.tolerance,
+        "equal_gain": choice.equal_gain,
         "tie_break": choice.tie_break,
         "full_tokens": choice.tokens,
         "max_forgetting": ec.max_forgetting,

@@ -245,7 +245,9 @@ class Choice:
     within_budget: bool  # False: no candidate met the budget, the one least over it was chosen
     tokens: float
     best: Candidate  # the largest predicted domain gain within the budget
-    tolerance: float  # the domain law's leave-one-out RMSE (0 where it has none): gains this close are ties
+    tolerance: float  # gains this close to the largest are ties: the larger of the domain law's leave-one-out
+    # RMSE (0 where it has none) and equal_gain x the largest gain
+    equal_gain: float  # the share of the largest gain counted as equal (tune.equal_gain)
     tie_break: str  # one of TIE_BREAKS: the predicted quantity whose lowest decides among the ties
     unmeasured: tuple[str, ...]  # limits set in the config whose quantity the pilots did not measure (not applied)
     front: list[Candidate]  # the Pareto front (most gain for its forgetting), by forgetting
@@ -257,9 +259,16 @@ class Choice:
             return "no candidate meets the budget: the one least over it (its largest excess relative to the limit)"
         return (
             f"the largest predicted domain gain within the budget ({self.best.domain_gain:.4f} nats per token); among "
-            f"the candidates within the budget whose predicted gain is within the domain law's leave-one-out error "
-            f"({self.tolerance:.4f}) of it, the one with the lowest predicted {self.tie_break.replace('_', ' ')}"
+            f"the candidates within the budget whose predicted gain is within {self.tolerance:.4f} of it ("
+            f"{self._tolerance_source}), the one with the lowest predicted {self.tie_break.replace('_', ' ')}"
         )
+
+    @property
+    def _tolerance_source(self) -> str:
+        share = self.equal_gain * self.best.domain_gain
+        if self.equal_gain > 0 and share >= self.tolerance:
+            return f"tune.equal_gain: {self.equal_gain:.0%} of the largest gain"
+        return "the domain law's leave-one-out error"
 
 
 def choose(
@@ -270,12 +279,14 @@ def choose(
     max_forgetting: float | None,
     max_drift_kl: float | None,
     max_chat_drift: float | None = None,
+    equal_gain: float = 0.0,
 ) -> Choice:
     """Among the candidates (inside the pilots' ranges: the law is not trusted beyond them) whose predicted
     forgetting, drift and chat drift at `tokens` are within the budget, find the largest predicted domain
     gain; then choose, of the candidates within the domain law's leave-one-out RMSE of it, the one with the
-    lowest predicted drift. Maximizing the gain alone picks a corner (the highest rate, no replay) even
-    where its lead over the others is smaller than the fit's error, and pays for that lead in drift."""
+    lowest predicted drift; `equal_gain` widens the ties to that share of the largest gain. Maximizing the
+    gain alone picks a corner (the highest rate, no replay) even where its lead over the others is smaller
+    than the fit's error, and pays for that lead in drift."""
     rs = np.linspace(replay_range[0], replay_range[1], GRID)
     lrs = np.exp(np.linspace(math.log(lr_range[0]), math.log(lr_range[1]), GRID))
     r, lr = (a.ravel() for a in np.meshgrid(rs, lrs))
@@ -316,6 +327,7 @@ def choose(
     tolerance = fit.loo_rmse.get("domain") or 0.0
     if ok.any():
         best = int(np.flatnonzero(ok)[np.argmax(gain[ok])])
+        tolerance = max(tolerance, equal_gain * max(float(gain[best]), 0.0))
         ties = np.flatnonzero(ok & (gain >= gain[best] - tolerance))
         retention = predicted[tie_break]
         # Equal drift (a law flat in a direction): the larger gain, then the lower replay and rate (a stable key).
@@ -328,6 +340,7 @@ def choose(
         tokens,
         candidates[best],
         tolerance,
+        equal_gain,
         tie_break,
         unmeasured,
         pareto_front(candidates),

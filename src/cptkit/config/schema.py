@@ -592,6 +592,14 @@ class TuneConfig(Section):
         description="Token budgets of the pilots as shares of tokens_per_pilot, ascending, each in (0, 1]; the "
         "pilots are split evenly among them. Two or more let the fit tell the token exponent from replay's effect.",
     )
+    equal_gain: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Predicted domain gains within this share of the largest count as equal, and the least "
+        "drift among them is chosen (gains within the fit's leave-one-out error always do). 0.05: give up at most "
+        "5% of the gain for less drift.",
+    )
     eval_max_tokens: int | None = Field(
         20_000, gt=0, description="Tokens of each evaluation set scored per pilot (evaluate.max_tokens for pilots)."
     )
