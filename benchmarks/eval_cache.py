@@ -61,7 +61,8 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def timed_evaluation(config: Any) -> tuple[float, dict[str, Any]]:
+def timed_evaluation(config: Any) -> tuple[float, dict[str, Any], bool]:
+    """Seconds, the results' numbers, and whether the base's chat answers came from their cache."""
     from cptkit.evaluate import evaluate
 
     started = time.perf_counter()
@@ -69,7 +70,7 @@ def timed_evaluation(config: Any) -> tuple[float, dict[str, Any]]:
     seconds = time.perf_counter() - started
     assert result.results is not None
     numbers = without_timings(result.results.to_json())
-    return seconds, numbers
+    return seconds, numbers, bool(result.results.chat.cached)
 
 
 def main() -> None:
@@ -92,9 +93,9 @@ def main() -> None:
     base_scores.cache_root = lambda: cache  # type: ignore[assignment]  # this benchmark's own, empty cache
 
     load = os.getloadavg()
-    first, _ = timed_evaluation(config)
+    first, _, answers_cached = timed_evaluation(config)
     second_config = config.model_copy(update={"output_dir": second})
-    again, cached_numbers = timed_evaluation(second_config)
+    again, cached_numbers, _ = timed_evaluation(second_config)
     report: dict[str, Any] = {
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
         "load_average_at_start": load,
@@ -103,13 +104,17 @@ def main() -> None:
         "second_evaluate_seconds": round(again, 1),
         "ratio": round(again / first, 3),
         "goal": 0.55,
+        # The base's chat answers are generated once per base and kept in the user's cache, not this
+        # benchmark's: where the first evaluation generated them, its time holds that one-off too and the
+        # ratio flatters the cache (run the benchmark again).
+        "chat_answers_cached_before_first": answers_cached,
         "cache_bytes": sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()),
     }
     if args.check:
         plain = second_config.model_copy(
             update={"evaluate": second_config.evaluate.model_copy(update={"base_score_cache": False})}
         )
-        uncached, plain_numbers = timed_evaluation(plain)
+        uncached, plain_numbers, _ = timed_evaluation(plain)
         report["second_without_cache_seconds"] = round(uncached, 1)
         report["equal_results"] = plain_numbers == cached_numbers
         report["differences"] = differences(plain_numbers, cached_numbers)[:20]

@@ -28,6 +28,7 @@ from cptkit.artifacts import MANIFEST, atomic_path, read_json, write_json_atomic
 from cptkit.config import Config, section_fingerprint
 from cptkit.datasets import domain_dir, replay_dir
 from cptkit.errors import CptkitError
+from cptkit.models import weights_held
 from cptkit.progress import console, event
 from cptkit.results import EvaluationResults, TrainingSummary
 from cptkit.tracking import Tracker, open_tracker
@@ -245,8 +246,9 @@ def tune(
                 "tune.tokens_per_step": plan.tokens_per_step,
             }
         )
-        for pilot in todo:
-            done[pilot.name] = run_pilot(config, pilot, _child_factory(tracker_factory, parent.run_id))
+        with weights_held():  # adapter pilots: the base read from disk once, its weights shared by all
+            for pilot in todo:
+                done[pilot.name] = run_pilot(config, pilot, _child_factory(tracker_factory, parent.run_id))
         results = [done[p.name] for p in plan.pilots]
         full = plan.full_tokens or _tokens_in_minutes(config, results)
         fit = fit_pilots([r.observation() for r in usable_pilots(results)])

@@ -25,6 +25,7 @@ from cptkit.models.for_training import (
     model_shape,
     shape_of,
     uses_bf16,
+    weights_held,
 )
 from cptkit.models.resolve import gguf_cache_path, resolve_model
 from cptkit.models.saved import EMBEDDINGS_FILE, dequantized_base_dir, is_peft, load_trained, save_trained
@@ -50,4 +51,5 @@ __all__ = [
     "save_trained",
     "shape_of",
     "uses_bf16",
+    "weights_held",
 ]

@@ -124,6 +124,39 @@ def uses_bf16(training: TrainingConfig, device: torch.device) -> bool:
     return choose_precision(probe(device.type), "auto").value == "bf16"
 
 
+# The frozen bases loaded inside `weights_held()`, by folder, dtype, device and attention: None outside.
+_held: dict[tuple[str, ...], Any] | None = None
+
+
+@contextlib.contextmanager
+def weights_held() -> Iterator[None]:
+    """Inside, LoRA loads of one base (with frozen embeddings) read it from disk once (cptkit tune's pilots
+    each train and evaluate an adapter of it). Each later load is a fresh model of its own modules,
+    buffers and config, so its own adapters and flags, whose weight tensors are the first load's: no copy
+    of the weights either. Safe because they are frozen and nothing in training or evaluation writes
+    into them in place: peft wraps the layers, and what replaces weights (trained embeddings) is left out,
+    as are QLoRA's 4-bit layers (their quantization state is not plain tensors) and full training."""
+    global _held
+    outer, _held = _held, {}
+    try:
+        yield
+    finally:
+        _held = outer
+
+
+def _sharing_weights(model: Any) -> Any:
+    """A deep copy of `model` whose parameters hold the same tensors: new Parameter objects (so one
+    model's `requires_grad_` or `.data =` stays its own), a tied pair still one Parameter."""
+    import copy
+
+    import torch
+
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(p.data, requires_grad=p.requires_grad) for p in model.parameters()
+    }
+    return copy.deepcopy(model, memo)
+
+
 def load_base(
     model_dir: Path, training: TrainingConfig, device: torch.device, bf16: bool, for_fsdp: bool = False
 ) -> Any:
@@ -154,6 +187,10 @@ def load_base(
             **({"bnb_4bit_quant_storage": torch.bfloat16 if bf16 else torch.float32} if for_fsdp else {}),
         )
         kwargs["device_map"] = {"": device}
+    held = _held if training.method == "lora" and training.embeddings != "train" else None
+    key = (str(model_dir.resolve()), str(dtype), str(device), kwargs["attn_implementation"])
+    if held is not None and key in held:
+        return _sharing_weights(held[key])
     with load_errors(model_dir):
         model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         if training.method != "qlora":
@@ -163,6 +200,8 @@ def load_base(
     # Packed blocks come with position ids that restart per document and no attention mask; transformers
     # keeps attention inside each document under SDPA only then, and with no KV cache.
     model.config.use_cache = False
+    if held is not None:
+        held[key] = _sharing_weights(model)  # as loaded: `model` itself gets adapters and flags
     return model
 
 
