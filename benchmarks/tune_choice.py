@@ -6,7 +6,10 @@ under benchmarks/out/tune_choice/ (tracking off), one after the other, so both s
 Needs the demo's prepared data (`cptkit demo`) and the tune (`cptkit tune --config configs/demo.yaml`,
 which writes demo/tune/tuned.yaml). Then:
 
-    PYTHONPATH=src .venv/bin/python benchmarks/tune_choice.py [--tuned demo/tune/tuned.yaml]
+    PYTHONPATH=src .venv/bin/python benchmarks/tune_choice.py [--tuned demo/tune/tuned.yaml [other/tuned.yaml ...]]
+
+Several tuned configs (e.g. tune's choice under two `tune.equal_gain` values, each tuned.yaml with its
+choice.json copied to a folder of its own) are each an arm, labelled by their folder's name.
 
 result.json also holds what tune predicted for its choice at the full run's tokens (choice.json beside
 tuned.yaml, with the rule that chose it), to set against what the tuned run measured.
@@ -76,6 +79,8 @@ def predicted(choice_path: Path) -> dict[str, Any] | None:
     chosen = choice["chosen"]
     return {
         "rule": choice.get("rule"),
+        "equal_gain": choice.get("equal_gain"),
+        "tolerance": choice.get("tolerance"),
         "full_tokens": choice["full_tokens"],
         "adaptation": round(choice["predicted_adaptation"], 4),
         "forgetting": round(choice["predicted_forgetting"], 4),
@@ -87,34 +92,41 @@ def predicted(choice_path: Path) -> dict[str, Any] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
-    parser.add_argument("--tuned", type=Path, default=Path("demo/tune/tuned.yaml"))
+    parser.add_argument("--tuned", type=Path, nargs="+", default=[Path("demo/tune/tuned.yaml")])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    if not args.tuned.is_file():
-        raise SystemExit(f"{args.tuned}: not found; run `cptkit tune --config {args.config}` first")
+    for path in args.tuned:
+        if not path.is_file():
+            raise SystemExit(f"{path}: not found; run `cptkit tune --config {args.config}` first")
+    arms = {"tuned": args.tuned[0]} if len(args.tuned) == 1 else {f"tuned:{p.parent.name}": p for p in args.tuned}
+    if len(arms) < len(args.tuned):
+        raise SystemExit("--tuned: give each tuned.yaml a folder of its own (arms are named by their folder)")
 
     from cptkit.config import load_config
 
     load_start = os.getloadavg()
     results = {}
-    for label, path in (("hand_set", args.config), ("tuned", args.tuned)):
-        config = load_config(path, ["tracking.enabled=false", f"output_dir={args.out.resolve() / label}"])
+    for label, path in {"hand_set": args.config, **arms}.items():
+        folder = label.replace(":", "-")
+        config = load_config(path, ["tracking.enabled=false", f"output_dir={args.out.resolve() / folder}"])
         results[label] = run(config)
-    hand, tuned = results["hand_set"], results["tuned"]
-    report = {
+    hand = results["hand_set"]
+    report: dict[str, Any] = {
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
         "load_average": {"start": load_start, "end": os.getloadavg()},
         **results,
-        "tuned_minus_hand_set": {
+    }
+    for label, path in arms.items():
+        tuned = results[label]
+        report[f"{label}_minus_hand_set"] = {
             "adaptation": round(tuned["adaptation"] - hand["adaptation"], 4),
             "forgetting": round(tuned["forgetting"] - hand["forgetting"], 4),
             "drift_kl": round(tuned["drift_kl"] - hand["drift_kl"], 5),
             "chat_drift": None
             if tuned["chat_drift"] is None or hand["chat_drift"] is None
             else round(tuned["chat_drift"] - hand["chat_drift"], 5),
-        },
-        "tuned_predicted": predicted(args.tuned.with_name("choice.json")),
-    }
+        }
+        report[f"{label}_predicted"] = predicted(path.with_name("choice.json"))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
