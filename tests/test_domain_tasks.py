@@ -140,6 +140,26 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_value() -> None:
     assert a.value == 0.5 and a.low < 0.5 < a.high and a.low > 0.3
 
 
+def test_the_bootstrap_resamples_documents_with_all_their_items() -> None:
+    """Ten documents of ten items each, every item of a document scored alike: the items carry the
+    information of ten draws, not a hundred, and the interval over documents is as wide as that; over
+    items it would be about three times narrower."""
+    documents = np.repeat(np.arange(10), 10)
+    base = np.zeros(100, dtype=bool)
+    better = np.repeat(np.asarray([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=bool), 10)
+
+    def change(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean(y.astype(float) - x.astype(float)))
+
+    by_items = bootstrap([base, better], change, 2000, 7)
+    by_documents = bootstrap([base, better], change, 2000, 7, documents)
+    assert by_documents == bootstrap([base, better], change, 2000, 7, documents)  # seeded
+    assert by_items.value == by_documents.value == 0.6
+    assert by_documents.high - by_documents.low > 2.5 * (by_items.high - by_items.low)
+    # Ten draws of a 60% document share: the 95% interval is about 0.3 to 0.9 (binomial).
+    assert 0.2 <= by_documents.low <= 0.4 and 0.8 <= by_documents.high <= 1.0
+
+
 # ---------------------------------------------------------------- the stage: trained vs base, lm-eval
 
 

@@ -437,12 +437,26 @@ def term_span(texts: Sequence[str], tok: TextTokenizer, scored: SetScore, patter
 # ---------------------------------------------------------------- results
 
 
-def bootstrap(values: Sequence[np.ndarray], statistic: Callable[..., float], resamples: int, seed: int) -> Interval:
+def bootstrap(
+    values: Sequence[np.ndarray],
+    statistic: Callable[..., float],
+    resamples: int,
+    seed: int,
+    documents: np.ndarray | None = None,
+) -> Interval:
     """The statistic of the paired per-item arrays and its 95% percentile interval over `resamples`
-    resamples of the items (with replacement; seeded, so a rerun gives the same interval)."""
+    resamples (with replacement; seeded, so a rerun gives the same interval). With `documents` (each
+    item's document), the documents are resampled, each drawn document bringing all its items: items of
+    one passage share its topic and its terms, so they are not independent, and resampling them one by
+    one would give too narrow an interval (the cluster bootstrap). Without, the items."""
     n = len(values[0])
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
+    if documents is None:
+        draws = list(rng.integers(0, n, size=(resamples, n)))
+    else:
+        members = [np.flatnonzero(documents == d) for d in np.unique(documents)]
+        picks = rng.integers(0, len(members), size=(resamples, len(members)))
+        draws = [np.concatenate([members[k] for k in row]) for row in picks]
     samples = np.asarray([statistic(*(v[d] for v in values)) for d in draws])
     low, high = np.percentile(samples, [2.5, 97.5])
     return Interval(value=float(statistic(*values)), low=float(low), high=float(high))
@@ -468,7 +482,8 @@ def results(
     items = built.items
     correct = {name: s.correct(items) for name, s in scores.items()}
     exact = {name: s.answer_greedy for name, s in scores.items()}
-    resampling = (settings.bootstrap, settings.seed)
+    documents = np.asarray([it.document for it in items])
+    resampling = (settings.bootstrap, settings.seed, documents)
     per_model = {}
     for name, s in scores.items():
         span = spans.get(name)
@@ -494,6 +509,7 @@ def results(
         status="ok",
         terms=len(built.terms),
         items=len(items),
+        documents=len(set(documents.tolist())),
         contaminated_items=built.contaminated,
         distractors=settings.distractors,
         random_baseline=1 / (settings.distractors + 1),

@@ -41,13 +41,13 @@ def intro(r: DomainTaskResults) -> str:
     if r.status != "ok":
         return f"The generated domain tasks were not run: {r.reason}."
     return (
-        f"{r.items:,} items from the held-out domain documents, each a passage ending just before one of "
+        f"{r.items:,} items from {r.documents:,} held-out domain documents, each a passage ending just before one of "
         f"{r.terms:,} terms characteristic of the domain (log-odds against the general text); "
         f"{r.contaminated_items:,} items overlapping the training text were left out. Multiple choice: the "
         f"term among {r.distractors} other terms that fit the same place in a sentence, chosen by log-likelihood "
         f"(random baseline {r.random_baseline or 0:.1%}); the adapted model answers {r.items_gained:,} items "
         f"right that the base got wrong and {r.items_lost:,} the other way. Intervals: 95% bootstrap over "
-        f"items. The task files "
+        f"documents (a drawn document brings all its items). The task files "
         f"(lm-evaluation-harness YAML + JSONL, and terms.json) are in `{r.folder}/`; took {r.seconds or 0:.1f} s."
     )
 

@@ -246,15 +246,16 @@ class DomainTaskResults:
     reason: str | None = None
     terms: int = 0
     items: int = 0
+    documents: int = 0  # the held-out documents the items come from (what the intervals resample)
     contaminated_items: int = 0
     distractors: int = 0
     random_baseline: float | None = None
     folder: str | None = None  # the task files, relative to the evaluation folder
     base: DomainTaskScore | None = None
     cpt: DomainTaskScore | None = None
-    accuracy_change: Interval | None = None  # adapted - base, paired over items
+    accuracy_change: Interval | None = None  # adapted - base, paired, resampling documents
     exact_match_change: Interval | None = None
-    loglikelihood_change: Interval | None = None  # of the cloze term, nats, paired over items
+    loglikelihood_change: Interval | None = None  # of the cloze term, nats, paired
     items_gained: int = 0  # multiple-choice items right now and wrong before
     items_lost: int = 0
     gained: list[ItemExample] = field(default_factory=list)  # examples: right now, wrong before

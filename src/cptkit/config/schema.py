@@ -449,7 +449,9 @@ class DomainTasksConfig(Section):
     max_training_documents: int = Field(
         20000, gt=0, description="Documents of each training stream read to find the terms (the first ones)."
     )
-    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the items for the intervals.")
+    bootstrap: int = Field(
+        2000, ge=100, description="Bootstrap resamples for the intervals (of the documents the items come from)."
+    )
 
 
 class ChatDriftConfig(Section):
