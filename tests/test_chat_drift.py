@@ -215,7 +215,7 @@ def test_the_base_side_of_the_scoring_is_cached_and_equal(
 ) -> None:
     """With the base-score cache, a second measurement of another adapter reads the base's hidden states
     at the answers instead of running the base's decoder, and gets the numbers of a fresh measurement."""
-    import cptkit.chat_drift as module
+    import cptkit.scoring as module
     from cptkit.base_scores import cache_root
 
     def run(adapter: Path, cache: bool) -> ChatDrift:

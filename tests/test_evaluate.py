@@ -235,6 +235,41 @@ def test_adapter_disabled_base_equals_the_separately_loaded_base(tiny_model_dir:
     assert drift is not None and drift.kl > 0 and drift.agree < drift.positions
 
 
+def test_the_lm_head_runs_outside_the_adapter_switch_only_where_it_has_no_adapter(tiny_model_dir: Path) -> None:
+    """Scoring looks a plain LM head up once and calls it without entering the adapter-disabled runner
+    again (each entry costs peft a walk over every layer); a head with an adapter of its own runs inside
+    the switch, so the base's scores are still the base's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cptkit.scoring import head_of, run_scored_outputs
+
+    def counted(runner: Any, entries: list[int]) -> Any:
+        def run() -> Any:
+            entries.append(1)
+            return runner()
+
+        return run
+
+    docs = tokenizer_of(tiny_model_dir).encode(texts(3))
+    (separate,), _ = score([fixed(load_model(tiny_model_dir))], docs, 32, 16, 4)
+    for targets, plain in (("all-linear", True), (["q_proj", "lm_head"], False)):
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+        model = get_peft_model(load_model(tiny_model_dir), config).eval()
+        entries: list[int] = []
+        head = head_of(counted(adapter_disabled(model), entries))
+        ids = torch.from_numpy(docs[0][None, :10])
+        out = run_scored_outputs(adapter_disabled(model), ids, torch.ones_like(ids, dtype=torch.bool))
+        assert out[0] == ("hidden" if plain else "logits")
+        before = len(entries)
+        for _ in range(3):
+            head(out, slice(None))
+        assert (len(entries) == before) is plain, targets
+        (disabled,), _ = score([adapter_disabled(model)], docs, 32, 16, 4)
+        assert disabled.nll == pytest.approx(separate.nll, rel=1e-6), targets
+
+
 def test_drift_is_zero_for_identical_models(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -729,3 +764,35 @@ def test_a_changed_custom_task_means_a_rerun(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "my_tasks" / "qa.jsonl", rows[:2])
     assert _input_fingerprint(tmp_path / "model", sources, tmp_path / "my_tasks") != before
     assert _input_fingerprint(tmp_path / "model", sources) == _input_fingerprint(tmp_path / "model", sources, None)
+
+
+def test_the_base_completions_are_cached_for_the_next_adapter(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a base identity, the base's completions of the fixed prompts are generated once: the next
+    adapter's evaluation generates only its own, and both models' completions equal those without the
+    cache; other decoding settings are another entry."""
+    from conftest import count_calls
+    from cptkit.config import GenerationConfig
+    from cptkit.model_pair import generate
+
+    gc = GenerationConfig(domain_prompts=["The model"], general_prompts=["A day"], max_new_tokens=6)
+
+    def pair_of(adapter: Path) -> Any:
+        pair = load_pair(str(tiny_model_dir), adapter, TrainingConfig(method="lora"), "fp32", "cpu")
+        counted = count_calls(monkeypatch, pair.cpt_model, "generate")  # the one model behind both runners
+        return pair, counted
+
+    first, _ = pair_of(make_adapter(tiny_model_dir, tmp_path / "first"))
+    identity = first.base_identity("fp32", "cpu")
+    generate(first, gc, "cpu", identity)  # generated and cached
+    other, counted = pair_of(make_adapter(tiny_model_dir, tmp_path / "other", seed=2))
+    cached = generate(other, gc, "cpu", identity)
+    assert len(counted) == 2  # the adapted model's two completions; the base's came from the cache
+    counted.clear()
+    fresh = generate(other, gc, "cpu")
+    assert len(counted) == 4 and cached == fresh
+    assert any(g.base != g.cpt for g in fresh)  # the adapter does change what is generated
+    counted.clear()
+    generate(other, gc.model_copy(update={"max_new_tokens": 4}), "cpu", identity)
+    assert len(counted) == 4

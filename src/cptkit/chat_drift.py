@@ -17,7 +17,7 @@ import contextlib
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,7 +31,7 @@ from cptkit.config import ChatDriftConfig
 from cptkit.model_pair import ModelPair
 from cptkit.progress import console
 from cptkit.results import ChatAnswer, ChatDrift
-from cptkit.scoring import ModelRunner, head_logits, scored_outputs
+from cptkit.scoring import ModelRunner, head_of, run_scored_outputs
 from cptkit.tokenization import cache_dir
 
 INSTRUCTIONS_FILE = "chat_instructions.yaml"
@@ -296,6 +296,7 @@ def _score(
     device = torch.device(device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     scores = [_AnswerScore() for _ in answers]
+    heads = [head_of(pair.base_runner), head_of(pair.cpt_runner)]
     with torch.inference_mode(), autocast, base_outputs if base_outputs is not None else contextlib.nullcontext():
         for first in range(0, len(answers), batch_size):
             batch = answers[first : first + batch_size]
@@ -310,11 +311,11 @@ def _score(
             ids, mask = ids.to(device), mask.to(device)
             targets = torch.tensor([t for a in batch for t in a.answer_ids], device=device)
             base = F.log_softmax(
-                _logits_at(pair.base_runner, ids, mask, base_outputs, first // batch_size, device),
+                _logits_at(pair.base_runner, heads[0], ids, mask, base_outputs, first // batch_size, device),
                 dim=-1,
                 dtype=torch.float32,
             )
-            cpt = F.log_softmax(_logits_at(pair.cpt_runner, ids, mask), dim=-1, dtype=torch.float32)
+            cpt = F.log_softmax(_logits_at(pair.cpt_runner, heads[1], ids, mask), dim=-1, dtype=torch.float32)
             base_nll = -base.gather(-1, targets[:, None])[:, 0].double()
             cpt_nll = -cpt.gather(-1, targets[:, None])[:, 0].double()
             kl = F.kl_div(cpt, base, log_target=True, reduction="none").sum(-1).double()
@@ -334,6 +335,7 @@ def _score(
 
 def _logits_at(
     runner: ModelRunner,
+    head: Callable[[tuple[str, Any], slice], Any],
     ids: Any,
     mask: Any,
     cache: BaseOutputs | None = None,
@@ -343,7 +345,6 @@ def _logits_at(
     """Logits at the masked positions, (positions, vocabulary), in row order. The LM head runs there only
     where the logits are a plain head over the hidden states (see loss.decoder_and_head); those hidden
     states are what `cache` keeps, as batch number `batch`."""
-    with runner() as model:
-        compute = functools.partial(scored_outputs, model, ids, mask)
-        out = cache.output(batch, int(mask.sum()), compute, device) if cache is not None else compute()
-        return head_logits(model, out, slice(None))
+    compute = functools.partial(run_scored_outputs, runner, ids, mask)  # the runner entered only where needed
+    out = cache.output(batch, int(mask.sum()), compute, device) if cache is not None else compute()
+    return head(out, slice(None))

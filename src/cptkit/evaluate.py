@@ -354,7 +354,7 @@ def _evaluate_sets(
             bf16,
             cached_base,
         ),
-        generations=generate(pair, ec.generation, device),
+        generations=generate(pair, ec.generation, device, cached_base),
         chat=chat,
         training=TrainingFacts.of(summary) if summary is not None else None,
         data=_data_accounting(config),

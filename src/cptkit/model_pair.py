@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cptkit.base_scores import BaseIdentity
+import numpy as np
+
+from cptkit.base_scores import BaseIdentity, read_arrays, token_bytes, write_arrays
 from cptkit.config import (
     GenerationConfig,
     TrainingConfig,
@@ -85,21 +87,32 @@ def load_pair(base_name: str, cpt_dir: Path, training: TrainingConfig, precision
     return ModelPair(base_runner, fixed(cpt), text_tokenizer(base_tok), text_tokenizer(cpt_tok), cpt, description)
 
 
-def generate(pair: ModelPair, gc: GenerationConfig, device: Any) -> list[Generation]:
-    """Completions of the fixed prompts by both models, with the same decoding settings."""
+def generate(pair: ModelPair, gc: GenerationConfig, device: Any, base: BaseIdentity | None = None) -> list[Generation]:
+    """Completions of the fixed prompts by both models, with the same decoding settings (seeded, so
+    sampled ones repeat too). With `base` (evaluate.base_score_cache), the base's completions are read
+    from the cache, or generated and cached: they are the same for every adapter of that base."""
     import torch
     from transformers import GenerationConfig as HfGenerationConfig
 
     if gc.max_new_tokens == 0:
         return []
     prompts = [(DOMAIN, p) for p in gc.domain_prompts] + [(GENERAL, p) for p in gc.general_prompts]
+    key, cached = None, None
+    if base is not None:
+        decoding = gc.model_dump(mode="json", exclude={"domain_prompts", "general_prompts"})
+        key = base.key("generations", decoding, token_bytes(pair.base_tokenizer.encode([p for _, p in prompts])))
+        arrays = read_arrays(key)
+        cached = [str(t) for t in arrays["base"]] if arrays is not None else None
     out = []
-    for kind, prompt in prompts:
+    for index, (kind, prompt) in enumerate(prompts):
         completions = {}
         for name, runner, tok in (
             ("base", pair.base_runner, pair.base_tokenizer),
             ("cpt", pair.cpt_runner, pair.cpt_tokenizer),
         ):
+            if name == "base" and cached is not None:
+                completions[name] = cached[index]
+                continue
             ids = torch.from_numpy(tok.encode([prompt])[0][None, :]).to(device)
             settings = HfGenerationConfig(  # type: ignore[no-untyped-call]
                 max_new_tokens=gc.max_new_tokens,
@@ -118,6 +131,8 @@ def generate(pair: ModelPair, gc: GenerationConfig, device: Any) -> list[Generat
                 )
             completions[name] = _completion(tok.tokenizer, ids[0], generated[0])
         out.append(Generation(kind=kind, prompt=prompt, **completions))
+    if key is not None and cached is None:
+        write_arrays(key, {"base": np.asarray([g.base for g in out], dtype=str)})
     return out
 
 

@@ -196,6 +196,7 @@ def score(
     device = torch.device(device)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     total = sum(w.scored for w in windows)
+    heads = [head_of(runner) for runner in runners]
     with (
         torch.inference_mode(),
         autocast,
@@ -213,26 +214,18 @@ def score(
             # take gigabytes, and drift needs both at once.
             outputs = []
             for index, runner in enumerate(runners):
-                with runner() as model:
-                    if index == 0 and base_outputs is not None:
-                        outputs.append(
-                            base_outputs.output(
-                                first // batch_size,
-                                int(mask.sum()),
-                                functools.partial(scored_outputs, model, ids, mask),
-                                device,
-                            )
-                        )
-                    else:
-                        outputs.append(scored_outputs(model, ids, mask))
+                compute = functools.partial(run_scored_outputs, runner, ids, mask)
+                if index == 0 and base_outputs is not None:  # the runner is entered only where not cached
+                    outputs.append(base_outputs.output(first // batch_size, int(mask.sum()), compute, device))
+                else:
+                    outputs.append(compute())
             n = int(targets.numel())
             for start in range(0, n, _HEAD_CHUNK):
                 rows = slice(start, start + _HEAD_CHUNK)
                 t = targets[rows]
                 logprobs: list[Any] = []
-                for runner, sums, out in zip(runners, scores, outputs, strict=True):
-                    with runner() as model:
-                        logits = head_logits(model, out, rows)
+                for head, sums, out in zip(heads, scores, outputs, strict=True):
+                    logits = head(out, rows)
                     # In float32 whatever the logits' precision (casting inside the op: no float32 copy
                     # of bf16 logits), summed in float64.
                     lp = F.log_softmax(logits, dim=-1, dtype=torch.float32)
@@ -312,6 +305,47 @@ def scored_outputs(model: Any, ids: Any, mask: Any) -> tuple[str, Any]:
         return "logits", _scored_logits(model, ids, mask)
     decoder, _ = parts
     return "hidden", decoder(input_ids=ids, use_cache=False).last_hidden_state[mask]
+
+
+def run_scored_outputs(runner: ModelRunner, ids: Any, mask: Any) -> tuple[str, Any]:
+    """`scored_outputs` of the runner's model, inside its context."""
+    with runner() as model:
+        return scored_outputs(model, ids, mask)
+
+
+def head_of(runner: ModelRunner) -> Callable[[tuple[str, Any], slice], Any]:
+    """From a runner's decoder outputs to its logits at `rows`. A plain LM head (peft adapts the decoder's
+    layers; "all-linear" leaves the output layer out) is looked up once and called outside the runner:
+    entering an adapter-disabled base costs tens of milliseconds each time (peft checks every adapted
+    layer's state), hundreds of times per evaluation. A head with an adapter of its own runs inside."""
+    from cptkit.loss import decoder_and_head
+
+    with runner() as model:
+        parts = decoder_and_head(model)
+    head = parts[1] if parts is not None else None
+    if head is not None and not _adapted(head):
+        plain = head
+
+        def outside(output: tuple[str, Any], rows: slice) -> Any:
+            kind, values = output
+            return values[rows] if kind == "logits" else plain(values[rows])
+
+        return outside
+
+    def inside(output: tuple[str, Any], rows: slice) -> Any:
+        with runner() as model:
+            return head_logits(model, output, rows)
+
+    return inside
+
+
+def _adapted(module: Any) -> bool:
+    """Whether peft put an adapter layer in `module` (its output then depends on the adapter switch)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
 def head_logits(model: Any, output: tuple[str, Any], rows: slice) -> Any:
