@@ -504,9 +504,10 @@ class EvaluateConfig(Section):
     batch_size: int = Field(8, gt=0, description="Windows per forward pass (across documents).")
     base_score_cache: bool = Field(
         True,
-        description="Cache the base model's scoring outputs of each set (in the cptkit cache, keyed by the base, "
-        "the set's tokens and the window settings), so that evaluating another adapter of the same base, or a "
-        "tune pilot, scores only the adapted model.",
+        description="Cache the base model's outputs (in the cptkit cache, keyed by the base, what was scored and "
+        "the settings): its scoring of each set, of the generated tasks and of the chat answers, and its "
+        "completions, so that evaluating another adapter of the same base, or a tune pilot, runs only the adapted "
+        "model.",
     )
     max_tokens: int | None = Field(
         None,
