@@ -10,7 +10,10 @@ results.json numbers must equal the cached evaluation's.
 
 Needs the demo run once (its prepared data and trained adapter): `cptkit demo`. Then:
 
-    PYTHONPATH=src .venv/bin/python benchmarks/eval_cache.py [--config configs/demo.yaml] [--check]
+    PYTHONPATH=src .venv/bin/python benchmarks/eval_cache.py [--config configs/demo.yaml] [--check] [--profile F]
+
+With --profile F, the second evaluation runs under cProfile and its stats go to F (read them with
+`python -m pstats F`, e.g. `sort cumulative` then `stats cptkit`): where its time goes.
 
 Goal (issue 19): the second evaluation takes at most 55% of the first's time.
 """
@@ -18,6 +21,7 @@ Goal (issue 19): the second evaluation takes at most 55% of the first's time.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import shutil
@@ -61,13 +65,21 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def timed_evaluation(config: Any) -> tuple[float, dict[str, Any], bool]:
-    """Seconds, the results' numbers, and whether the base's chat answers came from their cache."""
+def timed_evaluation(config: Any, profile: Path | None = None) -> tuple[float, dict[str, Any], bool]:
+    """Seconds, the results' numbers, and whether the base's chat answers came from their cache. With
+    `profile`, the evaluation runs under cProfile (its seconds then hold the profiler's overhead too)."""
     from cptkit.evaluate import evaluate
 
+    profiler = cProfile.Profile() if profile is not None else None
     started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     result = evaluate(config, force=True)
+    if profiler is not None:
+        profiler.disable()
     seconds = time.perf_counter() - started
+    if profiler is not None and profile is not None:
+        profiler.dump_stats(profile)
     assert result.results is not None
     numbers = without_timings(result.results.to_json())
     return seconds, numbers, bool(result.results.chat.cached)
@@ -77,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     parser.add_argument("--check", action="store_true", help="also evaluate the second adapter without the cache")
+    parser.add_argument("--profile", type=Path, help="write cProfile stats of the second evaluation to this file")
     args = parser.parse_args()
 
     import cptkit.base_scores as base_scores
@@ -95,7 +108,7 @@ def main() -> None:
     load = os.getloadavg()
     first, _, answers_cached = timed_evaluation(config)
     second_config = config.model_copy(update={"output_dir": second})
-    again, cached_numbers, _ = timed_evaluation(second_config)
+    again, cached_numbers, _ = timed_evaluation(second_config, args.profile)
     report: dict[str, Any] = {
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
         "load_average_at_start": load,
@@ -103,6 +116,7 @@ def main() -> None:
         "first_evaluate_seconds": round(first, 1),
         "second_evaluate_seconds": round(again, 1),
         "ratio": round(again / first, 3),
+        "second_profiled": args.profile is not None,
         "goal": 0.55,
         # The base's chat answers are generated once per base and kept in the user's cache, not this
         # benchmark's: where the first evaluation generated them, its time holds that one-off too and the
